@@ -1,0 +1,16 @@
+"""OverLoCK models. Importing this package registers the ``overlock_*`` models with timm."""
+from ._checkpoint import (
+    CheckpointError, checkpoint_filter_fn, extract_state_dict, guess_variant, is_deploy_state_dict,
+    load_checkpoint, read_checkpoint_file,
+)
+from .contmix import DynamicConvBlock
+from .layers import DilatedReparamBlock
+from .overlock import (
+    MIN_INPUT_SIZE, OverLoCK, RepConvBlock, create_model, list_variants, reparameterize, variant_args,
+)
+
+__all__ = [
+    'OverLoCK', 'RepConvBlock', 'DynamicConvBlock', 'DilatedReparamBlock', 'MIN_INPUT_SIZE',
+    'CheckpointError', 'load_checkpoint', 'read_checkpoint_file', 'extract_state_dict', 'checkpoint_filter_fn',
+    'is_deploy_state_dict', 'guess_variant', 'reparameterize', 'create_model', 'list_variants', 'variant_args',
+]
