@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._checkpoint import CheckpointError, load_checkpoint
+from ._checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint
 from .contmix import DynamicConvBlock
 from .layers import (
     GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule, downsample, stem,
@@ -291,8 +291,8 @@ class OverLoCK(nn.Module):
     reparam = reparameterize  # the original release's name
 
     def load_pretrained(self, path: str) -> None:
-        """Called by timm for ``pretrained=True`` / ``pretrained_cfg_overlay=dict(file=...)`` (custom_load)."""
-        load_checkpoint(self, path, use_ema=True)
+        """Called by timm for ``pretrained=True`` (custom_load): EMA weights when the file has them."""
+        load_checkpoint(self, path, use_ema=None)
 
     # --- forward --------------------------------------------------------------------------------------------
 
@@ -393,9 +393,17 @@ def list_variants() -> List[str]:
 def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
     model_args = variant_args(variant)
     model_args.update(kwargs)  # any constructor argument can be overridden
+    local_file = (model_args.get('pretrained_cfg_overlay') or {}).get('file')
+    if pretrained and local_file:
+        # timm would load a local file without our layout handling (and drop heads whose class count
+        # matches the file but not the ImageNet cfg); load it ourselves, with readable errors.
+        model = build_model_with_cfg(OverLoCK, variant, False, **model_args)
+        load_checkpoint(model, local_file, use_ema=None)
+        return model
     try:
         return build_model_with_cfg(
             OverLoCK, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
             **model_args,
         )
     except (OSError, ConnectionError) as e:  # urllib's URLError is an OSError

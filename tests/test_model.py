@@ -1,0 +1,248 @@
+"""Model API: shapes at odd sizes, gradients, reparam equivalence, checkpointing, compile, bad input."""
+import sys
+import types
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import models
+from conftest import TINY_KWARGS, randomize_bn_stats
+from models import layers as layers_mod
+
+
+def tiny(**kwargs):
+    return timm.create_model('overlock_xt', **{**TINY_KWARGS, 'num_classes': 7, 'use_gemm': False, **kwargs})
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize('size', [(32, 32), (64, 96), (97, 45), (160, 192)])
+def test_odd_sizes_and_batch_one(size):
+    """Any size >= 32, square or not; the small ones take ContMix's resize path in both Focus-Net stages."""
+    model = tiny().eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        out = model(x)
+        feats = model.forward_features(x)
+    assert out.shape == (1, 7) and torch.isfinite(out).all()
+    assert feats.shape == (1, 48 + 12, -(-size[0] // 32), -(-size[1] // 32))
+
+
+def test_real_variant_non_square():
+    model = timm.create_model('overlock_xt', num_classes=5, use_gemm=False).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96))
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
+def test_train_mode_returns_both_heads_and_grads_reach_every_parameter():
+    model = tiny(drop_path_rate=0.1).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert set(out) == {'main', 'aux'} and out['main'].shape == out['aux'].shape == (2, 7)
+    (out['main'].sum() + 0.4 * out['aux'].sum()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad
+
+
+def test_use_ds_false_has_no_aux_head():
+    model = tiny(use_ds=False).train()
+    assert not hasattr(model, 'aux_head')
+    assert isinstance(model(torch.randn(2, 3, 32, 32)), torch.Tensor)
+
+
+def test_drop_path_rates_follow_block_order():
+    model = tiny(depth=[1, 2, 1, 1], sub_depth=[2, 1], drop_path_rate=0.7)
+    rates = []
+    for name in ('blocks1', 'blocks2', 'blocks3', 'blocks4'):
+        rates += [blk.proj[-1].drop_prob if hasattr(blk.proj[-1], 'drop_prob') else 0. for blk in getattr(model, name)]
+    for name in ('sub_blocks3', 'sub_blocks4'):
+        rates += [getattr(blk.drop_path, 'drop_prob', 0.) for blk in getattr(model, name)]
+    assert rates == pytest.approx(torch.linspace(0, 0.7, 8).tolist())
+
+
+def test_forward_head_and_reset_classifier():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 64)
+        assert torch.equal(model.forward_head(feats), model(x))
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.train()
+    assert model(x)['aux'].shape == (2, 3)
+    model.reset_classifier(0)
+    model.eval()
+    assert model(x).shape == (2, 64)
+    assert isinstance(model.get_classifier(), nn.Identity)
+
+
+def test_reparam_equivalence_and_idempotence():
+    model = tiny()
+    randomize_bn_stats(model)
+    model.eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        ref = model(x)
+        models.reparameterize(model)
+        out = model(x)
+        models.reparameterize(model)  # second call is a no-op
+        again = model(x)
+    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(out, again)
+    assert not any('origin_bn' in k or 'dil_' in k for k in model.state_dict())
+    deploy = timm.create_model('overlock_xt_reparam', **dict(TINY_KWARGS, num_classes=7, use_gemm=False))
+    deploy.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(deploy.eval()(x), out)
+
+
+def test_reparam_float64_exact():
+    model = tiny().double()
+    randomize_bn_stats(model)
+    model.eval()
+    x = torch.randn(1, 3, 48, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        out = model.reparameterize()(x)
+    assert rel_err(out, ref) < 1e-12
+
+
+def test_timm_reparameterize_model_works():
+    from timm.utils.model import reparameterize_model
+    model = tiny().eval()
+    merged = reparameterize_model(model)
+    assert not any('origin_bn' in k for k in merged.state_dict())
+
+
+def test_channels_last_input():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize('stages', [[1, 1, 1, 1], [1, 0, 0, 0], None])
+def test_activation_checkpointing_equal_gradients(stages):
+    torch.manual_seed(0)
+    ref_model = tiny(use_checkpoint=[0, 0, 0, 0]).train()
+    model = tiny().train()
+    model.load_state_dict(ref_model.state_dict())
+    if stages is None:
+        model.set_grad_checkpointing(True)
+    else:
+        model.set_grad_checkpointing_stages(stages)
+    x = torch.randn(2, 3, 64, 64)
+    for m in (ref_model, model):
+        out = m(x)
+        (out['main'].square().mean() + 0.4 * out['aux'].square().mean()).backward()
+    for (name, p_ref), p in zip(ref_model.named_parameters(), model.parameters()):
+        assert torch.allclose(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_use_checkpoint_constructor_argument():
+    model = tiny(use_checkpoint=[1, 0, 1, 0])
+    assert model.grad_checkpointing == [1, 0, 1, 0]
+
+
+def test_torch_compile_matches_eager():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=False)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(x)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_bfloat16_forward():
+    model = tiny().eval().to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_create_model_overrides_any_constructor_argument():
+    model = timm.create_model('overlock_t', depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[8, 16, 32, 64],
+                              sub_num_heads=[2, 4], projection=32, num_classes=3, drop_path_rate=0.2)
+    assert len(model.blocks1) == 1 and model.embed_dim == [8, 16, 32, 64]
+    assert model.head[4].out_channels == 3 and model.aux_head[2].out_channels == 3
+    assert model.pretrained_cfg['crop_pct'] == 0.95
+
+
+@pytest.mark.parametrize('name, crop', [('overlock_xt', 0.925), ('overlock_t', 0.95), ('overlock_s', 0.95),
+                                        ('overlock_b', 0.975), ('overlock_b_reparam', 0.975)])
+def test_pretrained_cfg(name, crop):
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.crop_pct == crop and cfg.interpolation == 'bicubic' and cfg.num_classes == 1000
+    assert cfg.mean == timm.data.IMAGENET_DEFAULT_MEAN and cfg.std == timm.data.IMAGENET_DEFAULT_STD
+    short = name.split('_')[1]
+    assert cfg.url == f'https://github.com/LMMMEng/OverLoCK/releases/download/v1/overlock_{short}_in1k_224.pth'
+    # the classifier entries name real layers
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    for layer in cfg.classifier:
+        assert isinstance(model.get_submodule(layer), nn.Conv2d)
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+def test_unknown_model_name_lists_overlock_models():
+    with pytest.raises(ValueError, match='overlock_xt.*overlock_b_reparam'):
+        models.create_model('overlock_xxl')
+
+
+def test_kernel_size_without_table():
+    with pytest.raises(ValueError, match='kernel_size=21'):
+        tiny(kernel_size=[21, 15, 13, 7])
+
+
+@pytest.mark.parametrize('shape', [(1, 1, 64, 64), (1, 3, 31, 64), (3, 64, 64)])
+def test_bad_input_shape(shape):
+    model = tiny().eval()
+    with pytest.raises(ValueError, match=r'\[' + ', '.join(map(str, shape)) + r'\]'):
+        model(torch.randn(*shape))
+
+
+def test_in_chans_argument():
+    model = tiny(in_chans=1).eval()
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 7)
+
+
+# --- optional iGEMM large-kernel conv -----------------------------------------------------------------------
+
+class _FakeIGEMM(nn.Conv2d):
+    def __init__(self, channels, kernel_size, bias=False):
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias)
+
+
+@pytest.fixture
+def fake_igemm(monkeypatch):
+    module = types.ModuleType('depthwise_conv2d_implicit_gemm')
+    module.DepthWiseConv2dImplicitGEMM = _FakeIGEMM
+    module.__spec__ = types.SimpleNamespace(name='depthwise_conv2d_implicit_gemm')
+    monkeypatch.setitem(sys.modules, 'depthwise_conv2d_implicit_gemm', module)
+    monkeypatch.setattr(layers_mod, '_IGEMM_PROBED', False)
+    monkeypatch.setattr(layers_mod, '_IGEMM_CLS', None)
+    monkeypatch.setattr(layers_mod.importlib.util, 'find_spec', lambda name: module.__spec__)
+    yield
+    layers_mod._IGEMM_PROBED = False
+
+
+def test_igemm_used_when_installed_and_plain_conv_when_disabled(fake_igemm):
+    block = models.DilatedReparamBlock(8, 13, use_gemm=True)
+    assert isinstance(block.lk_origin, _FakeIGEMM)
+    assert models.DilatedReparamBlock(8, 5, use_gemm=True).lk_origin.__class__ is nn.Conv2d  # K <= 5
+    assert models.DilatedReparamBlock(8, 13, use_gemm=False).lk_origin.__class__ is nn.Conv2d
+    block.eval()
+    x = torch.randn(1, 8, 20, 20)
+    ref = block(x)
+    block.reparameterize()
+    assert isinstance(block.lk_origin, _FakeIGEMM)
+    assert rel_err(block(x), ref) < 1e-5
