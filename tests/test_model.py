@@ -152,12 +152,26 @@ def test_use_checkpoint_constructor_argument():
 
 
 def test_torch_compile_matches_eager():
+    """Dynamo + AOTAutograd capture of the whole model (inductor's C++ build would take minutes on CI's CPU)."""
+    torch._dynamo.reset()
     model = tiny().eval()
     x = torch.randn(2, 3, 64, 64)
-    compiled = torch.compile(model, fullgraph=False)
+    compiled = torch.compile(model, fullgraph=False, backend='aot_eager')
     with torch.no_grad():
         ref = model(x)
         out = compiled(x)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_contmix_block_compiles_with_inductor_without_graph_breaks():
+    torch._dynamo.reset()
+    block = models.DynamicConvBlock(32, 48, kernel_size=7, num_heads=2, ls_init_value=1., res_scale=True).eval()
+    x, ctx = torch.randn(1, 32, 9, 11), torch.randn(1, 12, 9, 11)
+    explanation = torch._dynamo.explain(block)(x, ctx, ctx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    with torch.no_grad():
+        ref = block(x, ctx, ctx)[0]
+        out = torch.compile(block)(x, ctx, ctx)[0]
     assert rel_err(out, ref) < 1e-5
 
 
