@@ -1,21 +1,15 @@
-"""PLACEHOLDER (to be replaced by the ops helper): naive na2d_av, natten<=0.17 semantics."""
-import torch
+"""Neighbourhood aggregation ops of ContMix: natten <= 0.17 ``na2d_av`` semantics without natten.
 
+Backends: 'torch' (pure PyTorch, any device, always there), 'natten' (an installed natten <= 0.17) and
+'triton' (CUDA kernels, when triton and ``triton_backend`` import). See ``dispatch`` for how one is chosen;
+``OVERLOCK_NA2D_BACKEND=auto|torch|natten|triton`` overrides the automatic choice.
+"""
+from .dispatch import (
+    BACKENDS, ENV_VAR, available_backends, get_backend, na2d_av, na2d_softmax_av, relative_position_bias,
+    set_backend,
+)
 
-def _starts(n, k, device):
-    i = torch.arange(n, device=device)
-    return (i - k // 2).clamp(0, n - k)
-
-
-def na2d_av(attn, value, kernel_size, backend=None):
-    B, G, H, W, C = value.shape
-    k = kernel_size
-    sh = _starts(H, k, value.device)
-    sw = _starts(W, k, value.device)
-    out = torch.zeros_like(value)
-    for ki in range(k):
-        rows = value.index_select(2, sh + ki)
-        for kj in range(k):
-            nb = rows.index_select(3, sw + kj)
-            out = out + attn[..., ki * k + kj].unsqueeze(-1) * nb
-    return out
+__all__ = [
+    'na2d_av', 'na2d_softmax_av', 'relative_position_bias', 'available_backends', 'get_backend', 'set_backend',
+    'BACKENDS', 'ENV_VAR',
+]

@@ -1,0 +1,398 @@
+"""Triton backend of ``na2d_av`` and the fused ``na2d_softmax_av`` (natten <= 0.17 semantics, dilation 1).
+
+Runs on CUDA tensors, or on CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` is set
+before this module is imported (how the tests run it without a GPU). Importing it raises ImportError when
+triton is missing; ``models.ops`` imports it lazily and falls back to the torch backend.
+
+Each kernel is wrapped in a ``torch.library`` custom op (namespace ``overlock``) with a fake implementation
+and an autograd formula, so ``torch.compile`` sees one opaque node per call and no graph break:
+
+- ``na2d_av_triton(attn, value, K)`` -> out; backward: ``na2d_av_triton_grad_attn`` and ``..._grad_value``.
+- ``na2d_softmax_av_triton(logits, rpb, value, K)`` -> (out, lse): bias + softmax + aggregation in one kernel;
+  only the per-query log-sum-exp (float32, 1/K^2 of the logits) is kept for the backward, which recomputes
+  the softmax weights (``..._grad_logits`` and ``..._grad_value``). The rpb gradient is a sum of the logits
+  gradient over the batch and the queries that share an rpb entry (an ``index_add``).
+
+Inputs are read in place through their strides (no ``.contiguous()`` copies). Outputs shaped like value
+are laid out in value's dimension order (ContMix passes channel-first views); the rest are contiguous.
+Double backward is not supported (the gradient ops have no autograd formula).
+"""
+import functools
+import logging
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_kernels import _na2d_fwd_kernel, _na2d_grad_attn_kernel, _na2d_grad_value_kernel
+
+__all__ = ['is_available', 'na2d_av', 'na2d_softmax_av', 'INTERPRET', 'MAX_KERNEL_SIZE']
+
+_logger = logging.getLogger(__name__)
+
+# Whether the kernels were built for the interpreter: triton decides when ``@triton.jit`` runs (at import).
+INTERPRET: bool = os.environ.get('TRITON_INTERPRET', '0') == '1'
+MAX_KERNEL_SIZE = 15  # K*K = 225 <= 256 entries per window row tile; larger K would need bigger tiles
+
+_ACC_DTYPES = {
+    torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32, torch.float64: tl.float64,
+}
+_NUM_WARPS = 4
+# Elements of the [queries, K*K] (forward / grad attn) and [keys, C] (grad value) register tiles per program.
+# The interpreter pays per executed op, not per element, so it gets much larger tiles (fewer programs).
+_WINDOW_TILE = 4096 if not INTERPRET else 1 << 15
+_VALUE_TILE = 2048 if not INTERPRET else 1 << 13
+_MAX_BLOCK_W = 32 if not INTERPRET else 64
+
+
+@functools.lru_cache(maxsize=None)
+def is_available() -> bool:
+    """Triton importable (it is, or this module would not be) and a CUDA device, or the interpreter."""
+    if INTERPRET:
+        return True
+    try:
+        return torch.cuda.is_available()
+    except RuntimeError as e:  # a broken driver reads as "no CUDA"
+        _logger.debug('CUDA probe failed: %s', e)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch helpers.
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _tile_shape(height: int, width: int, num_queries: int) -> Tuple[int, int]:
+    """BLOCK_H x BLOCK_W pixels per program: about ``num_queries``, whole rows of narrow maps."""
+    block_w = min(_pow2(width), _pow2(num_queries), _MAX_BLOCK_W)
+    block_h = min(_pow2(height), max(1, _pow2(num_queries) // block_w))
+    return block_h, block_w
+
+
+def launch_config(kernel: str, height: int, width: int, channels: int, kernel_size: int) -> Dict[str, int]:
+    """Tile sizes (the kernels' constexprs) and num_warps of one launch.
+
+    Args:
+        kernel: 'window' (forward and grad attn/logits kernels) or 'value' (grad value kernel).
+        height, width, channels, kernel_size: H, W, C and K of the call.
+    """
+    if kernel == 'window':
+        kk_pad = _pow2(kernel_size * kernel_size)
+        block_h, block_w = _tile_shape(height, width, _WINDOW_TILE // kk_pad)
+        # [queries, K*K] tiles come with 64-bit pointer tiles of the same shape: at 4096 elements, 4 warps
+        # need ~255 registers per thread on sm_90; 8 warps halve that.
+        num_warps = max(_NUM_WARPS, min(8, block_h * block_w * kk_pad // 512))
+        return dict(KK_PAD=kk_pad, C_PAD=_pow2(channels), BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps)
+    if kernel == 'value':
+        block_h, block_w = _tile_shape(height, width, _VALUE_TILE // _pow2(channels))
+        return dict(C_PAD=_pow2(channels), BLOCK_H=block_h, BLOCK_W=block_w, num_warps=_NUM_WARPS)
+    raise ValueError(f'launch_config: unknown kernel {kernel!r} (window|value)')
+
+
+def _grid(height: int, width: int, config: Dict[str, int], bg: int) -> Tuple[int]:
+    return (triton.cdiv(height, config['BLOCK_H']) * triton.cdiv(width, config['BLOCK_W']) * bg,)
+
+
+def _acc_dtype(*tensors: torch.Tensor):
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    if dtype not in _ACC_DTYPES:
+        raise TypeError(f'triton na2d_av: unsupported dtype {dtype}; use float16, bfloat16, float32 or float64')
+    return _ACC_DTYPES[dtype]
+
+
+def _empty_like_layout(ref: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor of ``shape`` whose dimensions are laid out in memory in the order of ref's strides.
+
+    The fake implementations use it too, so compiled graphs see the strides the kernels produce.
+    """
+    order = sorted(range(ref.dim()), key=lambda d: (-ref.stride(d), d))
+    return torch.empty_permuted(shape, order, dtype=dtype, device=ref.device)
+
+
+def _check_kernel_size(kernel_size: int) -> None:
+    if kernel_size > MAX_KERNEL_SIZE:
+        raise ValueError(f'triton na2d_av: kernel_size {kernel_size} > {MAX_KERNEL_SIZE} is not supported; '
+                         f'use the torch backend (OVERLOCK_NA2D_BACKEND=torch)')
+
+
+def _lse_empty(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Per-query log-sum-exp, in the accumulation dtype (float64 only when an input is float64)."""
+    dtype = torch.float64 if torch.float64 in (logits.dtype, rpb.dtype, value.dtype) else torch.float32
+    return torch.empty(value.shape[:4], dtype=dtype, device=value.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel launches (shared by the unfused and the fused ops; ``rpb``/``lse`` None means unfused).
+
+
+def _forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.Tensor,
+             kernel_size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    _check_kernel_size(kernel_size)
+    fused = rpb is not None
+    b, g, h, w, c = value.shape
+    inputs = (attn, rpb, value) if fused else (attn, value)
+    out_dtype = functools.reduce(torch.promote_types, [t.dtype for t in inputs])
+    out = _empty_like_layout(value, value.shape, out_dtype)
+    lse = _lse_empty(attn, rpb, value) if fused else None
+    if out.numel() == 0:
+        return out, lse
+    config = launch_config('window', h, w, c, kernel_size)
+    rpb_arg = rpb if fused else attn  # unused pointer when not fused
+    lse_arg = lse if fused else out
+    _na2d_fwd_kernel[_grid(h, w, config, b * g)](
+        attn, rpb_arg, value, out, lse_arg,
+        g, h, w, c,
+        *attn.stride(),
+        *(rpb.stride() if fused else (0, 0, 0)),
+        *value.stride(),
+        *out.stride(),
+        *(lse.stride() if fused else (0, 0, 0, 0)),
+        K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config,
+    )
+    return out, lse
+
+
+def _grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, logits: Optional[torch.Tensor] = None,
+               rpb: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    fused = logits is not None
+    b, g, h, w, c = value.shape
+    k2 = kernel_size * kernel_size
+    inputs = (grad, value, logits, rpb) if fused else (grad, value)
+    if out_dtype is None:
+        out_dtype = functools.reduce(torch.promote_types, [t.dtype for t in inputs])
+    ga = torch.empty((b, g, h, w, k2), dtype=out_dtype, device=value.device)
+    if ga.numel() == 0:
+        return ga
+    config = launch_config('window', h, w, c, kernel_size)
+    del config['C_PAD']
+    _na2d_grad_attn_kernel[_grid(h, w, config, b * g)](
+        grad, value, logits if fused else grad, rpb if fused else grad, lse if fused else grad, ga,
+        g, h, w, c,
+        *grad.stride(),
+        *value.stride(),
+        *(logits.stride() if fused else (0,) * 5),
+        *(rpb.stride() if fused else (0,) * 3),
+        *(lse.stride() if fused else (0,) * 4),
+        *ga.stride(),
+        K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config,
+    )
+    return ga
+
+
+def _grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, value_like: torch.Tensor,
+                rpb: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``value_like`` gives the layout and dtype of the result (value itself in the autograd formulas)."""
+    fused = rpb is not None
+    b, g, h, w, c = grad.shape
+    gv = _empty_like_layout(value_like, grad.shape, value_like.dtype)
+    if gv.numel() == 0:
+        return gv
+    config = launch_config('value', h, w, c, kernel_size)
+    inputs = (grad, attn, rpb) if fused else (grad, attn)
+    _na2d_grad_value_kernel[_grid(h, w, config, b * g)](
+        grad, attn, rpb if fused else grad, lse if fused else grad, gv,
+        g, h, w, c,
+        *grad.stride(),
+        *attn.stride(),
+        *(rpb.stride() if fused else (0,) * 3),
+        *(lse.stride() if fused else (0,) * 4),
+        *gv.stride(),
+        K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config,
+    )
+    return gv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Relative position bias index (for the rpb gradient).
+
+_RPB_INDEX: Dict[Tuple[int, int, int, str], torch.Tensor] = {}
+_RPB_CACHE_SIZE = 64
+
+
+def _rpb_index(height: int, width: int, kernel_size: int, device: torch.device) -> torch.Tensor:
+    """[H*W*K*K] flat index into ``rpb.flatten(1)`` of the bias of query (i, j), neighbour (ki, kj)."""
+    k = kernel_size
+    kk = torch.arange(k, device=device)
+
+    def rel(length: int) -> torch.Tensor:  # [length, K] in [0, 2K-2]: neighbour - query + K - 1
+        pos = torch.arange(length, device=device)
+        start = (pos - k // 2).clamp(0, length - k)
+        return start[:, None] + kk - pos[:, None] + (k - 1)
+
+    return (rel(height)[:, None, :, None] * (2 * k - 1) + rel(width)[None, :, None, :]).reshape(-1)
+
+
+def _cached_rpb_index(height: int, width: int, kernel_size: int, like: torch.Tensor) -> torch.Tensor:
+    # Cache only real tensors in eager mode: an index built while tracing would be a fake tensor.
+    if type(like) is not torch.Tensor or torch.compiler.is_compiling():
+        return _rpb_index(height, width, kernel_size, like.device)
+    key = (height, width, kernel_size, str(like.device))
+    index = _RPB_INDEX.get(key)
+    if index is None:
+        if len(_RPB_INDEX) >= _RPB_CACHE_SIZE:
+            _RPB_INDEX.clear()
+        index = _RPB_INDEX[key] = _rpb_index(height, width, kernel_size, like.device)
+    return index
+
+
+def _grad_rpb(grad_logits: torch.Tensor, rpb: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Sum of grad_logits [B, G, H, W, K*K] over the batch and the entries that read the same rpb cell."""
+    _, g, h, w, _ = grad_logits.shape
+    acc = torch.float64 if grad_logits.dtype == torch.float64 else torch.float32
+    per_pos = grad_logits.sum(0, dtype=acc).reshape(g, -1)
+    index = _cached_rpb_index(h, w, kernel_size, grad_logits)
+    grad = per_pos.new_zeros(g, (2 * kernel_size - 1) ** 2).index_add_(1, index, per_pos)
+    return grad.view(rpb.shape).to(rpb.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Custom ops: unfused.
+
+
+@torch.library.custom_op('overlock::na2d_av_triton', mutates_args=())
+def _av_op(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    return _forward(attn, None, value, kernel_size)[0]
+
+
+@_av_op.register_fake
+def _(attn, value, kernel_size):
+    return _empty_like_layout(value, value.shape, torch.promote_types(attn.dtype, value.dtype))
+
+
+@torch.library.custom_op('overlock::na2d_av_triton_grad_attn', mutates_args=())
+def _grad_attn_op(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, dtype: torch.dtype) -> torch.Tensor:
+    return _grad_attn(grad, value, kernel_size, out_dtype=dtype)
+
+
+@_grad_attn_op.register_fake
+def _(grad, value, kernel_size, dtype):
+    return value.new_empty((*value.shape[:4], kernel_size * kernel_size), dtype=dtype)
+
+
+@torch.library.custom_op('overlock::na2d_av_triton_grad_value', mutates_args=())
+def _grad_value_op(grad: torch.Tensor, attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    return _grad_value(grad, attn, kernel_size, value)
+
+
+@_grad_value_op.register_fake
+def _(grad, attn, value, kernel_size):
+    return _empty_like_layout(value, value.shape, value.dtype)
+
+
+def _av_setup(ctx, inputs, output):
+    attn, value, kernel_size = inputs
+    ctx.save_for_backward(attn, value)
+    ctx.kernel_size = kernel_size
+
+
+def _av_backward(ctx, grad):
+    attn, value = ctx.saved_tensors
+    k = ctx.kernel_size
+    ga = _grad_attn_op(grad, value, k, attn.dtype) if ctx.needs_input_grad[0] else None
+    # value is passed for its layout and dtype only (it is saved anyway).
+    gv = _grad_value_op(grad, attn, value, k) if ctx.needs_input_grad[1] else None
+    return ga, gv, None
+
+
+_av_op.register_autograd(_av_backward, setup_context=_av_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Custom ops: fused bias + softmax + aggregation.
+
+
+@torch.library.custom_op('overlock::na2d_softmax_av_triton', mutates_args=())
+def _softmax_av_op(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor,
+                   kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward(logits, rpb, value, kernel_size)
+
+
+@_softmax_av_op.register_fake
+def _(logits, rpb, value, kernel_size):
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, rpb.dtype), value.dtype)
+    return _empty_like_layout(value, value.shape, dtype), _lse_empty(logits, rpb, value)
+
+
+@torch.library.custom_op('overlock::na2d_softmax_av_triton_grad_logits', mutates_args=())
+def _grad_logits_op(grad: torch.Tensor, logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor,
+                    lse: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    return _grad_attn(grad, value, kernel_size, logits=logits, rpb=rpb, lse=lse, out_dtype=logits.dtype)
+
+
+@_grad_logits_op.register_fake
+def _(grad, logits, rpb, value, lse, kernel_size):
+    return logits.new_empty((*value.shape[:4], kernel_size * kernel_size))
+
+
+@torch.library.custom_op('overlock::na2d_softmax_av_triton_grad_value', mutates_args=())
+def _softmax_grad_value_op(grad: torch.Tensor, logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor,
+                           lse: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    return _grad_value(grad, logits, kernel_size, value, rpb=rpb, lse=lse)
+
+
+@_softmax_grad_value_op.register_fake
+def _(grad, logits, rpb, value, lse, kernel_size):
+    return _empty_like_layout(value, value.shape, value.dtype)
+
+
+def _softmax_av_setup(ctx, inputs, output):
+    logits, rpb, value, kernel_size = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(logits, rpb, value, lse)
+    ctx.kernel_size = kernel_size
+
+
+def _softmax_av_backward(ctx, grad, _grad_lse):
+    logits, rpb, value, lse = ctx.saved_tensors
+    k = ctx.kernel_size
+    need_logits, need_rpb, need_value = ctx.needs_input_grad[:3]
+    g_logits = g_rpb = g_value = None
+    if need_logits or need_rpb:
+        g_logits = _grad_logits_op(grad, logits, rpb, value, lse, k)
+        if need_rpb:
+            g_rpb = _grad_rpb(g_logits, rpb, k)
+    if need_value:
+        g_value = _softmax_grad_value_op(grad, logits, rpb, value, lse, k)
+    return g_logits if need_logits else None, g_rpb, g_value, None
+
+
+_softmax_av_op.register_autograd(_softmax_av_backward, setup_context=_softmax_av_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public entry points (inputs validated by ``models.ops``).
+
+
+def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Neighbourhood aggregation with Triton kernels.
+
+    Args:
+        attn: [B, G, H, W, K*K] weights (any strides).
+        value: [B, G, H, W, C] (any strides).
+        kernel_size: odd K, 3 <= K <= 15, at most H and W.
+    Returns:
+        [B, G, H, W, C] in the promoted dtype of attn and value, laid out like value; accumulated in float32
+        (float64 for float64 inputs).
+    """
+    return _av_op(attn, value, kernel_size)
+
+
+def na2d_softmax_av(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """``na2d_av(softmax(logits + relative_position_bias(rpb), -1), value)`` in one kernel.
+
+    Args:
+        logits: [B, G, H, W, K*K] (any strides, e.g. a slice of a larger last axis).
+        rpb: [G, 2K-1, 2K-1] relative position bias.
+        value: [B, G, H, W, C].
+        kernel_size: odd K, 3 <= K <= 15, at most H and W.
+    Returns:
+        [B, G, H, W, C] in the promoted dtype of the three inputs, laid out like value.
+    """
+    return _softmax_av_op(logits, rpb, value, kernel_size)[0]

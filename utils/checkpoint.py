@@ -1,0 +1,206 @@
+"""Training checkpoints: atomic writes, best-k bookkeeping, RNG state as tensors, and reading them back.
+
+A training checkpoint is a dict that ``torch.load(..., weights_only=True)`` reads (tensors, numbers, strings,
+plain containers only)::
+
+    {'version': 1, 'arch': str, 'epoch': int (epochs completed), 'step_in_epoch': int (batches done in the
+     next epoch; > 0 only for a recovery checkpoint), 'state_dict', 'state_dict_ema' (with EMA), 'optimizer',
+     'scaler', 'scheduler', 'args': dict, 'metric': float | None, 'global_step', 'best_k', 'summary',
+     'rng' (per-rank RNG states), 'epoch_stats', 'nonfinite_skipped'}
+"""
+import logging
+import math
+import os
+import random
+import shutil
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    'CHECKPOINT_VERSION', 'atomic_save', 'atomic_write_text', 'read_training_checkpoint', 'to_plain',
+    'get_rng_state', 'set_rng_state', 'CheckpointSaver',
+]
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+def _temp_path(path: str) -> str:
+    # Same folder (os.replace must not cross filesystems), unique per process; created with the umask's
+    # permissions like any other output file.
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: a kill at any moment
+    leaves either the old or the new file, never a truncated one."""
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """Write a text file atomically (temp file + ``os.replace``)."""
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Make ``dst`` hold ``src``'s content atomically: a hard link when the filesystem allows (no extra disk
+    and I/O; ``src`` is later replaced by a new inode, so the link keeps this content), else a copy."""
+    tmp = _temp_path(dst)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def to_plain(obj: Any) -> Any:
+    """A copy of ``obj`` that ``weights_only=True`` loads: Paths -> str, numpy -> Python/tensors,
+    Namespaces and other objects -> dict/str."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, (int, str)) else k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, (torch.dtype, torch.device)):
+        return str(obj)
+    if hasattr(obj, '__dict__') and type(obj).__name__ == 'Namespace':
+        return to_plain(vars(obj))
+    return str(obj)
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """This process's torch / CUDA / numpy / python RNG states as tensors and ints."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': {
+            'name': str(np_state[0]), 'keys': torch.from_numpy(np_state[1].astype(np.int64)),
+            'pos': int(np_state[2]), 'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4]),
+        },
+        'python': {
+            'version': int(py_state[0]), 'state': torch.tensor(py_state[1], dtype=torch.int64),
+            'gauss_next': py_state[2],
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()  # the current device's generator
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore states captured by :func:`get_rng_state`."""
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state((n['name'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    p = state['python']
+    random.setstate((p['version'], tuple(int(v) for v in p['state'].tolist()), p['gauss_next']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+def read_training_checkpoint(path: str) -> Dict[str, Any]:
+    """Read a checkpoint written by train.py (``--resume``); errors are one-line :class:`CheckpointError`."""
+    from models import CheckpointError, read_checkpoint_file
+    checkpoint = read_checkpoint_file(path)
+    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'optimizer' not in checkpoint:
+        raise CheckpointError(f'checkpoint {path} is not a training checkpoint of train.py (no optimizer '
+                              f'state); use --finetune {path} to start a new run from its weights')
+    version = checkpoint.get('version')
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(f'checkpoint {path} has format version {version}, this train.py reads '
+                              f'{CHECKPOINT_VERSION}')
+    return checkpoint
+
+
+class CheckpointSaver:
+    """Writes ``last.pth`` every epoch and keeps the ``k`` best epochs by a metric (higher is better) as
+    ``checkpoint-<epoch>.pth``, the best one also as ``model_best.pth``.
+
+    Args:
+        output_dir: run directory.
+        max_history: how many best checkpoints to keep (0: none).
+        best_k: ``[(metric, epoch), ...]`` restored from a resumed checkpoint.
+    """
+
+    def __init__(self, output_dir: str, max_history: int = 3, best_k: Optional[List[Tuple[float, int]]] = None):
+        self.output_dir = output_dir
+        self.max_history = max_history
+        self.best_k: List[Tuple[float, int]] = []
+        for metric, epoch in best_k or []:
+            if os.path.exists(self.path_for(int(epoch))):  # a kill between writes may leave an entry without file
+                self.best_k.append((float(metric), int(epoch)))
+        self.best_k.sort(key=lambda x: (-x[0], x[1]))
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.output_dir, 'last.pth')
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.output_dir, 'model_best.pth')
+
+    def path_for(self, epoch: int) -> str:
+        return os.path.join(self.output_dir, f'checkpoint-{epoch}.pth')
+
+    @property
+    def best(self) -> Optional[Tuple[float, int]]:
+        return self.best_k[0] if self.best_k else None
+
+    def _updated(self, metric: Optional[float], epoch: int) -> List[Tuple[float, int]]:
+        entries = [e for e in self.best_k if e[1] != epoch]
+        if metric is not None and math.isfinite(metric) and self.max_history > 0:
+            entries.append((float(metric), epoch))
+        entries.sort(key=lambda x: (-x[0], x[1]))  # ties: the earlier epoch stays ahead
+        return entries[:self.max_history]
+
+    def save_epoch(self, state: Dict[str, Any], epoch: int, metric: Optional[float]) -> None:
+        """Write ``last.pth`` (holding ``state`` plus the updated best-k list) and refresh the best files."""
+        new_best = self._updated(metric, epoch)
+        state['best_k'] = [[m, e] for m, e in new_best]
+        atomic_save(state, self.last_path)
+        if any(e == epoch for _, e in new_best):
+            _link_or_copy(self.last_path, self.path_for(epoch))
+        for _, e in self.best_k:
+            if all(e != e2 for _, e2 in new_best) and os.path.exists(self.path_for(e)):
+                os.remove(self.path_for(e))
+        self.best_k = new_best
+        if self.best_k and self.best_k[0][1] == epoch:
+            _link_or_copy(self.last_path, self.best_path)
+
+    def save_recovery(self, state: Dict[str, Any]) -> None:
+        """Write ``last.pth`` mid-epoch (preemption): best-k unchanged."""
+        state['best_k'] = [[m, e] for m, e in self.best_k]
+        atomic_save(state, self.last_path)

@@ -1,0 +1,109 @@
+"""Process-group setup for torchrun (RANK / WORLD_SIZE / LOCAL_RANK) and small collective helpers.
+
+NCCL on CUDA, gloo on the CPU. Every helper is a no-op in a single process, so the training loop reads the
+same either way.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ['DistInfo', 'init_distributed', 'barrier', 'all_reduce_sum', 'all_gather_objects', 'any_true', 'cleanup']
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    """Where this process runs: rank 0 alone writes files and logs."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == '':
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        from .cli import UsageError
+        raise UsageError(f'environment variable {name}={value!r} is not an integer (set by torchrun)') from None
+
+
+def init_distributed(device: Optional[str] = None) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 and pick this process's device.
+
+    Args:
+        device: 'cuda', 'cpu', 'cuda:N' or None (CUDA when available).
+    """
+    from .cli import UsageError
+    world_size = _env_int('WORLD_SIZE', 1)
+    rank = _env_int('RANK', 0)
+    local_rank = _env_int('LOCAL_RANK', 0)
+    if device is None or device == '':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UsageError(f'--device {device}: CUDA is not available on this machine; use --device cpu')
+        if dev.index is None:
+            if local_rank >= torch.cuda.device_count():
+                raise UsageError(f'LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs visible; '
+                                 f'lower --nproc_per_node / GPUS')
+            dev = torch.device('cuda', local_rank)
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        backend = 'nccl' if dev.type == 'cuda' else 'gloo'
+        kwargs = {'device_id': dev} if dev.type == 'cuda' else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        _logger.info('Process group: %s, rank %d of %d, device %s', backend, rank, world_size, dev)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``tensor`` over processes (in place) and return it."""
+    if info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_true(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` is set on any process (all processes take the same branch)."""
+    if not info.distributed:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> List[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (plain Python objects, e.g. RNG states)."""
+    if not info.distributed:
+        return [obj]
+    out: List[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
