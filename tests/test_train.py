@@ -23,6 +23,7 @@ from _train_helpers import (
     FAST, REPO, TINY, load, make_image_folder, read_summary, run_inprocess, run_train, state_dicts_equal,
     subprocess_env,
 )
+from utils.checkpoint import CheckpointSaver, atomic_save
 from utils.cli import UsageError, parse_args_with_config, parse_kwargs
 from utils.config import build_train_parser
 from utils.data import DataError, ResumableSampler, build_image_folder, resolve_split
@@ -126,6 +127,31 @@ def test_image_folder_names_unreadable_file_and_skips_it_on_request(data_dir, tm
         resolve_split(str(tmp_path), 'val')
 
 
+def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path):
+    path = tmp_path / 'last.pth'
+    atomic_save({'w': torch.ones(2)}, str(path))
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError('disk full')  # fails half-way through torch.save
+
+    with pytest.raises(RuntimeError, match='disk full'):
+        atomic_save({'w': torch.zeros(2), 'x': Unpicklable()}, str(path))
+    assert torch.equal(load(path)['w'], torch.ones(2)) and os.listdir(tmp_path) == ['last.pth']
+
+
+def test_checkpoint_saver_keeps_the_k_best(tmp_path):
+    saver = CheckpointSaver(str(tmp_path), max_history=2)
+    for epoch, metric in enumerate([50.0, 70.0, 60.0, 40.0, 80.0, float('nan')], start=1):
+        saver.save_epoch({'epoch': torch.tensor(epoch)}, epoch, metric)
+        assert int(load(tmp_path / 'last.pth')['epoch']) == epoch
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-2.pth', 'checkpoint-5.pth', 'last.pth', 'model_best.pth']
+    assert int(load(tmp_path / 'model_best.pth')['epoch']) == 5
+    assert load(tmp_path / 'last.pth')['best_k'] == [[80.0, 5], [70.0, 2]]
+    resumed = CheckpointSaver(str(tmp_path), max_history=2, best_k=[[80.0, 5], [70.0, 2], [65.0, 9]])
+    assert resumed.best_k == [(80.0, 5), (70.0, 2)]  # entries whose file is gone are dropped
+
+
 # --- runs ----------------------------------------------------------------------------------------------------
 
 def test_one_epoch_run_writes_every_output(data_dir, tmp_path):
@@ -145,6 +171,8 @@ def test_one_epoch_run_writes_every_output(data_dir, tmp_path):
     saved = yaml.safe_load((out / 'args.yaml').read_text())
     assert saved['epochs'] == 1 and saved['weight_decay'] == 0.01 and saved['smoothing'] == 0.2  # cli > file
     assert saved['num_classes'] == 3 and saved['lr'] == pytest.approx(1e-3)
+    again = parse_args_with_config(build_train_parser(), ['-c', str(out / 'args.yaml')])  # args.yaml is a config
+    assert {k: v for k, v in vars(again).items() if k != 'config'} == saved
 
     rows = read_summary(out / 'summary.csv')
     assert list(rows[0]) == ['epoch', 'train_loss', 'train_loss_aux', 'eval_loss', 'eval_top1', 'eval_top5',
@@ -161,8 +189,8 @@ def test_one_epoch_run_writes_every_output(data_dir, tmp_path):
     assert ckpt['version'] == 1 and ckpt['arch'] == 'overlock_xt' and ckpt['epoch'] == 1
     assert isinstance(ckpt['args'], dict) and ckpt['metric'] == pytest.approx(float(rows[0]['eval_top1']), abs=1e-3)
     assert {'state_dict', 'state_dict_ema', 'optimizer', 'scheduler', 'rng', 'global_step'} <= set(ckpt)
-    model = models.create_model('overlock_xt', **dict(depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 24, 32, 48],
-                                                      sub_num_heads=[2, 2], projection=64, num_classes=3))
+    model = models.create_model('overlock_xt', depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 24, 32, 48],
+                                sub_num_heads=[2, 2], projection=64, num_classes=3)
     models.load_checkpoint(model, str(out / 'model_best.pth'), use_ema=True)  # what validate.py does
     assert torch.equal(model.state_dict()['head.4.weight'], ckpt['state_dict_ema']['head.4.weight'])
 

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import models  # registers the overlock models with timm
+from models import CheckpointError, load_checkpoint
+
 from .checkpoint import (
     CHECKPOINT_VERSION, CheckpointSaver, atomic_write_text, get_rng_state, read_training_checkpoint, set_rng_state,
     to_plain,
@@ -149,7 +152,6 @@ class Trainer:
         self.resume_stats: Optional[List[float]] = None
         self.nonfinite_skipped = 0
         self.rng_states: Optional[List[Any]] = None
-        self.checkpoint: Optional[Dict[str, Any]] = None
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -229,13 +231,11 @@ class Trainer:
             extra['drop_rate'] = args.drop
         self.model = create_model_from_args(args, **extra)
         if args.finetune:
-            from models import load_checkpoint
             load_checkpoint(self.model, args.finetune, use_ema=args.finetune_ema, strict=True)
             _logger.info('Fine-tuning from %s', args.finetune)
         self.data_config = resolve_data_config(
             dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
                  mean=args.mean, std=args.std), model=self.model)
-        import models
         min_size = models.MIN_INPUT_SIZE if args.model.startswith('overlock') else 1
         if min(self.data_config['input_size'][1:]) < min_size:
             raise UsageError(f'--img-size {args.img_size}: {args.model} needs at least {min_size} pixels')
@@ -328,7 +328,6 @@ class Trainer:
 
     def _resume(self) -> None:
         """Restore everything the uninterrupted run would hold at this point (RNG states last, in run())."""
-        from models import CheckpointError
         args, path = self.args, self.args.resume
         ckpt = read_training_checkpoint(path)
         if ckpt.get('arch') not in (None, args.model):
