@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Turn a trained OverLoCK checkpoint into its deploy (re-parameterised) form.
+
+    python reparam.py --model overlock_t --checkpoint output/run/model_best.pth --output overlock_t_deploy.pth --use-ema
+
+Loads the training form, merges every DilatedReparamBlock (and its BatchNorms) into one large-kernel conv,
+checks on random input that the deploy model's eval logits equal the training form's, reports parameters and
+speed before/after, and saves {'arch': '<model>_reparam', 'state_dict': ...} for `overlock_*_reparam`
+(`validate.py --checkpoint OUT` picks that model automatically).
+"""
+import argparse
+import copy
+import logging
+import os
+import time
+
+import torch
+
+from utils.checkpoint import atomic_save
+from utils.cli import UsageError, run_cli
+from utils.evaluate import build_model, is_deploy
+
+_logger = logging.getLogger('reparam')
+TOLERANCE = 1e-4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', required=True, metavar='NAME', help='training-form model name, e.g. overlock_t')
+    p.add_argument('--checkpoint', required=True, metavar='IN', help='trained checkpoint (any supported layout)')
+    p.add_argument('--output', required=True, metavar='OUT', help='deploy checkpoint to write')
+    p.add_argument('--use-ema', action='store_true', help='convert the EMA weights of a training checkpoint')
+    p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
+    p.add_argument('--img-size', type=int, default=None, help="check/benchmark input size (default: model's)")
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE')
+    p.add_argument('--batch-size', type=int, default=2, help='batch of the equivalence check and timing')
+    p.add_argument('--bench-iters', type=int, default=3, help='timed forward passes of each form (0: skip)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--seed', type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _time(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
+    with torch.no_grad():
+        model(x)  # warm-up
+        if x.device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        if x.device.type == 'cuda':
+            torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    args = parse_args(argv)
+    if args.model.endswith('_reparam'):
+        raise UsageError(f'--model {args.model}: give the training-form name ({args.model[:-len("_reparam")]})')
+    if os.path.exists(args.output) and os.path.realpath(args.output) == os.path.realpath(args.checkpoint):
+        raise UsageError('--output must differ from --checkpoint (the input would be overwritten)')
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f'--output {args.output}: folder {out_dir} does not exist')
+
+    model = build_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
+                        num_classes=args.num_classes, model_kwargs=args.model_kwargs)
+    if is_deploy(model):  # build_model switched to the _reparam model: the file is converted already
+        raise UsageError(f'{args.checkpoint} is already in deploy form; nothing to convert')
+    device = torch.device(args.device)
+    model.to(device).eval()
+    size = args.img_size or model.pretrained_cfg.get('input_size', (3, 224, 224))[-1]
+    x = torch.randn(args.batch_size, model.in_chans, size, size, device=device,
+                    generator=torch.Generator(device=device).manual_seed(args.seed))
+
+    deploy = copy.deepcopy(model).reparameterize()
+    with torch.no_grad():
+        ref, out = model(x), deploy(x)
+    err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    params = [sum(p.numel() for p in m.parameters()) for m in (model, deploy)]
+    no_aux = [sum(p.numel() for n, p in m.named_parameters() if not n.startswith('aux_head.')) for m in (model, deploy)]
+    print(f'max relative error of deploy vs training-form logits: {err:.3e} (limit {TOLERANCE:g})')
+    print(f'params: {params[0]:,} -> {params[1]:,} (without aux head: {no_aux[0]:,} -> {no_aux[1]:,})')
+    if args.bench_iters > 0:
+        t_train, t_deploy = _time(model, x, args.bench_iters), _time(deploy, x, args.bench_iters)
+        print(f'forward, batch {args.batch_size} at {size}px on {device.type}: {1e3 * t_train:.1f} ms -> '
+              f'{1e3 * t_deploy:.1f} ms ({t_train / t_deploy:.2f}x)')
+    if not err <= TOLERANCE:
+        print(f'error: deploy model differs from the training form (max relative error {err:.3e}); not saved')
+        return 1
+
+    arch = model.pretrained_cfg.get('architecture', args.model) + '_reparam'
+    state_dict = {k: v.detach().cpu() for k, v in deploy.state_dict().items()}
+    atomic_save({'version': 1, 'arch': arch, 'state_dict': state_dict}, args.output)
+    print(f'saved {arch} weights to {args.output}')
+    return 0
+
+
+if __name__ == '__main__':
+    run_cli(main)

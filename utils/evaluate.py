@@ -1,0 +1,181 @@
+"""Building models from checkpoints and scoring them on an ImageFolder: the logic behind validate.py / reparam.py."""
+import csv
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cli import UsageError, parse_kwargs
+from .data import DataError, build_image_folder
+
+_logger = logging.getLogger(__name__)
+
+_DTYPES = {'float16': torch.float16, 'fp16': torch.float16, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
+           'float32': torch.float32, 'fp32': torch.float32}
+
+
+def amp_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise UsageError(f'--amp-dtype {name} is not one of {", ".join(_DTYPES)}')
+    return _DTYPES[name]
+
+
+def expand_model_names(names: List[str]) -> List[str]:
+    """Model names with shell-style patterns (``'overlock*'``) expanded over the registered models."""
+    import timm
+    import models  # noqa: F401  (registers the overlock models)
+    out = []
+    for name in names:
+        if any(c in name for c in '*?['):
+            found = timm.list_models(name)
+            if not found:
+                raise UsageError(f'--model {name} matches no registered model')
+            out.extend(found)
+        elif not timm.is_model(name):
+            raise UsageError(f'--model {name} is not a registered model '
+                             f'(OverLoCK models: {", ".join(timm.list_models("overlock*"))})')
+        else:
+            out.append(name)
+    return out
+
+
+def build_model(
+        name: str,
+        checkpoint: Optional[str] = None,
+        pretrained: bool = False,
+        use_ema: bool = False,
+        num_classes: Optional[int] = None,
+        model_kwargs: Optional[List[str]] = None,
+) -> nn.Module:
+    """A model for evaluation: from a checkpoint file (any of our layouts or the original release's), from
+    the published weights, or randomly initialised. A deploy-form checkpoint given with a training-form name
+    builds the ``_reparam`` model instead (logged)."""
+    import timm
+    import models
+
+    kwargs = parse_kwargs(model_kwargs)
+    if checkpoint:
+        sd = models.extract_state_dict(models.read_checkpoint_file(checkpoint), use_ema=use_ema,
+                                       source=f'checkpoint {checkpoint}')
+        if name.startswith('overlock') and models.is_deploy_state_dict(sd) and not name.endswith('_reparam'):
+            _logger.info('%s holds deploy-form (re-parameterised) weights: evaluating %s_reparam', checkpoint, name)
+            name += '_reparam'
+        if 'head.4.weight' in sd:
+            ckpt_classes = sd['head.4.weight'].shape[0]
+            if num_classes is not None and num_classes != ckpt_classes:
+                raise UsageError(f'checkpoint {checkpoint} has a {ckpt_classes}-class classifier but '
+                                 f'--num-classes is {num_classes}; evaluation needs the trained classifier')
+            num_classes = ckpt_classes
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise UsageError(f'--model-kwargs: {e}') from None
+    if checkpoint:
+        models.load_checkpoint(model, checkpoint, use_ema=use_ema)
+    return model
+
+
+def is_deploy(model: nn.Module) -> bool:
+    from models import DilatedReparamBlock
+    blocks = [m for m in model.modules() if isinstance(m, DilatedReparamBlock)]
+    return bool(blocks) and all(m.deploy for m in blocks)
+
+
+def eval_dataset(data: str, transform, skip_corrupt: bool = False):
+    """``DATA/val`` (or ``DATA/validation``) when present, else DATA itself as the class-folder root."""
+    if not os.path.isdir(data):
+        raise DataError(f'data directory {data} does not exist')
+    for split in ('val', 'validation'):
+        if os.path.isdir(os.path.join(data, split)):
+            data = os.path.join(data, split)
+            break
+    return build_image_folder(data, transform=transform, skip_corrupt=skip_corrupt)
+
+
+@torch.no_grad()
+def evaluate(
+        model: nn.Module,
+        loader,
+        device: torch.device,
+        amp: Optional[torch.dtype] = None,
+        channels_last: bool = False,
+        progress: bool = True,
+        desc: str = '',
+) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%), mean cross-entropy and images/s of ``model`` over ``loader``."""
+    from timm.utils import accuracy
+    from tqdm import tqdm
+
+    model.eval()
+    correct1 = correct5 = loss_sum = 0.
+    count = 0
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    start, timed = None, 0
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(images).float()
+        top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
+        n = targets.shape[0]
+        correct1 += top1.item() * n / 100
+        correct5 += top5.item() * n / 100
+        loss_sum += F.cross_entropy(logits, targets, reduction='sum').item()
+        count += n
+        if start is None:
+            start = time.perf_counter()  # speed excludes the first batch (worker start-up, warm-up)
+        else:
+            timed += n
+        bar.set_postfix(top1=f'{100 * correct1 / count:.2f}')
+    elapsed = time.perf_counter() - start if start is not None else 0.
+    if not count:
+        raise DataError('the validation set is empty')
+    return {
+        'top1': round(100 * correct1 / count, 4), 'top5': round(100 * correct5 / count, 4),
+        'loss': round(loss_sum / count, 6), 'images': count,
+        'images_per_sec': round(timed / elapsed, 2) if elapsed > 0 and timed else float('nan'),
+    }
+
+
+def append_results(path: str, rows: List[Dict[str, Any]]) -> None:
+    """Append result rows to a .csv (header written once) or .json (a list) file."""
+    if path.endswith('.json'):
+        old = []
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    old = json.load(f)
+            except (json.JSONDecodeError, OSError) as e:
+                raise UsageError(f'--results-file {path} exists but is not a JSON list ({e})') from None
+            if not isinstance(old, list):
+                raise UsageError(f'--results-file {path} exists but is not a JSON list')
+        with open(path, 'w') as f:
+            json.dump(old + rows, f, indent=2)
+    elif path.endswith('.csv'):
+        fields = list(rows[0])
+        new = not os.path.isfile(path) or os.path.getsize(path) == 0
+        with open(path, 'a', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+    else:
+        raise UsageError(f'--results-file {path} must end in .csv or .json')
+
+
+def markdown_table(rows: List[Dict[str, Any]], columns: List[str]) -> str:
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '|'.join('---' for _ in columns) + '|']
+    for row in rows:
+        lines.append('| ' + ' | '.join(str(row.get(c, '')) for c in columns) + ' |')
+    return '\n'.join(lines)

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Evaluate OverLoCK (or any timm) models on an ImageFolder: top-1, top-5, loss, images/s.
+
+    python validate.py /data/imagenet --model overlock_t --pretrained
+    python validate.py /data/imagenet --model overlock_t --checkpoint overlock_t_in1k_224.pth --reparam
+    python validate.py /data/imagenet --model 'overlock*' --pretrained --results-file results.csv
+    python validate.py /data/imagenet --model overlock_xt overlock_t --checkpoint xt.pth t.pth
+
+DATA is the dataset root (its val/ or validation/ folder is used) or the class-folder root itself.
+Checkpoints may be the original release's files, our training checkpoints (--use-ema: the EMA weights)
+or deploy checkpoints from reparam.py (detected from the keys). See docs/evaluation.md.
+"""
+import argparse
+import logging
+
+import torch
+
+from utils.cli import UsageError, run_cli
+from utils.evaluate import (
+    amp_dtype, append_results, build_model, eval_dataset, evaluate, expand_model_names, is_deploy, markdown_table,
+)
+
+_logger = logging.getLogger('validate')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('data', metavar='DATA', help='dataset root (with val/) or a class-folder root')
+    p.add_argument('--model', nargs='+', default=['overlock_xt'], metavar='NAME',
+                   help='model name(s) or patterns such as "overlock*"')
+    src = p.add_mutually_exclusive_group()
+    src.add_argument('--pretrained', action='store_true', help='the published weights')
+    src.add_argument('--checkpoint', nargs='+', default=None, metavar='PATH',
+                     help='checkpoint file(s), one per --model (or one for all)')
+    p.add_argument('--use-ema', action='store_true', help='the EMA weights of a training checkpoint')
+    p.add_argument('--reparam', action='store_true', help='re-parameterise (merge branches) after loading')
+    p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
+    p.add_argument('--img-size', type=int, default=None, help="default: the model's pretrained_cfg")
+    p.add_argument('--crop-pct', type=float, default=None, help="default: the model's (0.925-0.975)")
+    p.add_argument('--interpolation', default=None, help="default: the model's (bicubic)")
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='extra model constructor arguments (Python literals)')
+    p.add_argument('-b', '--batch-size', type=int, default=128)
+    p.add_argument('-j', '--workers', type=int, default=4)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--amp', action='store_true', help='mixed precision')
+    p.add_argument('--amp-dtype', default='bfloat16', help='float16 or bfloat16')
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--skip-corrupt', action='store_true', help='skip unreadable images (logged)')
+    p.add_argument('--results-file', default='', metavar='F', help='append results to F.csv or F.json')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import timm.data
+
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    args = parse_args(argv)
+    names = expand_model_names(args.model)
+    checkpoints = args.checkpoint or [None]
+    if len(checkpoints) == 1:
+        checkpoints = checkpoints * len(names)
+    elif len(names) == 1:
+        names = names * len(checkpoints)
+    if len(checkpoints) != len(names):
+        raise UsageError(f'{len(names)} models but {len(checkpoints)} checkpoints: give one checkpoint per model')
+    if args.batch_size < 1:
+        raise UsageError('--batch-size must be >= 1')
+    device = torch.device(args.device)
+    amp = amp_dtype(args.amp_dtype) if args.amp else None
+
+    results = []
+    for name, ckpt in zip(names, checkpoints):
+        model = build_model(name, checkpoint=ckpt, pretrained=args.pretrained, use_ema=args.use_ema,
+                            num_classes=args.num_classes, model_kwargs=args.model_kwargs)
+        arch = model.pretrained_cfg.get('architecture', name)
+        if args.reparam:
+            if is_deploy(model):
+                _logger.info('%s is already in deploy form: --reparam changes nothing', arch)
+            else:
+                model.reparameterize()
+        model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+
+        overrides = {k: v for k, v in (('crop_pct', args.crop_pct), ('interpolation', args.interpolation)) if v}
+        if args.img_size:
+            overrides['input_size'] = (3, args.img_size, args.img_size)
+        cfg = timm.data.resolve_data_config(overrides, model=model)
+        transform = timm.data.create_transform(**cfg, is_training=False)
+        dataset = eval_dataset(args.data, transform, skip_corrupt=args.skip_corrupt)
+        num_out = getattr(model, 'num_classes', None)
+        if num_out and num_out != len(dataset.classes):
+            raise UsageError(
+                f'{dataset.root} has {len(dataset.classes)} class folders but the classifier of {arch} has '
+                f'{num_out} outputs; use a checkpoint trained on these classes (or --num-classes to fine-tune)')
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+            pin_memory=device.type == 'cuda', persistent_workers=False)
+        _logger.info('%s: %d images, input %s, crop_pct %s, %s', arch, len(dataset), cfg['input_size'][1:],
+                     cfg['crop_pct'], cfg['interpolation'])
+        metrics = evaluate(model, loader, device, amp=amp, channels_last=args.channels_last,
+                           progress=not args.no_progress, desc=arch)
+        if getattr(dataset, 'num_skipped', 0):
+            _logger.warning('%d unreadable images were skipped', dataset.num_skipped)
+        row = {'model': arch, 'checkpoint': ckpt or ('pretrained' if args.pretrained else 'random init'),
+               **metrics, 'img_size': cfg['input_size'][-1], 'crop_pct': cfg['crop_pct'],
+               'interpolation': cfg['interpolation'], 'reparam': is_deploy(model),
+               'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3)}
+        _logger.info('%s: top-1 %.3f  top-5 %.3f  loss %.4f  %.1f images/s', arch, row['top1'], row['top5'],
+                     row['loss'], row['images_per_sec'])
+        results.append(row)
+    print(markdown_table(results, ['model', 'checkpoint', 'top1', 'top5', 'loss', 'images_per_sec', 'img_size',
+                                   'crop_pct', 'reparam', 'params_m']))
+    if args.results_file:
+        append_results(args.results_file, results)
+    return 0
+
+
+if __name__ == '__main__':
+    run_cli(main)
