@@ -1,0 +1,62 @@
+"""scripts/benchmark.py, the MAC counter, and the demo pipeline in a reduced setting."""
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import models
+from conftest import REPO, TINY_KWARGS
+from models.ops import na2d_av
+from utils.flops import count_macs
+
+sys.path.insert(0, str(REPO / 'scripts'))
+import benchmark  # noqa: E402
+
+
+def test_count_macs_conv_matches_analytic():
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    assert count_macs(conv, (2, 3, 10, 12)) == 2 * 8 * 10 * 12 * 3 * 3 * 3
+
+
+class _Aggregate(nn.Module):
+    def forward(self, x):
+        b, _, h, w = x.shape
+        attn = torch.rand(b, 2, h, w, 25)
+        value = torch.rand(b, 2, h, w, 4)
+        return na2d_av(attn, value, 5)
+
+
+def test_count_macs_includes_neighbourhood_aggregation():
+    assert count_macs(_Aggregate(), (1, 1, 9, 11)) == 1 * 2 * 9 * 11 * 25 * 4
+
+
+def test_count_macs_overlock_xt_near_paper():
+    with torch.no_grad():
+        macs = count_macs(timm.create_model('overlock_xt_reparam', use_gemm=False), (1, 3, 224, 224))
+    assert abs(macs / 1e9 - 2.6) < 0.1  # paper: 2.6 GFLOPs (MACs)
+
+
+@pytest.mark.parametrize('mode', ['infer', 'train'])
+def test_benchmark_prints_table(mode, capsys, tmp_path):
+    kwargs = [f'{k}={v}'.replace(' ', '') for k, v in TINY_KWARGS.items()]
+    out_md = tmp_path / 'bench.md'
+    benchmark.main(['--mode', mode, '--models', 'overlock_xt', 'resnet18', '--model-kwargs', *kwargs,
+                    '--img-size', '32', '-b', '2', '--warmup', '0', '--iters', '1', '--reparam', '--out', str(out_md)])
+    out = capsys.readouterr().out
+    assert f'mode={mode}' in out and '| overlock_xt |' in out and '| resnet18 |' in out
+    row = [line for line in out.splitlines() if line.startswith('| overlock_xt |')][0].split('|')
+    assert float(row[-3]) > 0  # images/s
+    assert out_md.read_text().count('| resnet18 |') == 1
+
+
+def test_demo_reduced(tmp_path):
+    """The whole demo path (data, train, validate, reparam, validate) with 1 epoch on a few images."""
+    proc = subprocess.run([sys.executable, 'scripts/demo.py', str(tmp_path / 'demo'), '--epochs', '1',
+                           '--per-class', '6'], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert 'top-1 on the digits validation set' in proc.stdout
+    assert (tmp_path / 'demo' / 'run' / 'curves.png').exists()
+    assert (tmp_path / 'demo' / 'overlock_digits_deploy.pth').exists()
