@@ -2,9 +2,9 @@
 """Benchmark the na2d_av backends on OverLoCK's shapes (or any shape).
 
 Times forward (under inference_mode) and forward + backward of every available backend and prints a table of
-milliseconds and GB/s against the bytes an ideal kernel must move (fwd: attn + value + out; bwd additionally
-grad_out, attn, value in and grad_attn, grad_value out). For the model presets it also sums the op time of
-one network forward (calls per network x time per call).
+milliseconds (best of --repeat samples, median beside it) and GB/s against the bytes an ideal kernel must move
+(fwd: attn + value + out; bwd additionally grad_out, attn, value in and grad_attn, grad_value out). For the
+model presets it also sums the op time of one network forward (calls per network x time per call).
 
 Examples:
     python scripts/bench_na2d.py                                  # OverLoCK-XT and -T shapes, batch 8, 2 threads
@@ -70,7 +70,7 @@ def make_inputs(shape, k, dtype, device, layout, requires_grad):
 
 
 def timeit(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int, min_time: float):
-    """Median and best milliseconds per call; each sample runs enough calls to last ~min_time seconds."""
+    """Best and median milliseconds per call; each sample runs enough calls to last ~min_time seconds."""
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -87,7 +87,7 @@ def timeit(fn: Callable[[], object], device: torch.device, warmup: int, repeat: 
             fn()
         sync()
         samples.append((time.perf_counter() - t0) / calls * 1e3)
-    return statistics.median(samples), min(samples)
+    return min(samples), statistics.median(samples)
 
 
 def bench_one(name: str, shape, k: int, args) -> Optional[Dict[str, float]]:
@@ -102,16 +102,16 @@ def bench_one(name: str, shape, k: int, args) -> Optional[Dict[str, float]]:
     fwd_bytes = (attn.numel() + 2 * value.numel()) * size
     bwd_bytes = (2 * attn.numel() + 3 * value.numel()) * size
     with torch.inference_mode():
-        fwd, fwd_best = timeit(lambda: fn(attn, value, k), device, args.warmup, args.repeat, args.min_time)
-    res = dict(fwd=fwd, fwd_best=fwd_best, fwd_gbs=fwd_bytes / fwd / 1e6)
+        fwd, fwd_med = timeit(lambda: fn(attn, value, k), device, args.warmup, args.repeat, args.min_time)
+    res = dict(fwd=fwd, fwd_med=fwd_med, fwd_gbs=fwd_bytes / fwd / 1e6)
     if not args.no_backward:
         attn, value = make_inputs(shape, k, dtype, device, args.layout, requires_grad=True)
         grad = torch.randn(value.shape, device=device, dtype=dtype)
 
         def step():
             return torch.autograd.grad(fn(attn, value, k), (attn, value), grad)
-        fb, fb_best = timeit(step, device, args.warmup, args.repeat, args.min_time)
-        res.update(fb=fb, fb_best=fb_best, fb_gbs=(fwd_bytes + bwd_bytes) / fb / 1e6)
+        fb, fb_med = timeit(step, device, args.warmup, args.repeat, args.min_time)
+        res.update(fb=fb, fb_med=fb_med, fb_gbs=(fwd_bytes + bwd_bytes) / fb / 1e6)
     return res
 
 
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads (default 2; 0 = leave as is)')
     parser.add_argument('--no-backward', action='store_true', help='time the forward only')
     parser.add_argument('--warmup', type=int, default=3)
-    parser.add_argument('--repeat', type=int, default=7, help='timed samples; the median is reported')
+    parser.add_argument('--repeat', type=int, default=7, help='timed samples; best and median are reported')
     parser.add_argument('--min-time', type=float, default=0.2, help='seconds per timed sample (default 0.2)')
     args = parser.parse_args(argv)
 
@@ -158,7 +158,8 @@ def main(argv=None) -> int:
         parser.error('nothing to time: give --models and/or --shape')
 
     print(f'na2d_av benchmark: device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} '
-          f'layout={args.layout} torch={torch.__version__}; median of {args.repeat} (best in brackets)')
+          f'layout={args.layout} torch={torch.__version__}; best of {args.repeat} samples (median in brackets; '
+          f'the best is the robust number on a shared machine)')
     head = f'{"case":<7} {"shape B,G,H,W,C":<20} {"K":>3} {"backend":<8} {"fwd ms":>16} {"fwd GB/s":>9}'
     if not args.no_backward:
         head += f' {"fwd+bwd ms":>18} {"f+b GB/s":>9}'
@@ -169,9 +170,9 @@ def main(argv=None) -> int:
         for name in backends:
             r = bench_one(name, shape, k, args)
             line = (f'{label:<7} {",".join(map(str, shape)):<20} {k:>3} {name:<8} '
-                    f'{r["fwd"]:>8.3f} [{r["fwd_best"]:>6.3f}] {r["fwd_gbs"]:>9.2f}')
+                    f'{r["fwd"]:>8.3f} [{r["fwd_med"]:>6.3f}] {r["fwd_gbs"]:>9.2f}')
             if 'fb' in r:
-                line += f' {r["fb"]:>9.3f} [{r["fb_best"]:>7.3f}] {r["fb_gbs"]:>9.2f}'
+                line += f' {r["fb"]:>9.3f} [{r["fb_med"]:>7.3f}] {r["fb_gbs"]:>9.2f}'
             print(line, flush=True)
             if calls:
                 t = totals.setdefault((label, name), [0., 0.])

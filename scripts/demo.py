@@ -44,7 +44,7 @@ def top1_from(results_csv):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('output', nargs='?', default='output/demo', help='folder for data, run and results')
-    p.add_argument('--epochs', type=int, default=12)
+    p.add_argument('--epochs', type=int, default=8)
     p.add_argument('--per-class', type=int, default=0, help='images per class (0: all ~180)')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
     args = p.parse_args()
@@ -61,7 +61,7 @@ def main():
     py = sys.executable
     run([py, 'train.py', '--data-dir', data, '--model', 'overlock_xt', '--model-kwargs', *MODEL_KWARGS,
          '--img-size', '32', '-b', '32', '-j', '0', '--epochs', str(args.epochs), '--warmup-epochs', '1',
-         '--cooldown-epochs', '0', '--lr', '3e-3', '--min-lr', '1e-5', '--weight-decay', '0.05',
+         '--sched-on-updates', '--cooldown-epochs', '0', '--lr', '3e-3', '--min-lr', '1e-5', '--weight-decay', '0.05',
          '--smoothing', '0.1', '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--scale', '0.6', '1.0',
          '--hflip', '0', '--drop-path', '0', '--crop-pct', '1.0', '--interpolation', 'bicubic',
          '--output', run_dir, '--overwrite'], os.path.join(out, 'train.log'))

@@ -1,5 +1,6 @@
 """Tests of the na2d_av op package (models/ops): semantics, gradients, dtypes, dispatch, bad input, memory."""
 import logging
+import sys
 import types
 from pathlib import Path
 
@@ -140,6 +141,17 @@ def test_gradcheck_fast(shape, k):
 def test_gradgradcheck():
     attn, value = _inputs((1, 1, 3, 4, 1), 3, grad=True)
     assert torch.autograd.gradgradcheck(lambda a, v: ops.na2d_av(a, v, 3), (attn, value))
+
+
+@pytest.mark.parametrize('k', [3, 7])  # scatter and strided fill
+@pytest.mark.parametrize('shape', [(0, 2, 9, 9, 2), (1, 0, 9, 9, 2), (1, 1, 9, 20, 0)])
+def test_empty_inputs(shape, k):
+    attn, value = _inputs(shape, k, grad=True)
+    out = ops.na2d_av(attn, value, k)
+    assert out.shape == value.shape
+    out.sum().backward()
+    assert attn.grad.shape == attn.shape and value.grad.shape == value.shape
+    assert not attn.grad.any()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,7 +296,8 @@ def _fake_triton(calls, available=True):
         h, w = value.shape[2:4]
         return reference_na2d_av(torch.softmax(logits + reference_rpb(rpb, h, w, kernel_size), -1), value,
                                  kernel_size)
-    return types.SimpleNamespace(is_available=lambda: available, na2d_av=na2d_av, na2d_softmax_av=na2d_softmax_av)
+    return types.SimpleNamespace(is_available=lambda: available, na2d_av=na2d_av, na2d_softmax_av=na2d_softmax_av,
+                                 MAX_KERNEL_SIZE=15)
 
 
 def test_default_backend_is_torch_without_natten():
@@ -304,8 +317,10 @@ def test_backend_argument_and_set_backend():
     assert dispatch._override is None
     with pytest.raises(ValueError, match=r"'bogus'.*auto\|torch\|natten\|triton"):
         ops.set_backend('bogus')
-    with pytest.raises(ValueError, match='bogus'):
+    with pytest.raises(ValueError, match="backend='bogus' is not a na2d_av backend"):
         ops.na2d_av(attn, value, 3, backend='bogus')
+    with pytest.raises(ValueError, match='backend=1 is not a na2d_av backend'):
+        ops.na2d_av(attn, value, 3, backend=1)
 
 
 def test_unavailable_backend_errors(monkeypatch):
@@ -316,10 +331,10 @@ def test_unavailable_backend_errors(monkeypatch):
     with pytest.raises(ValueError, match="'natten' is not available"):
         ops.set_backend('natten')
     monkeypatch.setenv(ops.ENV_VAR, 'natten')
-    with pytest.raises(ValueError, match=f"{ops.ENV_VAR}= 'natten' is not available.*available backends"):
+    with pytest.raises(ValueError, match=f"{ops.ENV_VAR}='natten' is not available.*available backends"):
         ops.na2d_av(attn, value, 3)
     monkeypatch.setenv(ops.ENV_VAR, 'nonsense')
-    with pytest.raises(ValueError, match=f"{ops.ENV_VAR}= 'nonsense' is not a na2d_av backend"):
+    with pytest.raises(ValueError, match=f"{ops.ENV_VAR}='nonsense' is not a na2d_av backend"):
         ops.na2d_av(attn, value, 3)
 
 
@@ -353,12 +368,27 @@ def test_natten_wrapper_dtypes(monkeypatch):
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize('version,usable', [('0.17.5', True), ('0.14.6+torch200cu118', True), ('0.20.1', False)])
+def test_natten_probe_by_version(monkeypatch, version, usable):
+    """Only natten <= 0.17 qualifies: later releases have no na2d_av or one with another layout."""
+    functional = types.ModuleType('natten.functional')
+    functional.na2d_av = _fake_natten([]).na2d_av
+    natten = types.ModuleType('natten')
+    natten.__version__, natten.functional = version, functional
+    monkeypatch.setitem(sys.modules, 'natten', natten)
+    monkeypatch.setitem(sys.modules, 'natten.functional', functional)
+    monkeypatch.setattr(natten_backend, '_functional', natten_backend._UNPROBED)
+    assert natten_backend.is_available() is usable
+    assert ('natten' in ops.available_backends()) is usable
+
+
 def test_triton_dispatch(monkeypatch):
     calls = []
     monkeypatch.setattr(dispatch, '_triton_module', lambda: _fake_triton(calls))
     assert 'triton' in ops.available_backends()
     assert ops.get_backend('cuda') == 'triton'  # automatic choice for CUDA tensors
     assert ops.get_backend('cpu') != 'triton'
+    assert dispatch._resolve(None, 'cuda', 17) != 'triton'  # kernels beyond the triton limit fall back
     attn, value = _inputs((1, 1, 5, 5, 2), 3)
     with pytest.raises(ValueError, match='CUDA tensors.*TRITON_INTERPRET=1'):
         ops.na2d_av(attn, value, 3, backend='triton')

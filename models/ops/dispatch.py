@@ -1,8 +1,9 @@
 """Input checks and backend selection for the neighbourhood-aggregation ops.
 
 Selection order: the ``backend=`` argument > :func:`set_backend` > the environment variable
-``OVERLOCK_NA2D_BACKEND`` (auto|torch|natten|triton) > automatic: for CUDA tensors triton, else natten,
-else torch; for CPU tensors natten, else torch. The choice is logged once per (backend, device type).
+``OVERLOCK_NA2D_BACKEND`` (auto|torch|natten|triton) > automatic: for CUDA tensors triton (for K up to its
+kernels' MAX_KERNEL_SIZE), else natten, else torch; for CPU tensors natten, else torch. The choice is logged
+once per (backend, device type).
 Under ``torch.compile`` the backend is resolved while tracing and stays fixed in the compiled graph.
 """
 import importlib
@@ -90,14 +91,15 @@ def _unavailable_message(name: str, source: str) -> str:
         'triton': 'needs triton and models/ops/triton_backend.py importable, and a CUDA device '
                   '(or TRITON_INTERPRET=1 for CPU tensors)',
     }.get(name, '')
-    return f'{source} {name!r} is not available ({why}); available backends: {available_backends()}'
+    return f'{source}{name!r} is not available ({why}); available backends: {available_backends()}'
 
 
-def _check_name(name: str, source: str, allow_auto: bool = True) -> str:
+def _check_name(name: str, source: str) -> str:
+    """Normalise a backend name; ``source`` says where it came from in error messages (e.g. 'backend=')."""
+    choices = ('auto',) + BACKENDS
+    if not isinstance(name, str) or name.strip().lower() not in choices:
+        raise ValueError(f'{source}{name!r} is not a na2d_av backend; choose one of {"|".join(choices)}')
     name = name.strip().lower()
-    choices = (('auto',) if allow_auto else ()) + BACKENDS
-    if name not in choices:
-        raise ValueError(f'{source} {name!r} is not a na2d_av backend; choose one of {"|".join(choices)}')
     if name != 'auto' and not _is_available(name):
         raise ValueError(_unavailable_message(name, source))
     return name
@@ -112,19 +114,21 @@ def set_backend(name: Optional[str]) -> None:
     if name is None:
         _override = None
         return
-    name = _check_name(name, 'set_backend:')
+    name = _check_name(name, 'set_backend: ')
     _override = None if name == 'auto' else name
 
 
-def _auto(device_type: str) -> str:
+def _auto(device_type: str, kernel_size: Optional[int]) -> str:
     if device_type == 'cuda' and _triton_ready():
-        return 'triton'
+        # the triton kernels cover K up to MAX_KERNEL_SIZE; larger kernels go to the next choice
+        if kernel_size is None or kernel_size <= getattr(_triton_module(), 'MAX_KERNEL_SIZE', kernel_size):
+            return 'triton'
     if natten_backend.is_available() and device_type in ('cpu', 'cuda'):
         return 'natten'
     return 'torch'
 
 
-def _resolve(backend: Optional[str], device_type: str) -> str:
+def _resolve(backend: Optional[str], device_type: str, kernel_size: Optional[int] = None) -> str:
     if backend is not None:
         name = _check_name(backend, 'na2d_av backend=')
     elif _override is not None:
@@ -132,11 +136,11 @@ def _resolve(backend: Optional[str], device_type: str) -> str:
     else:
         name = _check_name(os.environ.get(ENV_VAR, 'auto') or 'auto', f'environment variable {ENV_VAR}=')
     if name == 'auto':
-        name = _auto(device_type)
-    elif name == 'triton' and device_type != 'cuda' and not _triton_interpret():
+        name = _auto(device_type, kernel_size)
+    elif name == 'triton' and device_type != 'cuda' and not (device_type == 'cpu' and _triton_interpret()):
         raise ValueError(
             f'na2d_av backend triton runs on CUDA tensors (got {device_type}); set TRITON_INTERPRET=1 to run its '
-            f'kernels on the CPU, or choose one of {[b for b in available_backends() if b != "triton"]}')
+            f'kernels on CPU tensors, or choose one of {[b for b in available_backends() if b != "triton"]}')
     if (name, device_type) not in _logged and not torch.compiler.is_compiling():
         _logged.add((name, device_type))
         _logger.info('na2d_av: using the %s backend for %s tensors', name, device_type)
@@ -190,7 +194,7 @@ def na2d_av(
         [B, G, H, W, C]; float16/bfloat16 inputs are accumulated in float32 and returned in their dtype.
     """
     _check('na2d_av', attn, value, kernel_size)
-    name = _resolve(backend, value.device.type)
+    name = _resolve(backend, value.device.type, kernel_size)
     if name == 'natten':
         return natten_backend.na2d_av(attn, value, kernel_size)
     if name == 'triton':
@@ -217,7 +221,10 @@ def _rpb_index(height: int, width: int, kernel_size: int, device: torch.device) 
 
 
 def relative_position_bias(rpb: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
-    """Per-query bias for the K x K neighbourhood: ``bias[g, i, j, ki*K + kj] = rpb[g, i' - i + K - 1, j' - j + K - 1]``.
+    """Per-query bias of the K x K neighbourhood.
+
+    ``bias[g, i, j, ki*K + kj] = rpb[g, i' - i + K - 1, j' - j + K - 1]`` for the neighbour (i', j') =
+    (si(i) + ki, sj(j) + kj) of query (i, j).
 
     Args:
         rpb: [G, 2K-1, 2K-1] learnable table.
@@ -265,7 +272,7 @@ def na2d_softmax_av(
         raise ValueError(f'na2d_softmax_av: rpb must be [G={logits.shape[1]}, {2 * k - 1}, {2 * k - 1}] for '
                          f'kernel_size {k}, got rpb {list(rpb.shape)} (logits {list(logits.shape)}, '
                          f'value {list(value.shape)})')
-    name = _resolve(backend, value.device.type)
+    name = _resolve(backend, value.device.type, k)
     if name == 'triton':
         return _triton_module().na2d_softmax_av(logits, rpb, value, k)
     h, w = value.shape[2], value.shape[3]

@@ -5,6 +5,7 @@ on first use: importing ``models`` never needs it.
 """
 import importlib
 import logging
+import re
 from types import ModuleType
 from typing import Optional
 
@@ -30,8 +31,21 @@ def _natten_functional() -> Optional[ModuleType]:
         except Exception as e:  # a broken install (e.g. built for another torch) must not break the model
             _logger.warning('natten is installed but failed to import, not using it: %s', e)
             functional = None
+        if functional is not None and not _supported_version(importlib.import_module('natten')):
+            functional = None
         _functional = functional if callable(getattr(functional, 'na2d_av', None)) else None
     return _functional
+
+
+def _supported_version(natten) -> bool:
+    """natten <= 0.17: later releases dropped ``na2d_av`` or changed its layout (heads after the map axes)."""
+    match = re.match(r'(\d+)\.(\d+)', str(getattr(natten, '__version__', '')))
+    if match is None:  # no version to go by: trust the presence of na2d_av
+        return True
+    if (int(match.group(1)), int(match.group(2))) <= (0, 17):
+        return True
+    _logger.info('natten %s is newer than 0.17; its na2d_av differs, not using it', natten.__version__)
+    return False
 
 
 @torch.compiler.assume_constant_result  # probed eagerly while tracing: torch.compile must not trace an import

@@ -5,11 +5,11 @@ Layout: attn [B, G, H, W, K*K], value [B, G, H, W, C] -> out [B, G, H, W, C] wit
 ``si(i) = clamp(i - K//2, 0, H - K)`` (windows shift inwards at the borders).
 
 How it is computed: the map is cut into tiles of Th x Tw query pixels. Every query of a tile only reads the
-(Th + K - 1) x (Tw + K - 1) region of value around the tile, so the tile's attention rows are scattered into a
+(Th + K - 1) x (Tw + K - 1) region of value around the tile, so the tile's attention rows are written into a
 small dense matrix [Th*Tw, region] and the whole op becomes one batched matmul (BLAS / cuBLAS speed instead of
 a K^2-long gather-multiply-add loop). OverLoCK's maps are small (14 x 14 and 7 x 7 at 224 px), so there the
-tile is the whole map and no region gather is needed. Large maps use tiles of about K so the dense matrices
-stay a few times the size of attn.
+tile is the whole map and no region gather is needed. Larger maps use tiles of about K/2 (at least 7) so the
+dense matrices stay a few times the size of attn.
 
 Three bilinear ops form a closed family, registered as ``torch.library`` custom ops (opaque to
 ``torch.compile``), each differentiable through the others, so gradients of any order work:
@@ -265,7 +265,7 @@ def _dense(attn: torch.Tensor, plan: _Plan) -> torch.Tensor:
         for dst, src in _block_views(dense, a, plan):
             dst.copy_(src)
     else:
-        dense.view(n, nt, tt, -1).scatter_(3, plan.index.expand(n, nt, tt, kk), a.view(n, nt, tt, kk))
+        dense.view(n, nt, tt, dense.shape[-1]).scatter_(3, plan.index.expand(n, nt, tt, kk), a.view(n, nt, tt, kk))
     return dense
 
 
@@ -277,7 +277,7 @@ def _gather(dense: torch.Tensor, plan: _Plan, n: int) -> torch.Tensor:
         for src, dst in _block_views(dense, a, plan):
             dst.copy_(src)
     else:
-        a = dense.view(n, nt, tt, -1).gather(3, plan.index.expand(n, nt, tt, kk)).view(n * nt, tt, kk)
+        a = dense.view(n, nt, tt, dense.shape[-1]).gather(3, plan.index.expand(n, nt, tt, kk)).view(n * nt, tt, kk)
     return _from_tiles(a, plan, n)
 
 
