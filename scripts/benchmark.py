@@ -23,11 +23,12 @@ sys.path.insert(0, REPO)  # scripts/ may add the repository root (run as `python
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-import models  # noqa: E402,F401  (registers the overlock models)
+import models  # noqa: E402  (registers the overlock models)
 from utils.evaluate import markdown_table  # noqa: E402
 from utils.flops import count_macs  # noqa: E402
 
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+DTYPE_ALIASES = {'fp32': 'float32', 'fp16': 'float16', 'half': 'float16', 'bf16': 'bfloat16'}
 PAPER_GFLOPS = {'overlock_xt': 2.6, 'overlock_t': 5.5, 'overlock_s': 9.7, 'overlock_b': 16.7}
 
 
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('-b', '--batch-size', type=int, default=8)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', choices=list(DTYPES), default='float32',
+    p.add_argument('--dtype', type=lambda v: DTYPE_ALIASES.get(v, v), choices=list(DTYPES), default='float32',
                    help='inference: weights and inputs in this dtype; training: autocast dtype')
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--reparam', action='store_true', help='OverLoCK in deploy form (inference)')
@@ -148,6 +149,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    unknown = [name for name in args.models if not timm.is_model(name)]
+    if unknown:
+        sys.exit(f'benchmark.py: unknown model(s) {", ".join(unknown)} for --models; OverLoCK models are: '
+                 f'{", ".join(models.list_variants())} (any other timm model name works too)')
     device = torch.device(args.device)
     rows = [bench_one(name, args, device) for name in args.models]
     cols = ['model', 'params_train_m', 'params_deploy_m', 'params_deploy_no_aux_m', 'gmacs', 'paper_gflops',

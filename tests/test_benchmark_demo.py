@@ -52,6 +52,12 @@ def test_benchmark_prints_table(mode, capsys, tmp_path):
     assert out_md.read_text().count('| resnet18 |') == 1
 
 
+def test_benchmark_bad_input():
+    with pytest.raises(SystemExit, match='unknown model.*overlock_q.*overlock_xt_reparam'):
+        benchmark.main(['--models', 'overlock_q', 'resnet18'])
+    assert benchmark.parse_args(['--dtype', 'bf16']).dtype == 'bfloat16'  # the short spellings the docs use
+
+
 def test_demo_reduced(tmp_path):
     """The whole demo path (data, train, validate, reparam, validate) with 1 epoch on a few images."""
     proc = subprocess.run([sys.executable, 'scripts/demo.py', str(tmp_path / 'demo'), '--epochs', '1',
