@@ -141,6 +141,23 @@ class _Args:  # a pickled custom object: refused by weights_only=True
     pass
 
 
+@pytest.mark.parametrize('name', ['overlock_xt', 'overlock_xt_reparam'])
+def test_pretrained_download_path_loads_release_file(monkeypatch, tmp_path, trained, x, name):
+    """pretrained=True through timm's download: the release file (a plain training-form state_dict) loads,
+    into the deploy form too (the original S/B _reparam constructors silently skipped this)."""
+    path = tmp_path / 'overlock_xt_in1k_224.pth'
+    torch.save(trained.state_dict(), path)
+    urls = []
+
+    def fake_download(url, *args, **kwargs):
+        urls.append(url)
+        return str(path)
+    monkeypatch.setattr(timm.models._builder, 'download_cached_file', fake_download)
+    model = tiny(name, pretrained=True)
+    assert urls == ['https://github.com/LMMMEng/OverLoCK/releases/download/v1/overlock_xt_in1k_224.pth']
+    torch.testing.assert_close(logits(model, x), logits(trained, x), rtol=1e-5, atol=1e-5)
+
+
 def test_pretrained_offline_says_how_to_load_a_local_file(monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
