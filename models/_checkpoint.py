@@ -132,7 +132,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
                 if not key.startswith('aux_head') or any(k.startswith('aux_head.') for k in model_sd):
                     _logger.info('Dropping %s: the model has no such classifier (num_classes=0?).', name)
                 del state_dict[name]
-            elif state_dict[name].shape != model_sd[name].shape:
+            elif (state_dict[name].shape[0] != model_sd[name].shape[0]
+                  and state_dict[name].shape[1:] == model_sd[name].shape[1:]):
+                # only the class count differs; other mismatches are another architecture, reported on load
                 _logger.warning('Re-initialising %s: checkpoint has %d classes, the model %d.',
                                 key, state_dict[name].shape[0], model_sd[name].shape[0])
                 del state_dict[name]
@@ -180,7 +182,9 @@ def load_checkpoint(model: nn.Module, path: str, use_ema: Optional[bool] = False
     missing, unexpected, shapes = _mismatch(state_dict, model)
     if shapes or (strict and (missing or unexpected)):
         variant = guess_variant(state_dict)
-        hint = f'; its keys fit {variant}' if variant else ''
+        hint = (f'; its keys fit {variant}' if variant else
+                '; it fits none of the standard OverLoCK variants (a model built with other constructor '
+                'arguments, e.g. --model-kwargs, must be rebuilt with the same ones)')
         parts = []
         if missing:
             parts.append(f'{len(missing)} missing keys ({_brief(missing)})')

@@ -115,6 +115,16 @@ def test_wrong_variant_lists_keys_and_names_the_fitting_variant(tmp_path):
     assert models.guess_variant(tiny().state_dict()) is None
 
 
+def test_other_architecture_hints_at_constructor_arguments(tmp_path, trained, caplog):
+    """Same class count but other widths: an architecture mismatch, not a fine-tuning head swap."""
+    path = tmp_path / 'tiny.pth'
+    torch.save(trained.state_dict(), path)
+    with pytest.raises(models.CheckpointError) as err:
+        models.load_checkpoint(tiny(embed_dim=[16, 24, 32, 64]), path)
+    assert 'shape mismatches' in str(err.value) and '--model-kwargs' in str(err.value)
+    assert 'Re-initialising' not in caplog.text
+
+
 @pytest.mark.parametrize('case', ['missing', 'truncated', 'not_torch', 'unsafe', 'directory', 'no_weights'])
 def test_unreadable_checkpoints(tmp_path, trained, case):
     path = tmp_path / 'ckpt.pth'

@@ -64,7 +64,7 @@ def build_model(
         sd = models.extract_state_dict(models.read_checkpoint_file(checkpoint), use_ema=use_ema,
                                        source=f'checkpoint {checkpoint}')
         if name.startswith('overlock') and models.is_deploy_state_dict(sd) and not name.endswith('_reparam'):
-            _logger.info('%s holds deploy-form (re-parameterised) weights: evaluating %s_reparam', checkpoint, name)
+            _logger.info('%s holds deploy-form (re-parameterised) weights: using %s_reparam', checkpoint, name)
             name += '_reparam'
         if 'head.4.weight' in sd:
             ckpt_classes = sd['head.4.weight'].shape[0]
