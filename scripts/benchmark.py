@@ -71,26 +71,9 @@ def _peak_mem_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
 
 
-def bench_one(name, args, device):
-    from utils.cli import parse_kwargs
-    kwargs = parse_kwargs(args.model_kwargs) if name.startswith('overlock') else {}
-    model = timm.create_model(name, **kwargs)
-    row = {'model': name}
-    train_params, _ = _params(model)
-    if name.startswith('overlock'):
-        deploy = timm.create_model(name + '_reparam' if not name.endswith('_reparam') else name, **kwargs)
-        d_total, d_no_aux = _params(deploy)
-        row.update(params_train_m=round(train_params / 1e6, 2), params_deploy_m=round(d_total / 1e6, 2),
-                   params_deploy_no_aux_m=round(d_no_aux / 1e6, 2))
-        del deploy
-    else:
-        row.update(params_train_m=round(train_params / 1e6, 2), params_deploy_m='', params_deploy_no_aux_m='')
-    if args.mode == 'infer' and args.reparam and hasattr(model, 'reparameterize'):
-        model.reparameterize()
-    if not args.no_flops:
-        row['gmacs'] = round(count_macs(model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)
-        row['paper_gflops'] = '' if kwargs else PAPER_GFLOPS.get(name.replace('_reparam', ''), '')
-
+def make_step(model, args, device):
+    """Move ``model`` to the device / dtype / layout of ``args``; return a function running one timed step
+    (eval forward for --mode infer, forward + loss + backward + AdamW step for --mode train)."""
     dtype = DTYPES[args.dtype]
     model.to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -130,6 +113,30 @@ def bench_one(name, args, device):
             scaler.step(opt)
             scaler.update()
 
+    return step
+
+
+def bench_one(name, args, device):
+    from utils.cli import parse_kwargs
+    kwargs = parse_kwargs(args.model_kwargs) if name.startswith('overlock') else {}
+    model = timm.create_model(name, **kwargs)
+    row = {'model': name}
+    train_params, _ = _params(model)
+    if name.startswith('overlock'):
+        deploy = timm.create_model(name + '_reparam' if not name.endswith('_reparam') else name, **kwargs)
+        d_total, d_no_aux = _params(deploy)
+        row.update(params_train_m=round(train_params / 1e6, 2), params_deploy_m=round(d_total / 1e6, 2),
+                   params_deploy_no_aux_m=round(d_no_aux / 1e6, 2))
+        del deploy
+    else:
+        row.update(params_train_m=round(train_params / 1e6, 2), params_deploy_m='', params_deploy_no_aux_m='')
+    if args.mode == 'infer' and args.reparam and hasattr(model, 'reparameterize'):
+        model.reparameterize()
+    if not args.no_flops:
+        row['gmacs'] = round(count_macs(model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)
+        row['paper_gflops'] = '' if kwargs else PAPER_GFLOPS.get(name.replace('_reparam', ''), '')
+
+    step = make_step(model, args, device)
     for _ in range(args.warmup):
         step()
     _sync(device)
@@ -145,8 +152,8 @@ def bench_one(name, args, device):
     return row
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args):
+    """Benchmark ``args.models``; returns (header line, rows, column names)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     unknown = [name for name in args.models if not timm.is_model(name)]
@@ -162,6 +169,12 @@ def main(argv=None):
     header = (f'mode={args.mode} device={device.type} dtype={args.dtype} batch={args.batch_size} '
               f'img={args.img_size} channels_last={args.channels_last} reparam={args.reparam} '
               f'compile={args.compile} threads={torch.get_num_threads()} torch={torch.__version__}')
+    return header, rows, cols
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    header, rows, cols = run(args)
     table = markdown_table(rows, cols)
     print(header)
     print(table)

@@ -298,42 +298,41 @@ def environment(device: torch.device, interpret: bool) -> str:
             f'{mode}; {datetime.datetime.now().astimezone().isoformat(timespec="minutes")}')
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+class SetupError(Exception):
+    """No device / no triton: nothing to check (exit status 2)."""
+
+
+def run(args: argparse.Namespace) -> Dict[str, object]:
+    """Checks and timings; returns the environment line, markdown sections, rows and the copy bandwidth."""
     if args.interpret:
-        os.environ['TRITON_INTERPRET'] = '1'  # also when main() is called with argv directly
+        os.environ['TRITON_INTERPRET'] = '1'  # also when called with argv directly
         device = torch.device('cpu')
         shapes, check_batches, bench_batch = TINY_SHAPES, args.check_batch or [1], args.bench_batch or 1
         bench_dtypes = args.bench_dtypes or ['fp32']
     else:
         if not torch.cuda.is_available():
-            print('check_na2d_gpu.py: no CUDA device found; run with --interpret for the CPU (interpreter) '
-                  'smoke run', file=sys.stderr)
-            return 2
+            raise SetupError('no CUDA device found; run with --interpret for the CPU (interpreter) smoke run')
         device = torch.device('cuda')
         shapes, check_batches, bench_batch = OVERLOCK_T_SHAPES, args.check_batch or [128, 256], args.bench_batch or 128
         bench_dtypes = args.bench_dtypes or ['bf16', 'fp32']
     try:
         from models.ops import triton_backend
     except ImportError as e:
-        print(f'check_na2d_gpu.py: the triton backend does not import ({e}); install triton', file=sys.stderr)
-        return 2
+        raise SetupError(f'the triton backend does not import ({e}); install triton') from None
     if args.interpret and not triton_backend.INTERPRET:
-        print('check_na2d_gpu.py: triton kernels were defined before TRITON_INTERPRET=1 was set; run the '
-              'script as a program', file=sys.stderr)
-        return 2
+        raise SetupError('triton kernels were defined before TRITON_INTERPRET=1 was set; run the script as a '
+                         'program')
     torch.backends.cuda.matmul.allow_tf32 = False  # the float64 reference is exact anyway; keep fp32 exact too
 
     env = environment(device, args.interpret)
     print(env)
-    sections = [f'_{env}_']
-    failed = False
+    result: Dict[str, object] = dict(env=env, sections=[f'_{env}_'], check_rows=[], bench_rows=[], copy_gbs=None)
     if not args.no_check:
         rows = check(shapes, check_batches, args.check_dtypes, device)
-        failed = not all(r['ok'] for r in rows)
         table = check_table(rows)
         print(f'\nCorrectness (relative error vs float64 torch reference)\n{table}')
-        sections.append(f'### Correctness (relative error vs float64 torch reference)\n\n{table}')
+        result['sections'].append(f'### Correctness (relative error vs float64 torch reference)\n\n{table}')
+        result['check_rows'] = rows
     if not args.no_bench:
         if args.interpret:
             timer, l2, copy_size = wall_timer(repeats=1), 1 << 20, 1 << 22
@@ -347,13 +346,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         table = bench_table(rows, copy_gbs)
         title = f'Timing (median; device-to-device copy: {copy_gbs:.0f} GB/s)'
         print(f'\n{title}\n{table}')
-        sections.append(f'### {title}\n\n{table}')
+        result['sections'].append(f'### {title}\n\n{table}')
+        result.update(bench_rows=rows, copy_gbs=copy_gbs)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except SetupError as e:
+        print(f'check_na2d_gpu.py: {e}', file=sys.stderr)
+        return 2
     if args.out is not None:
         tmp = args.out.with_name(args.out.name + '.tmp')
-        tmp.write_text('\n\n'.join(sections) + '\n')
+        tmp.write_text('\n\n'.join(result['sections']) + '\n')
         os.replace(tmp, args.out)
         print(f'\nwrote {args.out}')
-    if failed:
+    if not all(r['ok'] for r in result['check_rows']):
         print('\nFAILED: some checks exceed their bounds (see the table)', file=sys.stderr)
         return 1
     return 0

@@ -66,3 +66,29 @@ def test_demo_reduced(tmp_path):
     assert 'top-1 on the digits validation set' in proc.stdout
     assert (tmp_path / 'demo' / 'run' / 'curves.png').exists()
     assert (tmp_path / 'demo' / 'overlock_digits_deploy.pth').exists()
+
+
+def test_depthwise_conv_census_and_timing():
+    from utils.profiling import depthwise_convs, time_depthwise_convs, wall_timer
+    net = nn.Sequential(nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.Conv2d(8, 16, 1),
+                        nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=16, bias=False),
+                        nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=16, bias=False))
+    calls = depthwise_convs(net, torch.randn(2, 8, 12, 10))
+    assert sorted((c.kernel, c.dilation, c.channels, n) for c, n in calls.items()) == [(3, 2, 16, 2), (7, 1, 8, 1)]
+    rows = time_depthwise_convs(calls, torch.device('cpu'), torch.float32, backward=True, timer=wall_timer(1))
+    assert [r['conv'] for r in rows] == ['k7 C8 12x10', 'k3 d2 C16 12x10']
+    assert all(r['nchw_ms'] > 0 and r['nhwc_ms'] > 0 and r['gbs'] > 0 for r in rows)
+
+
+def test_gpu_report_smoke(tmp_path):
+    """The one-call GPU report runs end to end on the CPU (tiny models, Triton interpreter)."""
+    out = tmp_path / 'report.md'
+    proc = subprocess.run([sys.executable, 'scripts/gpu_report.py', '--smoke', '--out', str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    for section in ('## Summary', '### Correctness', '### Timing', '## Model infer', '## Model train',
+                    '## Depthwise convolutions, train', '## Profiler'):
+        assert section in text, section
+    assert '| op correctness (all shapes, dtypes, gradients) |' in text and '| PASS |' in text
+    assert 'overlock_xt / convnext_tiny train images/s' in text

@@ -119,6 +119,17 @@ def test_timm_reparameterize_model_works():
     assert not any('origin_bn' in k for k in merged.state_dict())
 
 
+def test_training_after_inference_mode():
+    """Index tensors cached during a torch.inference_mode() forward must not break a later training step."""
+    model = tiny()
+    x = torch.randn(2, 3, 64, 96)  # a size no other test has cached yet
+    with torch.inference_mode():
+        model.eval()(x)
+    out = model.train()(x)
+    (out['main'].sum() + out['aux'].sum()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_channels_last_input():
     model = tiny().eval()
     x = torch.randn(2, 3, 64, 64)

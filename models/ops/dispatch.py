@@ -10,7 +10,7 @@ import importlib
 import logging
 import os
 from types import ModuleType
-from typing import Dict, List, Optional, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
 import torch
 
@@ -205,21 +205,6 @@ def na2d_av(
 # ---------------------------------------------------------------------------------------------------------
 # Relative position bias.
 
-_RPB_INDEX: Dict[Tuple[int, int, int, torch.device], torch.Tensor] = {}
-_RPB_CACHE_SIZE = 64
-
-
-def _rpb_index(height: int, width: int, kernel_size: int, device: torch.device) -> torch.Tensor:
-    """[H*W*K*K] index into ``rpb.flatten(1)``: the bias of query (i, j) for neighbour (ki, kj)."""
-    k = kernel_size
-    kk = torch.arange(k, device=device)
-    rows = (torch_backend.window_starts(height, k, device)[:, None] + kk
-            - torch.arange(height, device=device)[:, None] + k - 1)  # [H, K] in [0, 2K-2]
-    cols = (torch_backend.window_starts(width, k, device)[:, None] + kk
-            - torch.arange(width, device=device)[:, None] + k - 1)  # [W, K]
-    return (rows[:, None, :, None] * (2 * k - 1) + cols[None, :, None, :]).reshape(-1)
-
-
 def relative_position_bias(rpb: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
     """Per-query bias of the K x K neighbourhood.
 
@@ -239,15 +224,7 @@ def relative_position_bias(rpb: torch.Tensor, height: int, width: int, kernel_si
                          f'got {list(rpb.shape)}')
     if height < k or width < k:
         raise ValueError(f'relative_position_bias: feature map {height}x{width} is smaller than kernel_size {k}')
-    if torch.compiler.is_compiling():
-        index = _rpb_index(height, width, k, rpb.device)  # traced once, folded into the graph
-    else:
-        key = (height, width, k, rpb.device)
-        index = _RPB_INDEX.get(key)
-        if index is None:
-            if len(_RPB_INDEX) >= _RPB_CACHE_SIZE:
-                _RPB_INDEX.clear()
-            index = _RPB_INDEX[key] = _rpb_index(height, width, k, rpb.device)
+    index = torch_backend.rpb_index(height, width, k, rpb)
     return rpb.flatten(1).index_select(1, index).view(rpb.shape[0], height, width, k * k)
 
 

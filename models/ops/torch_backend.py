@@ -23,12 +23,12 @@ backward, so nothing K^2 times the size of value is kept between forward and bac
 """
 import functools
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['na2d_av', 'window_starts', 'is_available']
+__all__ = ['na2d_av', 'window_starts', 'rpb_index', 'is_available']
 
 # Tiling (measured on CPU, 2 threads): a map side of at most max(_SINGLE_TILE_RATIO * K, _SINGLE_TILE_MIN) is one
 # tile, so small maps (all of OverLoCK's at 224 px) are one dense matmul with no gathers; longer sides are cut
@@ -51,6 +51,48 @@ def is_available() -> bool:
 def window_starts(length: int, kernel_size: int, device: torch.device = None) -> torch.Tensor:
     """First neighbour of each position along one axis: ``clamp(i - K//2, 0, length - K)`` (int64 [length])."""
     return (torch.arange(length, device=device) - kernel_size // 2).clamp(0, length - kernel_size)
+
+
+def _outside_inference_mode(fn):
+    """Build cached tensors as normal tensors: one made under ``torch.inference_mode()`` could never be
+    used by autograd afterwards (a later training step would fail to save it for backward). Eager only:
+    dynamo cannot trace the mode switch."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _rpb_index(height: int, width: int, kernel_size: int, device: torch.device) -> torch.Tensor:
+    k = kernel_size
+    kk = torch.arange(k, device=device)
+
+    def rel(length: int) -> torch.Tensor:  # [length, K] in [0, 2K-2]: neighbour - query + K - 1
+        pos = torch.arange(length, device=device)
+        return window_starts(length, k, device)[:, None] + kk - pos[:, None] + (k - 1)
+
+    return (rel(height)[:, None, :, None] * (2 * k - 1) + rel(width)[None, :, None, :]).reshape(-1)
+
+
+_RPB_INDEX: Dict[Tuple[int, int, int, torch.device], torch.Tensor] = {}
+
+
+def rpb_index(height: int, width: int, kernel_size: int, like: torch.Tensor) -> torch.Tensor:
+    """[H*W*K*K] index into ``rpb.flatten(1)`` [G, (2K-1)^2]: the bias cell of query (i, j), neighbour (ki, kj).
+
+    Cached per size and device for real tensors in eager mode; while tracing (torch.compile, fake tensors)
+    it is built afresh and folds into the graph.
+    """
+    if type(like) not in (torch.Tensor, torch.nn.Parameter) or torch.compiler.is_compiling():
+        return _rpb_index(height, width, kernel_size, like.device)
+    key = (height, width, kernel_size, like.device)
+    index = _RPB_INDEX.get(key)
+    if index is None:
+        if len(_RPB_INDEX) >= _PLAN_CACHE_SIZE:
+            _RPB_INDEX.clear()
+        index = _RPB_INDEX[key] = _outside_inference_mode(_rpb_index)(height, width, kernel_size, like.device)
+    return index
 
 
 @dataclass(frozen=True)
@@ -182,6 +224,7 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
+@_outside_inference_mode
 def _plan(height: int, width: int, kernel_size: int, device: torch.device) -> _Plan:
     k = kernel_size
     ph = _axis_plan(height, k, device)

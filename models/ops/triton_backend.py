@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import torch_backend
 from ._triton_kernels import _na2d_fwd_kernel, _na2d_grad_attn_kernel, _na2d_grad_value_kernel
 
 __all__ = ['is_available', 'na2d_av', 'na2d_softmax_av', 'INTERPRET', 'MAX_KERNEL_SIZE']
@@ -209,36 +210,7 @@ def _grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, value_
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Relative position bias index (for the rpb gradient).
-
-_RPB_INDEX: Dict[Tuple[int, int, int, str], torch.Tensor] = {}
-_RPB_CACHE_SIZE = 64
-
-
-def _rpb_index(height: int, width: int, kernel_size: int, device: torch.device) -> torch.Tensor:
-    """[H*W*K*K] flat index into ``rpb.flatten(1)`` of the bias of query (i, j), neighbour (ki, kj)."""
-    k = kernel_size
-    kk = torch.arange(k, device=device)
-
-    def rel(length: int) -> torch.Tensor:  # [length, K] in [0, 2K-2]: neighbour - query + K - 1
-        pos = torch.arange(length, device=device)
-        start = (pos - k // 2).clamp(0, length - k)
-        return start[:, None] + kk - pos[:, None] + (k - 1)
-
-    return (rel(height)[:, None, :, None] * (2 * k - 1) + rel(width)[None, :, None, :]).reshape(-1)
-
-
-def _cached_rpb_index(height: int, width: int, kernel_size: int, like: torch.Tensor) -> torch.Tensor:
-    # Cache only real tensors in eager mode: an index built while tracing would be a fake tensor.
-    if type(like) is not torch.Tensor or torch.compiler.is_compiling():
-        return _rpb_index(height, width, kernel_size, like.device)
-    key = (height, width, kernel_size, str(like.device))
-    index = _RPB_INDEX.get(key)
-    if index is None:
-        if len(_RPB_INDEX) >= _RPB_CACHE_SIZE:
-            _RPB_INDEX.clear()
-        index = _RPB_INDEX[key] = _rpb_index(height, width, kernel_size, like.device)
-    return index
+# Relative position bias gradient.
 
 
 def _grad_rpb(grad_logits: torch.Tensor, rpb: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -246,7 +218,7 @@ def _grad_rpb(grad_logits: torch.Tensor, rpb: torch.Tensor, kernel_size: int) ->
     _, g, h, w, _ = grad_logits.shape
     acc = torch.float64 if grad_logits.dtype == torch.float64 else torch.float32
     per_pos = grad_logits.sum(0, dtype=acc).reshape(g, -1)
-    index = _cached_rpb_index(h, w, kernel_size, grad_logits)
+    index = torch_backend.rpb_index(h, w, kernel_size, grad_logits)
     grad = per_pos.new_zeros(g, (2 * kernel_size - 1) ** 2).index_add_(1, index, per_pos)
     return grad.view(rpb.shape).to(rpb.dtype)
 
