@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -223,6 +224,15 @@ class OverLoCK(nn.Module):
             _classifier(projection, num_classes),
         )
         self.head_drop = nn.Dropout(drop_rate)
+        # Dense-prediction features (timm's features_only / forward_intermediates), as the original's detection
+        # and segmentation backbones take them: Base-Net stages 1 and 2, then the Focus-Net at /16 (features
+        # and context) and its output at /32.
+        self.feature_info = [
+            dict(num_chs=embed_dim[0], reduction=4, module='blocks1'),
+            dict(num_chs=embed_dim[1], reduction=8, module='blocks2'),
+            dict(num_chs=embed_dim[2] + ctx_dim, reduction=16, module='sub_blocks3'),
+            dict(num_chs=fusion_dim, reduction=32, module='sub_blocks4'),
+        ]
         self.apply(self._init_weights)
 
     @staticmethod
@@ -322,17 +332,80 @@ class OverLoCK(nn.Module):
             x = self._stage(x, stage)
         return x, self._stage(x, 3)
 
-    def forward_focus(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        """Focus-Net guided by the context prior derived from the Overview-Net output ``ctx``."""
+    def _focus3(self, x: torch.Tensor, ctx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Focus-Net at /16: returns (features, running context, context prior)."""
         prior = self.high_level_proj(ctx)
         prior_up = F.interpolate(prior, size=x.shape[-2:], mode='bilinear', align_corners=False)
         h = prior_up
         for i, blk in enumerate(self.sub_blocks3):
             x, h = self._run(blk, 2, i, x, h, prior_up)
+        return x, h, prior
+
+    def _focus4(self, x: torch.Tensor, h: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """Focus-Net at /32: returns the fused output (features and context)."""
         x, h = self.patch_embedx(x, h)
         for i, blk in enumerate(self.sub_blocks4):
             x, h = self._run(blk, 3, i, x, h, prior)
         return x
+
+    def forward_focus(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Focus-Net guided by the context prior derived from the Overview-Net output ``ctx``."""
+        return self._focus4(*self._focus3(x, ctx))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The features of ``feature_info`` (timm's API; ``norm`` is accepted, OverLoCK has no final norm).
+
+        Args:
+            indices: the last n features if int, all if None, else the listed indices (0-3).
+            stop_early: skip the rest of the network once the last requested feature is computed (only
+                saves work for indices 0 and 1: the /16 Focus-Net needs the Overview-Net's context).
+            intermediates_only: return only the list of features.
+        Returns:
+            The features, or (forward_features output, features).
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f'OverLoCK features are NCHW, got output_fmt={output_fmt!r}')
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        features = []
+        self._check_input(x)
+        for stage in range(2):
+            x = self._stage(x, stage)
+            if stage in take:
+                features.append(x)
+        if stop_early and max_index < 2 and intermediates_only:
+            return features
+        x = self._stage(x, 2)
+        x, h, prior = self._focus3(x, self._stage(x, 3))
+        if 2 in take:
+            features.append(torch.cat([x, h], dim=1))
+        if stop_early and max_index < 3 and intermediates_only:
+            return features
+        x = self._focus4(x, h, prior)
+        if 3 in take:
+            features.append(x)
+        return features if intermediates_only else (x, features)
+
+    def prune_intermediate_layers(
+            self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the classifier heads (a feature extractor does not need them); the trunk stays whole."""
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        if prune_head:
+            if hasattr(self, 'aux_head'):
+                del self.aux_head
+            self.head = nn.Sequential(nn.Identity(), nn.Identity(), nn.Identity(), nn.AdaptiveAvgPool2d(1),
+                                      nn.Identity())
+            self.num_classes = 0
+            self.num_features = self.head_hidden_size = self.feature_info[-1]['num_chs']
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Focus-Net output [B, C4 + C4/4, H/32, W/32]: what ``forward_head`` consumes."""
@@ -393,17 +466,21 @@ def list_variants() -> List[str]:
 def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
     model_args = variant_args(variant)
     model_args.update(kwargs)  # any constructor argument can be overridden
+    feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls='getter')
     local_file = (model_args.get('pretrained_cfg_overlay') or {}).get('file')
     if pretrained and local_file:
         # timm would load a local file without our layout handling (and drop heads whose class count
         # matches the file but not the ImageNet cfg); load it ourselves, with readable errors.
+        features = model_args.pop('features_only', False)
+        out_indices = model_args.pop('out_indices', feature_cfg['out_indices'])
         model = build_model_with_cfg(OverLoCK, variant, False, **model_args)
         load_checkpoint(model, local_file, use_ema=None)
-        return model
+        return FeatureGetterNet(model, out_indices=out_indices) if features else model
     try:
         return build_model_with_cfg(
             OverLoCK, variant, pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=feature_cfg,
             **model_args,
         )
     except (OSError, ConnectionError) as e:  # urllib's URLError is an OSError

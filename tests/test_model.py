@@ -271,3 +271,28 @@ def test_igemm_used_when_installed_and_plain_conv_when_disabled(fake_igemm):
     block.reparameterize()
     assert isinstance(block.lk_origin, _FakeIGEMM)
     assert rel_err(block(x), ref) < 1e-5
+
+
+def test_forward_intermediates_and_features_only():
+    """timm's feature API: the original's dense-prediction taps (stage 1, stage 2, Focus-Net /16, output)."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    randomize_bn_stats(model)
+    x = torch.randn(2, 3, 97, 45)
+    with torch.no_grad():
+        final, feats = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x)) and torch.equal(feats[3], final)
+        assert [f.shape[1] for f in feats] == [info['num_chs'] for info in model.feature_info]
+        assert [f.shape[2:] for f in feats] == [(25, 12), (13, 6), (7, 3), (4, 2)]  # /4 /8 /16 /32, ceil
+        early = model.forward_intermediates(x, indices=[0, 1], stop_early=True, intermediates_only=True)
+        assert len(early) == 2 and all(torch.equal(a, b) for a, b in zip(early, feats))
+        assert torch.equal(model.forward_intermediates(x, indices=1, intermediates_only=True)[0], feats[3])
+
+        extractor = timm.create_model('overlock_xt', **TINY_KWARGS, features_only=True, out_indices=(1, 2, 3))
+        extractor.load_state_dict({'model.' + k: v for k, v in model.state_dict().items()
+                                   if not k.startswith(('head.', 'aux_head.'))})
+        out = extractor.eval()(x)
+    assert extractor.feature_info.channels() == [model.feature_info[i]['num_chs'] for i in (1, 2, 3)]
+    assert extractor.feature_info.reduction() == [8, 16, 32]
+    assert all(torch.equal(a, b) for a, b in zip(out, feats[1:]))
+    assert not [k for k in extractor.state_dict() if 'head' in k]  # classifiers pruned

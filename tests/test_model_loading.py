@@ -174,3 +174,13 @@ def test_pretrained_offline_says_how_to_load_a_local_file(monkeypatch):
     monkeypatch.setattr(timm.models._builder, 'download_cached_file', offline)
     with pytest.raises(models.CheckpointError, match=r'pretrained_cfg_overlay=dict\(file=.*--checkpoint'):
         timm.create_model('overlock_xt', pretrained=True)
+
+
+def test_features_only_loads_a_local_file(tmp_path, trained, x):
+    path = tmp_path / 'ckpt.pth'
+    torch.save({'state_dict': trained.state_dict()}, path)
+    extractor = tiny(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), features_only=True)
+    with torch.no_grad():
+        feats = extractor.eval()(x)
+        _, expected = trained.forward_intermediates(x)
+    assert len(feats) == 4 and all(torch.equal(a, b) for a, b in zip(feats, expected))
