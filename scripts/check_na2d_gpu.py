@@ -30,7 +30,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Dict, List, Optional, Sequence  # noqa: E402
@@ -40,6 +39,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # scripts run from anywhere; the one allowed sys.path edit
+
+from utils.profiling import wall_timer  # noqa: E402  (median wall-clock ms: interpreter smoke runs)
 
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 BOUNDS = {'fp32': 1e-5, 'fp16': 1e-2, 'bf16': 1e-2}
@@ -191,19 +192,6 @@ def check(shapes: Sequence[Shape], batches: Sequence[int], dtypes: Sequence[str]
 def cuda_timer(rep_ms: int) -> Callable[[Callable[[], object]], float]:
     import triton.testing
     return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode='median')
-
-
-def wall_timer(repeats: int = 3) -> Callable[[Callable[[], object]], float]:
-    """Median wall-clock ms (the interpreter has no device events; smoke runs only)."""
-    def timer(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return sorted(times)[len(times) // 2]
-    return timer
 
 
 def copy_bandwidth(device: torch.device, timer, size_bytes: int) -> float:
