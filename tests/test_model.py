@@ -296,3 +296,17 @@ def test_forward_intermediates_and_features_only():
     assert extractor.feature_info.reduction() == [8, 16, 32]
     assert all(torch.equal(a, b) for a, b in zip(out, feats[1:]))
     assert not [k for k in extractor.state_dict() if 'head' in k]  # classifiers pruned
+
+
+def test_torch_export_of_deploy_form():
+    """The deploy model exports with torch.export (the ContMix ops are custom ops with fake kernels) and the
+    exported program, dynamic batch included, computes what the eager model does."""
+    model = timm.create_model('overlock_xt_reparam', **TINY_KWARGS, num_classes=7).eval()
+    randomize_bn_stats(model)
+    x = torch.randn(2, 3, 64, 96)
+    batch = torch.export.Dim('batch', min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    assert any('overlock' in str(n.target) for n in program.graph.nodes if n.op == 'call_function')
+    x3 = torch.randn(3, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x3), model(x3), rtol=1e-5, atol=1e-6)
