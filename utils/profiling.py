@@ -116,7 +116,7 @@ def time_depthwise_convs(
 
 
 def profile_table(step: Callable[[], object], device: torch.device, steps: int = 3, row_limit: int = 20) -> str:
-    """torch.profiler's table of ``steps`` calls of ``step``, sorted by device time (CPU time on the CPU)."""
+    """torch.profiler's table of ``steps`` calls of ``step``, by self device time (self CPU time on the CPU)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == 'cuda':
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -126,5 +126,5 @@ def profile_table(step: Callable[[], object], device: torch.device, steps: int =
             step()
         if device.type == 'cuda':
             torch.cuda.synchronize()
-    sort_by = 'cuda_time_total' if device.type == 'cuda' else 'cpu_time_total'
+    sort_by = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'  # kernels / ops
     return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
