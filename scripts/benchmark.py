@@ -24,6 +24,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402  (registers the overlock models)
+from utils.cli import parse_kwargs  # noqa: E402
 from utils.evaluate import markdown_table  # noqa: E402
 from utils.flops import count_macs  # noqa: E402
 
@@ -116,9 +117,21 @@ def make_step(model, args, device):
     return step
 
 
+def model_kwargs(name, args):
+    """--model-kwargs apply to the OverLoCK models only (the others are references at their defaults)."""
+    return parse_kwargs(args.model_kwargs) if name.startswith('overlock') else {}
+
+
+def create(name, args):
+    """The model as it is timed: deploy form for --mode infer --reparam."""
+    model = timm.create_model(name, **model_kwargs(name, args))
+    if args.mode == 'infer' and args.reparam and hasattr(model, 'reparameterize'):
+        model.reparameterize()
+    return model
+
+
 def bench_one(name, args, device):
-    from utils.cli import parse_kwargs
-    kwargs = parse_kwargs(args.model_kwargs) if name.startswith('overlock') else {}
+    kwargs = model_kwargs(name, args)
     model = timm.create_model(name, **kwargs)
     row = {'model': name}
     train_params, _ = _params(model)

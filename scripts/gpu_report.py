@@ -22,7 +22,6 @@ if '--smoke' in sys.argv[1:]:
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import timm  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +29,6 @@ sys.path[:0] = [str(REPO), str(REPO / 'scripts')]
 
 import benchmark  # noqa: E402
 import check_na2d_gpu  # noqa: E402
-from utils.cli import parse_kwargs  # noqa: E402
 from utils.evaluate import markdown_table  # noqa: E402
 from utils.profiling import depthwise_convs, device_timer, profile_table, time_depthwise_convs  # noqa: E402
 
@@ -66,14 +64,6 @@ def bench_args(args, mode, models):
     if args.smoke:
         argv += ['--device', 'cpu', '--img-size', '32', '--model-kwargs', *SMOKE_KWARGS]
     return benchmark.parse_args(argv)
-
-
-def build(name, bargs):
-    kwargs = parse_kwargs(bargs.model_kwargs) if name.startswith('overlock') else {}
-    model = timm.create_model(name, **kwargs)
-    if bargs.mode == 'infer' and bargs.reparam and hasattr(model, 'reparameterize'):
-        model.reparameterize()
-    return model
 
 
 def result(ok):
@@ -118,7 +108,7 @@ def dwconv_part(args, sections, summary, device, step_ms):
     for mode in ('infer', 'train'):
         bargs = bench_args(args, mode, [args.target])
         dtype = benchmark.DTYPES[bargs.dtype]
-        model = build(args.target, bargs).to(device=device, memory_format=torch.channels_last)
+        model = benchmark.create(args.target, bargs).to(device=device, memory_format=torch.channels_last)
         model.train(mode == 'train')
         x = torch.randn(bargs.batch_size, 3, bargs.img_size, bargs.img_size, device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -147,7 +137,7 @@ def dwconv_part(args, sections, summary, device, step_ms):
 def profile_part(args, sections, device):
     bargs = bench_args(args, 'train', [args.target])
     bargs.batch_size = min(bargs.batch_size, 64)  # the profiler's trace, not the throughput, is wanted here
-    step = benchmark.make_step(build(args.target, bargs), bargs, device)
+    step = benchmark.make_step(benchmark.create(args.target, bargs), bargs, device)
     table = profile_table(step, device, steps=2, row_limit=25)
     print(f'\n{table}')
     sections.append(f'## Profiler: {args.target} training step (batch {bargs.batch_size}, {bargs.dtype})\n\n'
