@@ -275,16 +275,16 @@ class Trainer:
             raise UsageError(f'--opt {args.opt}: {e}') from None
 
     def _setup_loaders(self) -> None:
-        from timm.data import create_transform
+        from .augment import build_eval_transform, build_train_transform
         args, info = self.args, self.info
         cfg = self.data_config
-        self.train_set.transform = create_transform(
-            cfg['input_size'], is_training=True, no_aug=args.no_aug, scale=tuple(args.scale), ratio=tuple(args.ratio),
+        self.train_set.transform = build_train_transform(
+            cfg['input_size'], no_aug=args.no_aug, scale=tuple(args.scale), ratio=tuple(args.ratio),
             hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
             interpolation=args.train_interpolation, mean=cfg['mean'], std=cfg['std'], re_prob=args.reprob,
             re_mode=args.remode, re_count=args.recount)
-        self.val_set.transform = create_transform(
-            cfg['input_size'], is_training=False, interpolation=cfg['interpolation'], mean=cfg['mean'],
+        self.val_set.transform = build_eval_transform(
+            cfg['input_size'], interpolation=cfg['interpolation'], mean=cfg['mean'],
             std=cfg['std'], crop_pct=cfg['crop_pct'])
         self.train_sampler = ResumableSampler(len(self.train_set), info.world_size, info.rank, True, args.seed)
         self.loader_generator = torch.Generator()

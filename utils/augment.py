@@ -1,0 +1,62 @@
+"""Training-time augmentation: timm's transforms with one compatibility op.
+
+RandAugment's posterize ops can ask for 0 bits: with the recipe's ``rand-m9-mstd0.5-inc1`` the sampled
+magnitude reaches 10 about once in a thousand images, and ``PosterizeIncreasing`` keeps ``4 - 4 = 0`` bits
+(``Posterize`` does the same at magnitude 0). Pillow up to 10.x returned an all-black image for 0 bits,
+which is what the original runs trained with (timm 0.6.12); newer Pillow raises ``ValueError`` and stops
+training within minutes. :func:`install_posterize` puts :func:`posterize` into timm's op table so the
+distribution stays the original's on any Pillow. It is needed as long as timm hands 0 bits to Pillow
+unguarded (still so in timm 1.0.31); it is harmless afterwards, because for 1–8 bits it calls Pillow as
+timm does.
+"""
+import logging
+from typing import Any, Dict, Tuple
+
+from PIL import Image, ImageOps
+
+__all__ = ['posterize', 'install_posterize', 'build_train_transform', 'build_eval_transform']
+
+_logger = logging.getLogger(__name__)
+
+# The op names of timm's RandAugment/AutoAugment tables that map to a posterize.
+POSTERIZE_OPS = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Keep the ``bits_to_keep`` high bits of each channel; 0 (or fewer) bits gives an all-black image,
+    as Pillow < 11 did."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1 and img.mode in ('L', 'RGB'):
+        return Image.new(img.mode, img.size, 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def install_posterize() -> None:
+    """Register :func:`posterize` for timm's posterize ops (idempotent). Ops built afterwards use it.
+
+    If a future timm no longer has the table, this logs a warning instead of failing: the augmentation tests
+    then show whether 0 bits still reach Pillow.
+    """
+    try:
+        from timm.data import auto_augment
+        table: Dict[str, Any] = auto_augment.NAME_TO_OP
+    except (ImportError, AttributeError):
+        _logger.warning('timm.data.auto_augment.NAME_TO_OP not found: RandAugment posterize left as timm has it')
+        return
+    for name in POSTERIZE_OPS:
+        if name in table:
+            table[name] = posterize
+
+
+def build_train_transform(input_size: Tuple[int, int, int], mean, std, **kwargs: Any):
+    """timm's training transform (``create_transform(is_training=True)``) with :func:`posterize` installed."""
+    from timm.data import create_transform
+    install_posterize()
+    return create_transform(input_size, is_training=True, mean=mean, std=std, **kwargs)
+
+
+def build_eval_transform(input_size: Tuple[int, int, int], mean, std, **kwargs: Any):
+    """timm's evaluation transform: resize, centre crop, normalise."""
+    from timm.data import create_transform
+    return create_transform(input_size, is_training=False, mean=mean, std=std, **kwargs)
