@@ -91,17 +91,21 @@ def test_recipe_train_transform_on_many_images():
         assert out.shape == (3, 16, 16) and torch.isfinite(out).all()
 
 
-def test_shipped_xt_config_trains_on_the_cpu(tmp_path: Path):
-    """``train.py -c configs/overlock_xt.yaml`` as shipped (float16 AMP, EMA, SyncBN, the full augmentation)
-    with only data, model size, batch, image size, epochs and workers made small: 300 augmented images."""
-    data = make_image_folder(tmp_path / 'data', n_train=100, n_val=4, size=40)
+@pytest.mark.parametrize('config,n_train', [('overlock_xt', 100), ('overlock_t', 20), ('overlock_s', 20),
+                                             ('overlock_b', 20)])
+def test_shipped_config_trains_on_the_cpu(tmp_path: Path, config: str, n_train: int):
+    """``train.py -c configs/overlock_*.yaml`` as shipped (float16 AMP, EMA, SyncBN, the full augmentation,
+    the config's loss, optimizer and schedule) with only data, model size, batch, image size, epochs and
+    workers made small: 300 augmented images for XT, 60 for the others."""
+    data = make_image_folder(tmp_path / 'data', n_train=n_train, n_val=4, size=40)
     out = tmp_path / 'out'
-    argv = ['-c', str(REPO / 'configs' / 'overlock_xt.yaml'), '--data-dir', str(data), '--output', str(out),
+    argv = ['-c', str(REPO / 'configs' / f'{config}.yaml'), '--data-dir', str(data), '--output', str(out),
             *TINY[2:], '-b', '30', '--epochs', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0', '-j', '0',
             '--device', 'cpu']
     code, err = run_inprocess(argv)
     assert code == 0, err
     saved = yaml.safe_load((out / 'args.yaml').read_text())
+    assert saved['model'] == config
     for key in ('aa', 'amp', 'amp_dtype', 'model_ema', 'mixup', 'cutmix', 'reprob', 'smoothing'):
         assert saved[key] == _recipe_value(key), key
     assert len(read_summary(out / 'summary.csv')) == 1
