@@ -1,4 +1,8 @@
-"""Training checkpoints: atomic writes, best-k bookkeeping, RNG state as tensors, and reading them back.
+"""Training checkpoints (the state a run resumes from): atomic writes, best-k bookkeeping, RNG state as
+tensors, the state dict of a run and its restoration.
+
+Not to be confused with loading weights into a model (``models.load_checkpoint``, which reads these files
+too) or with activation checkpointing (``--grad-checkpoint``, the model's ``set_grad_checkpointing``).
 
 A training checkpoint is a dict that ``torch.load(..., weights_only=True)`` reads (tensors, numbers, strings,
 plain containers only)::
@@ -13,6 +17,7 @@ import math
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -20,7 +25,7 @@ import torch
 
 __all__ = [
     'CHECKPOINT_VERSION', 'atomic_save', 'atomic_write_text', 'read_training_checkpoint', 'to_plain',
-    'get_rng_state', 'set_rng_state', 'CheckpointSaver',
+    'get_rng_state', 'set_rng_state', 'CheckpointSaver', 'training_state', 'ResumePoint', 'restore_training_state',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -204,3 +209,105 @@ class CheckpointSaver:
         """Write ``last.pth`` mid-epoch (preemption): best-k unchanged."""
         state['best_k'] = [[m, e] for m, e in self.best_k]
         atomic_save(state, self.last_path)
+
+
+def training_state(args, *, epoch: int, step_in_epoch: int, global_step: int, model, optimizer, scheduler,
+                   ema=None, scaler=None, metric: Optional[float] = None, summary=None, rng=None,
+                   epoch_stats: Optional[List[float]] = None, nonfinite_skipped: int = 0,
+                   world_size: int = 1) -> Dict[str, Any]:
+    """The checkpoint dict of a run (see the module docstring); ``rng``: every rank's :func:`get_rng_state`."""
+    state = {
+        'version': CHECKPOINT_VERSION,
+        'arch': args.model,
+        'epoch': epoch,
+        'step_in_epoch': step_in_epoch,
+        'global_step': global_step,
+        'state_dict': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'scheduler': to_plain(scheduler.state_dict()),
+        'args': to_plain(vars(args)),
+        'metric': metric,
+        'summary': to_plain(summary or []),
+        'rng': rng,
+        'epoch_stats': epoch_stats,
+        'nonfinite_skipped': nonfinite_skipped,
+        'world_size': world_size,
+    }
+    if ema is not None:
+        state['state_dict_ema'] = ema.module.state_dict()
+    if scaler is not None:
+        state['scaler'] = scaler.state_dict()
+    return state
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run stands (from :func:`restore_training_state`)."""
+    epoch: int = 0  # epochs completed
+    step: int = 0  # batches of the next epoch done before a preemption
+    global_step: int = 0
+    epoch_stats: Optional[List[float]] = None
+    nonfinite_skipped: int = 0
+    summary: List[Dict[str, Any]] = field(default_factory=list)
+    rng: Optional[List[Any]] = None
+    best_k: List[Tuple[float, int]] = field(default_factory=list)
+    checkpoint_args: Dict[str, Any] = field(default_factory=dict)
+
+
+def _load_module(module, state: Dict[str, Any], what: str, path: str) -> None:
+    from models import CheckpointError
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = ' '.join(line.strip() for line in first[1:3]) if len(first) > 1 else str(e)
+        raise CheckpointError(f'checkpoint {path}: {what} does not fit this model ({detail[:300]}); '
+                              f'resume with the same --model, --model-kwargs and --num-classes') from None
+
+
+def restore_training_state(path: str, args, *, model, optimizer, scheduler, ema=None, scaler=None,
+                           world_size: int = 1, batches_per_epoch: int, updates_per_epoch: int) -> ResumePoint:
+    """Load a checkpoint of train.py into the run's objects; RNG states are returned, not applied (they go
+    last, after everything else that draws random numbers has been built)."""
+    from models import CheckpointError
+    ckpt = read_training_checkpoint(path)
+    if ckpt.get('arch') not in (None, args.model):
+        raise CheckpointError(f'checkpoint {path} was trained with --model {ckpt.get("arch")}, '
+                              f'not {args.model}; pass --model {ckpt.get("arch")}')
+    _load_module(model, ckpt['state_dict'], 'state_dict', path)
+    if ema is not None:
+        if 'state_dict_ema' in ckpt:
+            _load_module(ema.module, ckpt['state_dict_ema'], 'state_dict_ema', path)
+        else:
+            _logger.warning('%s has no EMA weights: the EMA restarts from the current weights', path)
+            ema.module.load_state_dict(model.state_dict())
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f'checkpoint {path}: optimizer state does not fit (--opt {args.opt}?): {e}') from None
+    if scaler is not None and ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    if ckpt.get('scheduler'):
+        scheduler.load_state_dict(ckpt['scheduler'])
+    point = ResumePoint(
+        epoch=int(ckpt['epoch']), step=int(ckpt.get('step_in_epoch', 0)), epoch_stats=ckpt.get('epoch_stats'),
+        nonfinite_skipped=int(ckpt.get('nonfinite_skipped', 0)), rng=ckpt.get('rng'),
+        best_k=[(float(m), int(e)) for m, e in ckpt.get('best_k', [])],
+        checkpoint_args=dict(ckpt.get('args') or {}))
+    point.global_step = int(ckpt.get('global_step', point.epoch * updates_per_epoch))
+    point.summary = [dict(r) for r in ckpt.get('summary', []) if int(r['epoch']) <= point.epoch]
+    old = (int(ckpt.get('world_size', world_size)), int(point.checkpoint_args.get('batch_size', args.batch_size)))
+    if point.step and old != (world_size, args.batch_size):
+        # Another process count or batch: continue after about as many images as were done.
+        done = point.step * old[0] * old[1]
+        point.step = done // (world_size * args.batch_size)
+        point.epoch_stats = None
+        _logger.warning('checkpoint from %d processes x batch %d, now %d x %d: epoch %d continues after '
+                        '~%d images, in another order', old[0], old[1], world_size, args.batch_size,
+                        point.epoch + 1, done)
+        point.step -= point.step % args.grad_accum_steps  # at an optimizer-update boundary
+    if point.step >= batches_per_epoch:
+        point.step = 0  # the data changed; restart the epoch
+    _logger.info('Resumed %s: %d epochs done%s', path, point.epoch,
+                 f', {point.step} batches into epoch {point.epoch + 1}' if point.step else '')
+    return point

@@ -1,0 +1,271 @@
+"""The parts of one training step, each small enough to test alone: the accumulation plan, the forward and
+backward pass, the optimizer update, the guard against non-finite losses, the progress log and preemption.
+"""
+import contextlib
+import datetime
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .data import seed_worker
+from .distributed import DistInfo, all_reduce_sum, any_true
+
+__all__ = [
+    'NonFiniteLoss', 'Preemption', 'worker_init', 'close_loader', 'autocast', 'compute_loss', 'accumulation_group',
+    'forward_backward', 'optimizer_step', 'NonFiniteGuard', 'ProgressLog', 'fmt_eta', 'evaluate',
+]
+
+_logger = logging.getLogger('train')
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN / inf loss; the message names the step and the last good checkpoint."""
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop saves a recovery checkpoint at the next step boundary."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, 'SIGTERM', None), getattr(signal, 'SIGUSR1', None)) if s is not None)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum  # only set a flag: logging or saving inside a signal handler is not safe
+
+    def install(self) -> None:
+        for s in self.SIGNALS:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (embedded use): no preemption handling
+                pass
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        names = {getattr(signal, 'SIGTERM', -1): 'SIGTERM', getattr(signal, 'SIGUSR1', -2): 'SIGUSR1'}
+        return names.get(self.signum, str(self.signum))
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker init: seed python/numpy, ignore the preemption signals."""
+    seed_worker(worker_id)
+    # Preemption signals are for the main process, which stops the loader cleanly; a worker killed by them
+    # would make the next batch fail before the recovery checkpoint is written.
+    for s in Preemption.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def close_loader(batches) -> None:
+    """Stop a DataLoader iterator's workers now. On an error the traceback keeps the iterator alive until
+    interpreter exit, where multiprocessing would SIGTERM the workers, which ignore it (see worker_init)."""
+    shutdown = getattr(batches, '_shutdown_workers', None)  # absent for num_workers=0
+    if shutdown is not None:
+        shutdown()
+
+
+def autocast(enabled: bool, device: torch.device, dtype: torch.dtype):
+    """``torch.autocast`` for ``device`` when ``enabled``, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def compute_loss(criterion: Callable, output, target: torch.Tensor,
+                 aux_ratio: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(loss, aux)``: ``main + aux_ratio x aux`` when the model returns both heads (aux detached), else
+    ``(criterion(output), None)``."""
+    if isinstance(output, dict):
+        main = criterion(output['main'], target)
+        aux = criterion(output['aux'], target)
+        return main + aux_ratio * aux, aux.detach()
+    return criterion(output, target), None
+
+
+def accumulation_group(i: int, n: int, accum: int) -> Tuple[int, bool]:
+    """For batch ``i`` of ``n`` with ``accum`` batches per update: ``(group size, update after this batch)``.
+    The last group of an epoch may be shorter; its losses are averaged over its own size."""
+    start = (i // accum) * accum
+    size = min(accum, n - start)
+    return size, i + 1 == start + size
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, group_size: int,
+                     scaler: Optional[torch.amp.GradScaler], amp_context: Callable,
+                     no_sync: Optional[Callable] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Forward, loss, and backward of ``loss / group_size`` (scaled with ``scaler``); gradients add up
+    until the update. ``no_sync``: DDP's context that skips the all-reduce (all batches of a group but the
+    last). Returns the detached ``(loss, aux)``."""
+    with no_sync() if no_sync is not None else contextlib.nullcontext():
+        with amp_context():
+            output = model(x)
+            loss, aux = loss_fn(output, y)
+        scaled = loss / group_size
+        if scaler is not None:
+            scaled = scaler.scale(scaled)
+        scaled.backward()
+    return loss.detach(), aux
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: Callable, scaler: Optional[torch.amp.GradScaler],
+                   clip_grad: Optional[float], clip_mode: str = 'norm') -> None:
+    """Clip (after unscaling), step (the scaler skips a step whose gradients overflowed) and zero the grads."""
+    from timm.utils import dispatch_clip_grad
+    if scaler is not None:
+        if clip_grad is not None:
+            scaler.unscale_(optimizer)
+            dispatch_clip_grad(params(), clip_grad, mode=clip_mode)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if clip_grad is not None:
+            dispatch_clip_grad(params(), clip_grad, mode=clip_mode)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class NonFiniteGuard:
+    """Stops the run on a non-finite loss, checking lazily (one device sync per log interval).
+
+    Losses are recorded with :meth:`add` as they come and checked by :meth:`check`, which raises
+    :class:`NonFiniteLoss` naming the first bad step and the last good checkpoint.
+
+    Args:
+        info: process placement (a bad loss on any process stops all of them).
+        batches_per_epoch: for the message.
+        output: run folder (the message names its ``last.pth``).
+    """
+
+    def __init__(self, info: DistInfo, batches_per_epoch: int, output: str):
+        self.info = info
+        self.batches_per_epoch = batches_per_epoch
+        self.output = output
+        self.pending: List[Tuple[int, int, torch.Tensor]] = []  # (epoch, batch, loss), not yet checked
+
+    def add(self, epoch: int, batch: int, loss: torch.Tensor) -> None:
+        self.pending.append((epoch, batch, loss))
+
+    def advice(self) -> str:
+        last = os.path.join(self.output, 'last.pth')
+        if os.path.isfile(last):
+            return (f'last good checkpoint: {last}. Resume from it in float32 (drop --amp) or with a lower --lr, '
+                    f'or pass --skip-nonfinite to skip such steps')
+        return ('no checkpoint written yet; restart in float32 (drop --amp) or with a lower --lr, '
+                'or pass --skip-nonfinite to skip such steps')
+
+    def check(self) -> None:
+        """Raise NonFiniteLoss for the first non-finite recorded loss (one sync for all of them)."""
+        pending = self.pending
+        if not pending:
+            return
+        losses = torch.stack([p[2].float() for p in pending])
+        finite = torch.isfinite(losses)
+        bad_local = not bool(finite.all())
+        if any_true(bad_local, self.info):
+            if bad_local:
+                i = int((~finite).nonzero()[0])
+                epoch, step, value = pending[i][0], pending[i][1], float(losses[i])
+                where = f'({value}) at epoch {epoch + 1}, step {step + 1} of {self.batches_per_epoch}'
+            else:
+                epoch, step = pending[0][0], pending[0][1]
+                where = f'on another process, epoch {epoch + 1} near step {step + 1}'
+            raise NonFiniteLoss(f'non-finite loss {where}; {self.advice()}')
+        pending.clear()
+
+
+def fmt_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+class ProgressLog:
+    """The ``Train:`` line every ``interval`` updates: window and epoch mean loss, lr, images/s, data time
+    per batch and the epoch's ETA. Sums stay on the device until a line is written.
+
+    Args:
+        interval: optimizer updates between lines.
+        images_per_update: batch x accumulation x processes.
+        device: where the loss sums live.
+    """
+
+    def __init__(self, interval: int, images_per_update: int, device: torch.device):
+        self.interval = interval
+        self.images_per_update = images_per_update
+        self.window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches since last line
+        self.t_line = time.time()
+        self.data_time = 0.0
+        self.batches = 0
+        self.updates = 0
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.window[0] += loss.double()
+        self.window[1] += 1
+
+    def add_data_time(self, seconds: float) -> None:
+        self.data_time += seconds
+        self.batches += 1
+
+    def due(self, update_idx: int, last: bool) -> bool:
+        return update_idx % self.interval == 0 or last
+
+    def line(self, epoch: int, num_epochs: int, update_idx: int, updates_per_epoch: int, epoch_mean: float,
+             lr: float) -> str:
+        elapsed = time.time() - self.t_line
+        left = (updates_per_epoch - update_idx) * elapsed / max(1, self.updates)
+        w = self.window.tolist()
+        width = len(str(updates_per_epoch))
+        return (f'Train: {epoch + 1}/{num_epochs} [{update_idx:{width}d}/{updates_per_epoch} '
+                f'({100.0 * update_idx / updates_per_epoch:3.0f}%)] loss {w[0] / max(1, w[1]):.4f} '
+                f'({epoch_mean:.4f})  lr {lr:.3e}  '
+                f'{self.updates * self.images_per_update / max(elapsed, 1e-9):.1f} img/s  '
+                f'data {self.data_time / max(1, self.batches):.3f}s  ETA {fmt_eta(left)}')
+
+    def reset(self) -> None:
+        self.window.zero_()
+        self.t_line, self.data_time, self.batches, self.updates = time.time(), 0.0, 0, 0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, info: DistInfo, amp_context: Callable, num_classes: int,
+             channels_last: bool = False) -> Dict[str, float]:
+    """Loss, top-1 and top-5 (%) over ``loader``, summed over processes (each image once)."""
+    import torch.nn.functional as F
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, top1, top5, count
+    batches = iter(loader)
+    try:
+        for x, y in batches:
+            x = x.to(info.device, non_blocking=True)
+            y = y.to(info.device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with amp_context():
+                out = model(x)
+            if isinstance(out, dict):
+                out = out['main']
+            out = out.float()
+            sums[0] += F.cross_entropy(out, y, reduction='sum').double()
+            hit = out.topk(k, dim=1).indices.eq(y[:, None])
+            sums[1] += hit[:, :1].sum()
+            sums[2] += hit.sum()
+            sums[3] += y.numel()
+    finally:
+        close_loader(batches)
+    all_reduce_sum(sums, info)
+    loss, top1, top5, count = sums.tolist()
+    count = max(count, 1.0)
+    return {'loss': loss / count, 'top1': 100.0 * top1 / count, 'top5': 100.0 * top5 / count}
