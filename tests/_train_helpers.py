@@ -60,7 +60,8 @@ def run_inprocess(argv: List[str]) -> Tuple[int, str]:
 
 def subprocess_env() -> Dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg')
+    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg',
+               PYTHON=sys.executable)  # the interpreter scripts/dist_train.sh launches
     return env
 
 

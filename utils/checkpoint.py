@@ -26,6 +26,7 @@ import torch
 __all__ = [
     'CHECKPOINT_VERSION', 'atomic_save', 'atomic_write_text', 'read_training_checkpoint', 'to_plain',
     'get_rng_state', 'set_rng_state', 'CheckpointSaver', 'training_state', 'ResumePoint', 'restore_training_state',
+    'SCHEDULE_OPTIONS', 'changed_options', 'describe_changes',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ class CheckpointSaver:
 def training_state(args, *, epoch: int, step_in_epoch: int, global_step: int, model, optimizer, scheduler,
                    ema=None, scaler=None, metric: Optional[float] = None, summary=None, rng=None,
                    epoch_stats: Optional[List[float]] = None, nonfinite_skipped: int = 0,
-                   world_size: int = 1) -> Dict[str, Any]:
+                   world_size: int = 1, updates_per_epoch: Optional[int] = None) -> Dict[str, Any]:
     """The checkpoint dict of a run (see the module docstring); ``rng``: every rank's :func:`get_rng_state`."""
     state = {
         'version': CHECKPOINT_VERSION,
@@ -232,6 +233,7 @@ def training_state(args, *, epoch: int, step_in_epoch: int, global_step: int, mo
         'epoch_stats': epoch_stats,
         'nonfinite_skipped': nonfinite_skipped,
         'world_size': world_size,
+        'updates_per_epoch': updates_per_epoch,
     }
     if ema is not None:
         state['state_dict_ema'] = ema.module.state_dict()
@@ -252,6 +254,36 @@ class ResumePoint:
     rng: Optional[List[Any]] = None
     best_k: List[Tuple[float, int]] = field(default_factory=list)
     checkpoint_args: Dict[str, Any] = field(default_factory=dict)
+    schedule_changes: List[Tuple[str, Any, Any]] = field(default_factory=list)  # (option, checkpoint, now)
+
+
+# Options that define the learning-rate schedule. When one of them differs from the checkpoint's, the
+# schedule is rebuilt from the command line and stepped to the resumed epoch (timm's resume does the same);
+# when none does, the scheduler's saved state is loaded, which keeps a resumed run bit-identical.
+SCHEDULE_OPTIONS = ('sched', 'epochs', 'cooldown_epochs', 'warmup_epochs', 'warmup_lr', 'warmup_prefix', 'lr',
+                    'min_lr', 'decay_epochs', 'decay_rate', 'sched_on_updates')
+# Options a resumed run cannot change: the weights would not fit.
+FIXED_OPTIONS = (('model', '--model'), ('num_classes', '--num-classes'), ('in_chans', '--in-chans'))
+
+
+def _same(old: Any, new: Any) -> bool:
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(old, bool):
+        return math.isclose(float(old), float(new), rel_tol=1e-12, abs_tol=0.0)
+    return old == new
+
+
+def changed_options(old_args: Dict[str, Any], args, names) -> List[Tuple[str, Any, Any]]:
+    """``[(name, checkpoint value, current value)]`` for the ``names`` whose value differs; options the
+    checkpoint does not record are taken as unchanged."""
+    new = vars(args)
+    return [(n, old_args[n], new.get(n)) for n in names if n in old_args and not _same(old_args[n], new.get(n))]
+
+
+def describe_changes(changes: List[Tuple[str, Any, Any]]) -> str:
+    """``'epochs 1 -> 2, lr 0.002 -> 0.001'``."""
+    def fmt(v: Any) -> str:
+        return f'{v:g}' if isinstance(v, float) else str(v)
+    return ', '.join(f'{n} {fmt(a)} \u2192 {fmt(b)}' for n, a, b in changes)
 
 
 def _load_module(module, state: Dict[str, Any], what: str, path: str) -> None:
@@ -274,6 +306,17 @@ def restore_training_state(path: str, args, *, model, optimizer, scheduler, ema=
     if ckpt.get('arch') not in (None, args.model):
         raise CheckpointError(f'checkpoint {path} was trained with --model {ckpt.get("arch")}, '
                               f'not {args.model}; pass --model {ckpt.get("arch")}')
+    old_args = dict(ckpt.get('args') or {})
+    for name, flag in FIXED_OPTIONS:
+        if name in old_args and old_args[name] is not None and getattr(args, name, None) is not None \
+                and old_args[name] != getattr(args, name):
+            raise CheckpointError(f'checkpoint {path} was trained with {flag} {old_args[name]}, not '
+                                  f'{getattr(args, name)}: resume cannot change it (use --finetune {path} to '
+                                  f'start a new run from its weights)')
+    changes = changed_options(old_args, args, SCHEDULE_OPTIONS)
+    old_updates = ckpt.get('updates_per_epoch')
+    if old_updates is not None and args.sched_on_updates and int(old_updates) != updates_per_epoch:
+        changes.append(('updates per epoch', int(old_updates), updates_per_epoch))
     _load_module(model, ckpt['state_dict'], 'state_dict', path)
     if ema is not None:
         if 'state_dict_ema' in ckpt:
@@ -287,13 +330,18 @@ def restore_training_state(path: str, args, *, model, optimizer, scheduler, ema=
         raise CheckpointError(f'checkpoint {path}: optimizer state does not fit (--opt {args.opt}?): {e}') from None
     if scaler is not None and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
-    if ckpt.get('scheduler'):
+    if changes:
+        # The saved schedule is replaced by the one just built from the command line; the optimizer's
+        # groups keep their checkpointed lr until the caller steps the schedule to the resumed epoch.
+        for group, base in zip(optimizer.param_groups, getattr(scheduler, 'base_values', [])):
+            group['initial_lr'] = base
+    elif ckpt.get('scheduler'):
         scheduler.load_state_dict(ckpt['scheduler'])
     point = ResumePoint(
         epoch=int(ckpt['epoch']), step=int(ckpt.get('step_in_epoch', 0)), epoch_stats=ckpt.get('epoch_stats'),
         nonfinite_skipped=int(ckpt.get('nonfinite_skipped', 0)), rng=ckpt.get('rng'),
         best_k=[(float(m), int(e)) for m, e in ckpt.get('best_k', [])],
-        checkpoint_args=dict(ckpt.get('args') or {}))
+        checkpoint_args=old_args, schedule_changes=changes)
     point.global_step = int(ckpt.get('global_step', point.epoch * updates_per_epoch))
     point.summary = [dict(r) for r in ckpt.get('summary', []) if int(r['epoch']) <= point.epoch]
     old = (int(ckpt.get('world_size', world_size)), int(point.checkpoint_args.get('batch_size', args.batch_size)))
@@ -310,4 +358,7 @@ def restore_training_state(path: str, args, *, model, optimizer, scheduler, ema=
         point.step = 0  # the data changed; restart the epoch
     _logger.info('Resumed %s: %d epochs done%s', path, point.epoch,
                  f', {point.step} batches into epoch {point.epoch + 1}' if point.step else '')
+    if changes:
+        _logger.info('Options changed since the checkpoint: %s: schedule rebuilt from the command line, '
+                     'resuming at epoch %d', describe_changes(changes), point.epoch + 1)
     return point

@@ -263,7 +263,8 @@ class Trainer:
             self.args, epoch=epoch, step_in_epoch=step_in_epoch, global_step=self.global_step, model=self.model,
             optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema, scaler=self.scaler, metric=metric,
             summary=self.summary, rng=all_gather_objects(get_rng_state(), self.info), epoch_stats=epoch_stats,
-            nonfinite_skipped=self.nonfinite_skipped, world_size=self.info.world_size)
+            nonfinite_skipped=self.nonfinite_skipped, world_size=self.info.world_size,
+            updates_per_epoch=self.loaders.updates_per_epoch)
 
     def _columns(self) -> List[str]:
         cols = list(SUMMARY_COLUMNS)
