@@ -113,8 +113,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument('--drop-path', default=None, type=float, metavar='P', help='drop path (stochastic depth) rate')
     group.add_argument('--grad-checkpoint', action=argparse.BooleanOptionalAction, default=False,
                        help='activation checkpointing (all blocks, or the first --ckpt-stg blocks per stage)')
-    group.add_argument('--ckpt-stg', default=None, type=int, nargs=4, metavar='N',
-                       help='with --grad-checkpoint: checkpoint the first N blocks of each of the 4 stages')
+    group.add_argument('--ckpt-stg', default=None, type=int, nargs='+', metavar='N',
+                       help='with --grad-checkpoint: checkpoint the first N blocks of each of the 4 stages '
+                            '(4 numbers)')
     return group
 
 

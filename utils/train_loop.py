@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from typing import Any, Dict, List, Optional
@@ -27,7 +28,7 @@ from .checkpoint import (
     training_state,
 )
 from .cli import parse_args_with_config
-from .config import args_to_yaml, build_train_parser, check_train_args
+from .config import args_to_yaml, build_train_parser, check_train_args, original_command_hint
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier, cleanup, init_distributed
 from . import train_setup as setup
 from .train_step import (
@@ -60,8 +61,8 @@ class Trainer:
         self.preemption = Preemption()
         self.resume = ResumePoint()
         self.global_step = 0  # optimizer updates done (skipped non-finite updates included)
-        self.nonfinite_skipped = 0
         self.summary: List[Dict[str, Optional[float]]] = []
+        self.hint: Optional[str] = None  # a warning about the command line, logged once logging is set up
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -86,13 +87,15 @@ class Trainer:
                 ema=self.ema, scaler=self.scaler, world_size=info.world_size,
                 batches_per_epoch=self.loaders.batches_per_epoch, updates_per_epoch=self.loaders.updates_per_epoch)
             self.global_step = self.resume.global_step
-            self.nonfinite_skipped = self.resume.nonfinite_skipped
             self.summary = self.resume.summary
         if info.is_main:
             saved = {k: v for k, v in to_plain(vars(args)).items() if k != 'config'}
             atomic_write_text(args_to_yaml(saved), os.path.join(args.output, 'args.yaml'))
-        self.saver = CheckpointSaver(args.output, args.checkpoint_hist, self.resume.best_k)
-        self.guard = NonFiniteGuard(info, self.loaders.batches_per_epoch, args.output)
+        self.saver = CheckpointSaver(args.output, args.checkpoint_hist, self.resume.best_k, ema=self.ema is not None,
+                                     best_k_ema=self.resume.best_k_ema)
+        self.guard = NonFiniteGuard(info, self.loaders.batches_per_epoch, args.output,
+                                    tolerate=self.scaler is not None or args.skip_nonfinite, limit=args.nonfinite_limit)
+        self.guard.skipped = self.resume.nonfinite_skipped
 
         # Position the schedule where the (resumed) run stands; a no-op at the start of a fresh run.
         if self.resume.epoch > 0 or self.resume.step > 0:
@@ -170,9 +173,9 @@ class Trainer:
         values = torch.stack([g.float() for g in group])
         skip = any_true(not bool(torch.isfinite(values).all()), self.info)
         if skip:
-            self.nonfinite_skipped += 1
             _logger.warning('epoch %d step %d: non-finite loss, optimizer step skipped (%d so far)',
-                            epoch + 1, i + 1, self.nonfinite_skipped)
+                            epoch + 1, i + 1, self.guard.skipped + 1)
+            self.guard.skipped_now(epoch, i)
         return skip
 
     def _update(self, skip: bool) -> None:
@@ -214,14 +217,15 @@ class Trainer:
                 continue
 
             skip = self._skip_update([g[0] for g in group], epoch, i)
-            if not skip:  # skipped losses stay out of the epoch means
-                for j, (loss, aux) in enumerate(group):
-                    self.guard.add(epoch, i + 1 - len(group) + j, loss)
-                    stats[0] += loss.double()
-                    stats[2] += 1
-                    log.add_loss(loss)
+            if not skip:  # non-finite losses stay out of the epoch means
+                self.guard.add(epoch, i + 1 - len(group), torch.stack([g[0] for g in group]))
+                for loss, aux in group:
+                    finite = torch.isfinite(loss)
+                    stats[0] += torch.where(finite, loss, 0).double()
+                    stats[2] += finite
+                    log.add_loss(loss, finite)
                     if aux is not None:
-                        stats[1] += aux.double()
+                        stats[1] += torch.where(finite, aux, 0).double()
                         has_aux = True
             group = []
             self._update(skip)
@@ -263,7 +267,7 @@ class Trainer:
             self.args, epoch=epoch, step_in_epoch=step_in_epoch, global_step=self.global_step, model=self.model,
             optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema, scaler=self.scaler, metric=metric,
             summary=self.summary, rng=all_gather_objects(get_rng_state(), self.info), epoch_stats=epoch_stats,
-            nonfinite_skipped=self.nonfinite_skipped, world_size=self.info.world_size,
+            nonfinite_skipped=self.guard.skipped, world_size=self.info.world_size,
             updates_per_epoch=self.loaders.updates_per_epoch)
 
     def _columns(self) -> List[str]:
@@ -271,7 +275,7 @@ class Trainer:
         if self.ema is not None:
             cols += ['eval_ema_loss', 'eval_ema_top1', 'eval_ema_top5']
         cols += ['lr', 'epoch_time']
-        if self.args.skip_nonfinite:
+        if self.guard.tolerate:
             cols.append('nonfinite_skipped')
         return cols
 
@@ -303,6 +307,8 @@ class Trainer:
     def run(self) -> int:
         args, info = self.args, self.info
         setup.setup_logging(info, None)
+        if self.hint:
+            _logger.warning(self.hint)
         setup.seed_all(args.seed + info.rank)
         if args.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -345,19 +351,21 @@ class Trainer:
             lr = float(np.mean([g['lr'] for g in self.optimizer.param_groups]))
             row = self._epoch_row(epoch, stats)
             row.update(lr=lr, epoch_time=stats['epoch_time'])
-            if args.skip_nonfinite:
-                row['nonfinite_skipped'] = float(self.nonfinite_skipped)
+            if self.guard.tolerate:
+                row['nonfinite_skipped'] = float(self.guard.skipped)
             self.summary.append(row)
-            ema_metric = args.eval_metric == 'ema_top1'
-            metric = row['eval_ema_top1'] if ema_metric else row['eval_top1']
-            if not math.isfinite(row['eval_ema_loss' if ema_metric else 'eval_loss']):
-                metric = None  # diverged weights never rank as best
+            metric_ema = None
+            if self.ema is not None and math.isfinite(row['eval_ema_loss']):  # diverged weights never rank
+                metric_ema = row['eval_ema_top1']
+            metric = row['eval_top1'] if math.isfinite(row['eval_loss']) else None
+            if args.eval_metric == 'ema_top1':
+                metric = metric_ema
 
             # Step the schedule before saving so that the checkpoint holds the next epoch's lr.
             self.scheduler.step(epoch + 1, metric)
             state = self._checkpoint_state(epoch + 1, 0, metric)
             if info.is_main:
-                self.saver.save_epoch(state, epoch + 1, metric)
+                self.saver.save_epoch(state, epoch + 1, metric, metric_ema)
                 self._write_summary()
             barrier(info)
             ema_msg = f'  ema top1 {row["eval_ema_top1"]:.2f}' if self.ema is not None else ''
@@ -371,8 +379,11 @@ class Trainer:
         if self.saver.best is not None:
             _logger.info('Done. Best %s %.2f at epoch %d (%s)', args.eval_metric, self.saver.best[0],
                          self.saver.best[1], self.saver.best_path)
-        if args.skip_nonfinite:
-            _logger.info('Skipped %d optimizer steps with a non-finite loss', self.nonfinite_skipped)
+        if self.saver.best_ema is not None:
+            _logger.info('Best EMA top1 %.2f at epoch %d (%s)', self.saver.best_ema[0], self.saver.best_ema[1],
+                         self.saver.ranking_ema.best_path)
+        if self.guard.tolerate:
+            _logger.info('Skipped %d optimizer steps with a non-finite loss', self.guard.skipped)
         return 0
 
 
@@ -381,9 +392,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_train_parser()
     args = parse_args_with_config(parser, argv)
     check_train_args(args)
-    info = init_distributed(args.device)
+    info = init_distributed(args.device, args.local_rank)
+    trainer = Trainer(args, info)
+    trainer.hint = original_command_hint(args, sys.argv[1:] if argv is None else argv)
     try:
-        return Trainer(args, info).run()
+        return trainer.run()
     except NonFiniteLoss as e:
         _logger.error('error: %s', e)
         return EXIT_NONFINITE

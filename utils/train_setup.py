@@ -121,11 +121,12 @@ def build_datasets(args: argparse.Namespace) -> Tuple[ImageFolderDataset, ImageF
 
 
 def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
-    """The learning rate the run uses: ``--lr`` as given; unset, ``--lr-base``, scaled by
-    global batch / ``--lr-base-size`` with ``--auto-lr``."""
-    if args.lr is not None:
-        return args.lr
-    return args.lr_base * global_batch / args.lr_base_size if args.auto_lr else args.lr_base
+    """The learning rate the run uses. With ``--auto-lr``: ``--lr-base`` (1e-3) x global batch /
+    ``--lr-base-size`` (1024), whatever ``--lr`` says, as the original's ``--auto-lr`` did; without it:
+    ``--lr``, or ``--lr-base`` when ``--lr`` is unset."""
+    if args.auto_lr:
+        return args.lr_base * global_batch / args.lr_base_size
+    return args.lr if args.lr is not None else args.lr_base
 
 
 def resolve_batch(args: argparse.Namespace, info: DistInfo, train_set: ImageFolderDataset) -> int:
@@ -142,7 +143,11 @@ def resolve_batch(args: argparse.Namespace, info: DistInfo, train_set: ImageFold
             and args.batch_size % 2:
         raise UsageError(f'-b {args.batch_size}: mixup/cutmix mix pairs of images, the batch per process '
                          f'must be even')
-    args.lr = resolve_lr(args, global_batch)
+    lr = resolve_lr(args, global_batch)
+    if args.auto_lr and args.lr is not None and not math.isclose(lr, args.lr) and info.is_main:
+        _logger.info('--auto-lr: lr = %g x global batch %d / %d = %g; --lr %g is not used (as in the original)',
+                     args.lr_base, global_batch, args.lr_base_size, lr, args.lr)
+    args.lr = lr
     per_rank = math.ceil(len(train_set) / info.world_size)
     if per_rank < args.batch_size:
         raise DataError(f'{train_set.root} has {len(train_set)} images, fewer than one batch of '

@@ -139,52 +139,98 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params: Callable, scaler: O
 
 
 class NonFiniteGuard:
-    """Stops the run on a non-finite loss, checking lazily (one device sync per log interval).
+    """Watches the losses for NaN / inf, checking lazily (one device sync per log interval), as the original
+    handles them: where steps with a non-finite loss are skipped (the float16 loss scaler skips a step whose
+    gradients overflow; ``--skip-nonfinite`` skips them without a scaler) training goes on, and stops only
+    when ``limit`` consecutive updates had a non-finite loss; where nothing would skip them (float32,
+    bfloat16), the first one stops the run before the weights it spoiled are saved.
 
-    Losses are recorded with :meth:`add` as they come and checked by :meth:`check`, which raises
-    :class:`NonFiniteLoss` naming the first bad step and the last good checkpoint.
+    Losses are recorded with :meth:`add` per update; :meth:`check` raises :class:`NonFiniteLoss` naming the
+    step and the last good checkpoint.
 
     Args:
-        info: process placement (a bad loss on any process stops all of them).
+        info: process placement (a stop on any process stops all of them).
         batches_per_epoch: for the message.
         output: run folder (the message names its ``last.pth``).
+        tolerate: steps with a non-finite loss are skipped (loss scaler or --skip-nonfinite).
+        limit: with ``tolerate``, stop after this many consecutive non-finite updates (0: never).
     """
 
-    def __init__(self, info: DistInfo, batches_per_epoch: int, output: str):
+    def __init__(self, info: DistInfo, batches_per_epoch: int, output: str, tolerate: bool = False,
+                 limit: int = 0):
         self.info = info
         self.batches_per_epoch = batches_per_epoch
         self.output = output
-        self.pending: List[Tuple[int, int, torch.Tensor]] = []  # (epoch, batch, loss), not yet checked
+        self.tolerate = tolerate
+        self.limit = limit
+        self.pending: List[Tuple[int, int, torch.Tensor]] = []  # (epoch, first batch, losses of one update)
+        self.streak = 0  # consecutive updates with a non-finite loss
+        self.skipped = 0  # updates with a non-finite loss seen while tolerating them
 
-    def add(self, epoch: int, batch: int, loss: torch.Tensor) -> None:
-        self.pending.append((epoch, batch, loss))
+    def add(self, epoch: int, batch: int, losses: torch.Tensor) -> None:
+        """Record the losses of one update whose first batch is ``batch`` (0-based) of ``epoch``."""
+        self.pending.append((epoch, batch, losses.reshape(-1)))
+
+    def skipped_now(self, epoch: int, batch: int) -> None:
+        """An update already found non-finite and skipped (``--skip-nonfinite``, checked at once)."""
+        self.skipped += 1
+        self.streak += 1
+        if self.limit and self.streak >= self.limit:  # every process took the same decision
+            raise NonFiniteLoss(self._persist_message(epoch, batch))
 
     def advice(self) -> str:
         last = os.path.join(self.output, 'last.pth')
+        skip = '' if self.tolerate else ', or pass --skip-nonfinite to skip such steps'
         if os.path.isfile(last):
-            return (f'last good checkpoint: {last}. Resume from it in float32 (drop --amp) or with a lower --lr, '
-                    f'or pass --skip-nonfinite to skip such steps')
-        return ('no checkpoint written yet; restart in float32 (drop --amp) or with a lower --lr, '
-                'or pass --skip-nonfinite to skip such steps')
+            return f'last good checkpoint: {last}. Resume from it in float32 (drop --amp) or with a lower --lr{skip}'
+        return f'no checkpoint written yet; restart in float32 (drop --amp) or with a lower --lr{skip}'
+
+    def _persist_message(self, epoch: int, batch: int) -> str:
+        return (f'non-finite loss in {self.streak} consecutive updates (the last at epoch {epoch + 1}, step '
+                f'{batch + 1} of {self.batches_per_epoch}): skipping them did not help; {self.advice()}')
 
     def check(self) -> None:
-        """Raise NonFiniteLoss for the first non-finite recorded loss (one sync for all of them)."""
+        """Go through the recorded updates (one sync for all of them); raise NonFiniteLoss to stop."""
         pending = self.pending
         if not pending:
             return
-        losses = torch.stack([p[2].float() for p in pending])
+        sizes = [p[2].numel() for p in pending]
+        losses = torch.cat([p[2].float() for p in pending])
         finite = torch.isfinite(losses)
-        bad_local = not bool(finite.all())
-        if any_true(bad_local, self.info):
-            if bad_local:
-                i = int((~finite).nonzero()[0])
-                epoch, step, value = pending[i][0], pending[i][1], float(losses[i])
-                where = f'({value}) at epoch {epoch + 1}, step {step + 1} of {self.batches_per_epoch}'
+        if not self.tolerate:
+            bad_local = not bool(finite.all())
+            if any_true(bad_local, self.info):
+                if bad_local:
+                    i = int((~finite).nonzero()[0])
+                    u = next(k for k in range(len(sizes)) if sum(sizes[:k + 1]) > i)
+                    epoch, step = pending[u][0], pending[u][1] + i - sum(sizes[:u])
+                    where = f'({float(losses[i])}) at epoch {epoch + 1}, step {step + 1} of {self.batches_per_epoch}'
+                else:
+                    where = f'on another process, epoch {pending[0][0] + 1} near step {pending[0][1] + 1}'
+                raise NonFiniteLoss(f'non-finite loss {where}; {self.advice()}')
+            pending.clear()
+            return
+        flags = finite.tolist()
+        stop_at = None
+        offset = 0
+        before = self.skipped
+        for (epoch, batch, _), n in zip(pending, sizes):
+            if all(flags[offset:offset + n]):
+                self.streak = 0
             else:
-                epoch, step = pending[0][0], pending[0][1]
-                where = f'on another process, epoch {epoch + 1} near step {step + 1}'
-            raise NonFiniteLoss(f'non-finite loss {where}; {self.advice()}')
+                self.skipped += 1
+                self.streak += 1
+                if self.limit and self.streak >= self.limit and stop_at is None:
+                    stop_at = (epoch, batch + n - 1)
+            offset += n
+        if self.skipped > before:
+            _logger.warning('epoch %d: %d update(s) with a non-finite loss skipped (%d so far)',
+                            pending[-1][0] + 1, self.skipped - before, self.skipped)
         pending.clear()
+        if any_true(stop_at is not None, self.info):
+            if stop_at is None:
+                raise NonFiniteLoss(f'non-finite losses persisted on another process; {self.advice()}')
+            raise NonFiniteLoss(self._persist_message(*stop_at))
 
 
 def fmt_eta(seconds: float) -> str:
@@ -210,9 +256,14 @@ class ProgressLog:
         self.batches = 0
         self.updates = 0
 
-    def add_loss(self, loss: torch.Tensor) -> None:
-        self.window[0] += loss.double()
-        self.window[1] += 1
+    def add_loss(self, loss: torch.Tensor, finite: Optional[torch.Tensor] = None) -> None:
+        """Add a batch's loss (``finite``: whether it counts; non-finite losses stay out of the means)."""
+        if finite is None:
+            self.window[0] += loss.double()
+            self.window[1] += 1
+        else:
+            self.window[0] += torch.where(finite, loss, 0).double()
+            self.window[1] += finite
 
     def add_data_time(self, seconds: float) -> None:
         self.data_time += seconds
