@@ -1,13 +1,15 @@
 """Resuming with changed options: the schedule and the auto learning rate follow the command line."""
 import math
-import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from _train_helpers import FAST, REPO, TINY, load, make_image_folder, read_summary, run_inprocess, subprocess_env
+from _train_helpers import (
+    FAST, REPO, TINY, free_port, load, make_image_folder, read_summary, run_inprocess, subprocess_env,
+)
 from utils.cli import parse_args_with_config
 from utils.config import build_train_parser
 
@@ -67,17 +69,11 @@ def test_model_change_is_refused_in_one_line(data_dir, tmp_path):
     assert len(lines) == 1 and '--num-classes 3, not 5: resume cannot change it' in lines[0], err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_resume_on_fewer_processes_recomputes_the_auto_lr(data_dir, tmp_path):
     """2 processes (global batch 8) for one epoch, then one process (global batch 4) for a second one."""
     out = tmp_path / 'run'
     env = subprocess_env()
-    env.update(GPUS='2', MASTER_PORT=str(_free_port()), PYTHON=__import__('sys').executable)
+    env.update(GPUS='2', MASTER_PORT=str(free_port()), PYTHON=sys.executable)
     common = TINY + FAST + ['--no-aug', '--auto-lr', '--lr-base', '1e-3', '--sched', 'cosine']
     proc = subprocess.run(['bash', str(REPO / 'scripts' / 'dist_train.sh'), str(REPO / 'configs' / 'overlock_xt.yaml'),
                            str(data_dir), *common, '--epochs', '1', '--output', str(out), '--no-amp'],

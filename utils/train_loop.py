@@ -78,6 +78,8 @@ class Trainer:
         self.optimizer = setup.build_optimizer(args, self.model)
         self.loaders = setup.build_loaders(args, info, self.train_set, self.val_set, self.data_config)
         self.mixup, self.criterion = setup.build_loss(args)
+        self.prepare_train, self.prepare_eval = setup.build_device_augment(args, self.data_config, self.device,
+                                                                           self.mixup)
         self.scheduler, self.num_epochs = setup.build_scheduler(args, self.optimizer, self.loaders.updates_per_epoch)
         setup.resolve_output(args, info)
         setup.setup_logging(info, os.path.join(args.output, 'log.txt'))
@@ -202,12 +204,7 @@ class Trainer:
         t_data = time.time()
         for i, (x, y) in enumerate(batches, start=start):
             log.add_data_time(time.time() - t_data)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if self.mixup is not None:
-                x, y = self.mixup(x, y)
+            x, y = self.prepare_train(x, y)  # normalise, mix, erase
             group_size, need_update = accumulation_group(i, n, accum)
             no_sync = self.ddp_model.no_sync if self.ddp_model is not None and not need_update else None
             group.append(forward_backward(self.train_model, x, y, self._loss, group_size, self.scaler, self._amp,
@@ -256,7 +253,7 @@ class Trainer:
 
     def evaluate(self, model: nn.Module) -> Dict[str, float]:
         """Loss, top-1 and top-5 (%) over the validation set, summed over processes (each image once)."""
-        return evaluate(model, self.loaders.val, self.info, self._amp, self.args.num_classes, self.args.channels_last)
+        return evaluate(model, self.loaders.val, self.info, self._amp, self.args.num_classes, self.prepare_eval)
 
     # --- outputs -------------------------------------------------------------------------------------------
 

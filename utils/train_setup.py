@@ -27,7 +27,7 @@ from .train_step import worker_init
 __all__ = [
     'setup_logging', 'remove_log_handlers', 'seed_all',
     'resolve_output', 'build_datasets', 'resolve_batch', 'resolve_lr', 'build_model', 'build_ema', 'build_scaler',
-    'build_optimizer', 'Loaders', 'build_loaders', 'build_loss', 'build_scheduler',
+    'build_optimizer', 'Loaders', 'build_loaders', 'build_device_augment', 'build_loss', 'build_scheduler',
 ]
 
 _logger = logging.getLogger('train')
@@ -230,21 +230,24 @@ class Loaders:
 
 def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: ImageFolderDataset,
                   val_set: ImageFolderDataset, data_config: Dict[str, Any]) -> Loaders:
-    """Set the datasets' transforms and build the loaders (resumable sharded sampler for training)."""
+    """Set the datasets' transforms and build the loaders (resumable sharded sampler for training).
+
+    Workers hand over uint8 batches (timm's ``fast_collate``); normalisation, mixing and random erasing
+    happen on the device (:func:`build_device_augment`)."""
+    from timm.data.loader import fast_collate
     from .augment import build_eval_transform, build_train_transform
     cfg = data_config
     train_set.transform = build_train_transform(
         cfg['input_size'], no_aug=args.no_aug, scale=tuple(args.scale), ratio=tuple(args.ratio),
         hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=args.train_interpolation, mean=cfg['mean'], std=cfg['std'], re_prob=args.reprob,
-        re_mode=args.remode, re_count=args.recount)
+        interpolation=args.train_interpolation, mean=cfg['mean'], std=cfg['std'], use_prefetcher=True)
     val_set.transform = build_eval_transform(
         cfg['input_size'], interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
-        crop_pct=cfg['crop_pct'])
+        crop_pct=cfg['crop_pct'], use_prefetcher=True)
     sampler = ResumableSampler(len(train_set), info.world_size, info.rank, True, args.seed)
     generator = torch.Generator()
     common = dict(num_workers=args.workers, pin_memory=args.pin_mem and info.device.type == 'cuda',
-                  worker_init_fn=worker_init, generator=generator)
+                  worker_init_fn=worker_init, generator=generator, collate_fn=fast_collate)
     train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                         **common)
     val = torch.utils.data.DataLoader(
@@ -252,6 +255,17 @@ def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: ImageFold
         sampler=EvalShardSampler(len(val_set), info.world_size, info.rank), **common)
     batches = sampler.per_replica // args.batch_size
     return Loaders(train, val, sampler, generator, batches, math.ceil(batches / args.grad_accum_steps))
+
+
+def build_device_augment(args: argparse.Namespace, data_config: Dict[str, Any], device: torch.device,
+                         mixup=None):
+    """``(train, eval)`` batch steps on the device: normalise; for training also Mixup/CutMix and then random
+    erasing of the mixed batch (``--reprob``), as timm's prefetcher did in the original runs."""
+    from .augment import DeviceAugment
+    mean, std = data_config['mean'], data_config['std']
+    train = DeviceAugment(mean, std, device, mixup=mixup, re_prob=args.reprob, re_mode=args.remode,
+                          re_count=args.recount, channels_last=args.channels_last)
+    return train, DeviceAugment(mean, std, device, channels_last=args.channels_last)
 
 
 def build_loss(args: argparse.Namespace):

@@ -291,8 +291,9 @@ class ProgressLog:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, info: DistInfo, amp_context: Callable, num_classes: int,
-             channels_last: bool = False) -> Dict[str, float]:
-    """Loss, top-1 and top-5 (%) over ``loader``, summed over processes (each image once)."""
+             prepare: Optional[Callable] = None) -> Dict[str, float]:
+    """Loss, top-1 and top-5 (%) over ``loader``, summed over processes (each image once); ``prepare(x, y)``
+    moves a batch to the device (and normalises it), default: ``.to(device)``."""
     import torch.nn.functional as F
     model.eval()
     k = min(5, num_classes)
@@ -300,10 +301,10 @@ def evaluate(model: nn.Module, loader, info: DistInfo, amp_context: Callable, nu
     batches = iter(loader)
     try:
         for x, y in batches:
-            x = x.to(info.device, non_blocking=True)
-            y = y.to(info.device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if prepare is not None:
+                x, y = prepare(x, y)
+            else:
+                x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
             with amp_context():
                 out = model(x)
             if isinstance(out, dict):
