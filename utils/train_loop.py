@@ -304,7 +304,7 @@ class Trainer:
     def run(self) -> int:
         args, info = self.args, self.info
         setup.setup_logging(info, None)
-        if self.hint:
+        if self.hint and info.is_main:
             _logger.warning(self.hint)
         setup.seed_all(args.seed + info.rank)
         if args.deterministic:
