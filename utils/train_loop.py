@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -104,24 +103,7 @@ class Trainer:
             self.scheduler.step(self.resume.epoch)
             if args.sched_on_updates:
                 self.scheduler.step_update(num_updates=self.global_step)
-        self._wrap_model()
-
-    def _wrap_model(self) -> None:
-        args, info = self.args, self.info
-        self.eval_model = self.model
-        self.train_model = self.model
-        self.ddp_model = None
-        if info.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-            ids = [self.device.index] if self.device.type == 'cuda' else None
-            # Depthwise conv grads come back with other strides on size-1 dims only (same memory layout);
-            # DDP's warning about it says nothing actionable.
-            warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
-            self.train_model = self.ddp_model
-        if args.compile:
-            self.train_model = torch.compile(self.train_model)
-            self.eval_model = torch.compile(self.model)
+        self.train_model, self.eval_model, self.ddp_model = setup.wrap_model(args, info, self.model)
 
     def _restore_rng(self) -> None:
         """RNG states last: everything built before (model init, EMA copy) drew random numbers in the original
@@ -193,10 +175,26 @@ class Trainer:
         if self.args.sched_on_updates:
             self.scheduler.step_update(num_updates=self.global_step)
 
+    def _record(self, group: List[Any], epoch: int, first: int, stats: torch.Tensor, log: ProgressLog) -> bool:
+        """Add an update's losses to the guard, the epoch sums and the log window (non-finite losses stay out
+        of the means, without a sync). Returns whether the model has an auxiliary loss."""
+        self.guard.add(epoch, first, torch.stack([g[0] for g in group]))
+        for loss, aux in group:
+            finite = torch.isfinite(loss)
+            stats[0] += torch.where(finite, loss, 0).double()
+            stats[2] += finite
+            log.add_loss(loss, finite)
+            if aux is not None:
+                stats[1] += torch.where(finite, aux, 0).double()
+        return group[0][1] is not None
+
+    def _preempt_requested(self, update_idx: int, last: bool, every: int) -> bool:
+        """Whether a preemption signal reached any process (asked every ``every`` updates: one collective)."""
+        return not last and update_idx % every == 0 and any_true(self.preemption.requested, self.info)
+
     def _train_batches(self, epoch: int, start: int, batches, stats: torch.Tensor) -> Optional[Dict[str, float]]:
         args, info = self.args, self.info
         n, accum = self.loaders.batches_per_epoch, args.grad_accum_steps
-        updates = self.loaders.updates_per_epoch
         group: List[Any] = []  # (loss, aux) of this accumulation group
         log = ProgressLog(args.log_interval, args.batch_size * accum * info.world_size, self.device)
         preempt_every = 1 if not info.distributed else max(1, min(args.log_interval, 10))
@@ -212,18 +210,9 @@ class Trainer:
             if not need_update:
                 t_data = time.time()
                 continue
-
             skip = self._skip_update([g[0] for g in group], epoch, i)
-            if not skip:  # non-finite losses stay out of the epoch means
-                self.guard.add(epoch, i + 1 - len(group), torch.stack([g[0] for g in group]))
-                for loss, aux in group:
-                    finite = torch.isfinite(loss)
-                    stats[0] += torch.where(finite, loss, 0).double()
-                    stats[2] += finite
-                    log.add_loss(loss, finite)
-                    if aux is not None:
-                        stats[1] += torch.where(finite, aux, 0).double()
-                        has_aux = True
+            if not skip:
+                has_aux = self._record(group, epoch, i + 1 - len(group), stats, log) or has_aux
             group = []
             self._update(skip)
             log.updates += 1
@@ -234,10 +223,10 @@ class Trainer:
                 self.guard.check()
                 if info.is_main:
                     mean = float(stats[0] / stats[2].clamp(min=1))
-                    _logger.info(log.line(epoch, self.num_epochs, update_idx, updates, mean,
+                    _logger.info(log.line(epoch, self.num_epochs, update_idx, self.loaders.updates_per_epoch, mean,
                                           self.optimizer.param_groups[0]['lr']))
                 log.reset()
-            if not last and update_idx % preempt_every == 0 and any_true(self.preemption.requested, info):
+            if self._preempt_requested(update_idx, last, preempt_every):
                 self.guard.check()
                 self._save_recovery(epoch, i + 1, stats.tolist())
                 return None

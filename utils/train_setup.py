@@ -27,7 +27,7 @@ from .train_step import worker_init
 __all__ = [
     'setup_logging', 'remove_log_handlers', 'seed_all',
     'resolve_output', 'build_datasets', 'resolve_batch', 'resolve_lr', 'build_model', 'build_ema', 'build_scaler',
-    'build_optimizer', 'Loaders', 'build_loaders', 'build_device_augment', 'build_loss', 'build_scheduler',
+    'build_optimizer', 'wrap_model', 'Loaders', 'build_loaders', 'build_device_augment', 'build_loss', 'build_scheduler',
 ]
 
 _logger = logging.getLogger('train')
@@ -215,6 +215,26 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.O
             layer_decay=args.layer_decay, **opt_kwargs)
     except (AssertionError, ValueError, KeyError) as e:  # timm's factory rejects unknown names this way
         raise UsageError(f'--opt {args.opt}: {e}') from None
+
+
+def wrap_model(args: argparse.Namespace, info: DistInfo, model: nn.Module):
+    """``(train_model, eval_model, ddp_model)``: DistributedDataParallel with several processes (else None),
+    ``torch.compile`` with ``--compile``."""
+    import warnings
+    train_model = eval_model = model
+    ddp_model = None
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [info.device.index] if info.device.type == 'cuda' else None
+        # Depthwise conv grads come back with other strides on size-1 dims only (same memory layout);
+        # DDP's warning about it says nothing actionable.
+        warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+        ddp_model = DistributedDataParallel(model, device_ids=ids)
+        train_model = ddp_model
+    if args.compile:
+        train_model = torch.compile(train_model)
+        eval_model = torch.compile(model)
+    return train_model, eval_model, ddp_model
 
 
 @dataclass
