@@ -108,8 +108,9 @@ def main(argv=None) -> int:
                **metrics, 'img_size': cfg['input_size'][-1], 'crop_pct': cfg['crop_pct'],
                'interpolation': cfg['interpolation'], 'reparam': is_deploy(model),
                'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3)}
-        _logger.info('%s: top-1 %.3f  top-5 %.3f  loss %.4f  %.1f images/s', arch, row['top1'], row['top5'],
-                     row['loss'], row['images_per_sec'])
+        speed = row['images_per_sec']
+        _logger.info('%s: top-1 %.3f  top-5 %.3f  loss %.4f%s', arch, row['top1'], row['top5'], row['loss'],
+                     f'  {speed:.1f} images/s' if speed == speed else '')  # nan: not measurable
         results.append(row)
     print(markdown_table(results, ['model', 'checkpoint', 'top1', 'top5', 'loss', 'images_per_sec', 'img_size',
                                    'crop_pct', 'reparam', 'params_m']))

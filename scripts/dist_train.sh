@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# torchrun launcher behind scripts/train_{xt,t,s,b}_model.sh:
+# Multi-process launcher behind scripts/train_{xt,t,s,b}_model.sh:
 #
 #   bash scripts/dist_train.sh CONFIG.yaml DATA_DIR [more train.py options]
 #
 # Environment (defaults: one node of 8 GPUs):
 #   GPUS=8 NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500
+#   PYTHON=python3   the interpreter that has the requirements; it runs `-m torch.distributed.run` (torchrun)
+#   LAUNCHER="..."   replaces "$PYTHON -m torch.distributed.run" (e.g. LAUNCHER=torchrun)
 # Two nodes: run on each node with NNODES=2, NODE_RANK=0 / 1 and MASTER_ADDR set to node 0's address.
 # The batch in the configs is per GPU; with fewer GPUs pass --grad-accum-steps to keep the global batch.
 set -euo pipefail
@@ -19,6 +21,16 @@ CONFIG=$1
 DATA=$2
 [[ "$CONFIG" = /* ]] || CONFIG="$REPO/$CONFIG"
 
-exec torchrun --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="${GPUS:-8}" \
+PYTHON=${PYTHON:-python3}
+if [[ -z "${LAUNCHER:-}" ]]; then
+    if ! "$PYTHON" -c 'import torch.distributed.run' 2>/dev/null; then
+        echo "error: $PYTHON cannot import torch; set PYTHON=/path/to/python of the environment that has the requirements" >&2
+        exit 2
+    fi
+    LAUNCHER="$PYTHON -m torch.distributed.run"
+fi
+
+# shellcheck disable=SC2086  # LAUNCHER is a command line, split on purpose
+exec $LAUNCHER --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="${GPUS:-8}" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
     "$REPO/train.py" --config "$CONFIG" --data-dir "$DATA" "${@:3}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Train OverLoCK-T on ImageNet with the original recipe (configs/overlock_t.yaml) through torchrun.
+# Train OverLoCK-T on ImageNet with the original recipe (configs/overlock_t.yaml) through torch.distributed.run (torchrun).
 #
 #   bash scripts/train_t_model.sh /path/to/imagenet [more train.py options]
 #
-# GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT as in scripts/dist_train.sh (default: one node of 8 GPUs).
+# GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, PYTHON, LAUNCHER as in scripts/dist_train.sh (default: one node of 8 GPUs).
 CALLER=$0 exec bash "$(dirname "$0")/dist_train.sh" configs/overlock_t.yaml "$@"

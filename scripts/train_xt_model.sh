@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Train OverLoCK-XT on ImageNet with the original recipe (configs/overlock_xt.yaml) through torchrun.
+# Train OverLoCK-XT on ImageNet with the original recipe (configs/overlock_xt.yaml) through torch.distributed.run (torchrun).
 #
 #   bash scripts/train_xt_model.sh /path/to/imagenet [more train.py options]
 #
-# GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT as in scripts/dist_train.sh (default: one node of 8 GPUs).
+# GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, PYTHON, LAUNCHER as in scripts/dist_train.sh (default: one node of 8 GPUs).
 CALLER=$0 exec bash "$(dirname "$0")/dist_train.sh" configs/overlock_xt.yaml "$@"

@@ -58,9 +58,18 @@ def run_inprocess(argv: List[str]) -> Tuple[int, str]:
     return code, err.getvalue()
 
 
+def free_port() -> int:
+    """A free TCP port for a torchrun rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def subprocess_env() -> Dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg')
+    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg',
+               PYTHON=sys.executable)  # the interpreter scripts/dist_train.sh launches
     return env
 
 

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 import yaml
 
 from _train_helpers import (
-    FAST, REPO, TINY, load, make_image_folder, read_summary, run_inprocess, run_train, state_dicts_equal,
+    FAST, REPO, TINY, free_port, load, make_image_folder, read_summary, run_inprocess, run_train, state_dicts_equal,
     subprocess_env,
 )
 from utils.checkpoint import CheckpointSaver, atomic_save
@@ -258,17 +257,11 @@ def test_sigterm_saves_recovery_checkpoint_and_resume_matches(data_dir, referenc
     assert losses[0] == losses[1]  # the interrupted epoch's mean includes the batches before the signal
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     """The shipped script with the full XT recipe (fp16 AMP, EMA, mixup, RandAugment), 2 CPU processes."""
     out = tmp_path / 'run'
     env = subprocess_env()
-    env.update(GPUS='2', MASTER_PORT=str(_free_port()))
+    env.update(GPUS='2', MASTER_PORT=str(free_port()))
     proc = subprocess.run(
         ['bash', str(REPO / 'scripts' / 'train_xt_model.sh'), str(data_dir), *TINY, *FAST, '--epochs', '1',
          '--grad-accum-steps', '2', '--output', str(out)],

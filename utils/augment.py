@@ -1,4 +1,11 @@
-"""Training-time augmentation: timm's transforms with one compatibility op.
+"""Training-time augmentation: timm's transforms with one compatibility op, and the batch-level steps that
+run on the device.
+
+The input pipeline is timm's prefetcher pipeline, as the original trained: workers decode, crop, flip and
+RandAugment each image and hand over uint8 tensors (4x fewer bytes than float32; no per-image
+normalisation); :func:`timm.data.fast_collate` stacks them; on the device, :class:`DeviceAugment`
+normalises the batch, mixes it (Mixup/CutMix) and then randomly erases patches of the *mixed* images.
+
 
 RandAugment's posterize ops can ask for 0 bits: with the recipe's ``rand-m9-mstd0.5-inc1`` the sampled
 magnitude reaches 10 about once in a thousand images, and ``PosterizeIncreasing`` keeps ``4 - 4 = 0`` bits
@@ -10,11 +17,13 @@ unguarded (still so in timm 1.0.31); it is harmless afterwards, because for 1–
 timm does.
 """
 import logging
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
 
 from PIL import Image, ImageOps
 
-__all__ = ['posterize', 'install_posterize', 'build_train_transform', 'build_eval_transform']
+__all__ = ['posterize', 'install_posterize', 'build_train_transform', 'build_eval_transform', 'DeviceAugment']
 
 _logger = logging.getLogger(__name__)
 
@@ -50,7 +59,9 @@ def install_posterize() -> None:
 
 
 def build_train_transform(input_size: Tuple[int, int, int], mean, std, **kwargs: Any):
-    """timm's training transform (``create_transform(is_training=True)``) with :func:`posterize` installed."""
+    """timm's training transform (``create_transform(is_training=True)``) with :func:`posterize` installed.
+    With ``use_prefetcher=True`` it ends in a uint8 tensor (normalisation and random erasing are left to
+    :class:`DeviceAugment`)."""
     from timm.data import create_transform
     install_posterize()
     return create_transform(input_size, is_training=True, mean=mean, std=std, **kwargs)
@@ -60,3 +71,42 @@ def build_eval_transform(input_size: Tuple[int, int, int], mean, std, **kwargs: 
     """timm's evaluation transform: resize, centre crop, normalise."""
     from timm.data import create_transform
     return create_transform(input_size, is_training=False, mean=mean, std=std, **kwargs)
+
+
+class DeviceAugment:
+    """The batch-level steps on the device, in the original's order: uint8 -> float, normalise, Mixup/CutMix,
+    random erasing of the mixed batch, memory layout. With neither mixup nor erasing it serves evaluation.
+
+    Args:
+        mean, std: per-channel normalisation, in [0, 1] units as timm's data config gives them.
+        device: where the batch goes.
+        mixup: a ``timm.data.Mixup`` (None: off).
+        re_prob, re_mode, re_count: timm's ``RandomErasing`` (``--reprob``, ``--remode``, ``--recount``).
+        channels_last: return channels-last tensors.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device,
+                 mixup: Optional[Callable] = None, re_prob: float = 0., re_mode: str = 'pixel', re_count: int = 1,
+                 channels_last: bool = False):
+        self.device = device
+        # Like timm's PrefetchLoader: scale mean and std to 0-255 instead of the images to 0-1.
+        self.mean = torch.tensor([m * 255 for m in mean], device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor([s * 255 for s in std], device=device).view(1, -1, 1, 1)
+        self.mixup = mixup
+        self.erase = None
+        if re_prob > 0:
+            from timm.data.random_erasing import RandomErasing
+            self.erase = RandomErasing(probability=re_prob, mode=re_mode, max_count=re_count, device=device)
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        x = x.float().sub_(self.mean).div_(self.std)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        if self.erase is not None:
+            x = self.erase(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y

@@ -1,4 +1,8 @@
-"""Training checkpoints: atomic writes, best-k bookkeeping, RNG state as tensors, and reading them back.
+"""Training checkpoints (the state a run resumes from): atomic writes, best-k bookkeeping, RNG state as
+tensors, the state dict of a run and its restoration.
+
+Not to be confused with loading weights into a model (``models.load_checkpoint``, which reads these files
+too) or with activation checkpointing (``--grad-checkpoint``, the model's ``set_grad_checkpointing``).
 
 A training checkpoint is a dict that ``torch.load(..., weights_only=True)`` reads (tensors, numbers, strings,
 plain containers only)::
@@ -6,97 +10,29 @@ plain containers only)::
     {'version': 1, 'arch': str, 'epoch': int (epochs completed), 'step_in_epoch': int (batches done in the
      next epoch; > 0 only for a recovery checkpoint), 'state_dict', 'state_dict_ema' (with EMA), 'optimizer',
      'scaler', 'scheduler', 'args': dict, 'metric': float | None, 'global_step', 'best_k', 'summary',
-     'rng' (per-rank RNG states), 'epoch_stats', 'nonfinite_skipped'}
+     'rng' (per-rank RNG states), 'epoch_stats', 'nonfinite_skipped', 'best_k_ema' (with EMA)}
 """
 import logging
 import math
 import os
 import random
-import shutil
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .fileio import atomic_save, atomic_write_text, link_or_copy as _link_or_copy, to_plain
+
 __all__ = [
     'CHECKPOINT_VERSION', 'atomic_save', 'atomic_write_text', 'read_training_checkpoint', 'to_plain',
-    'get_rng_state', 'set_rng_state', 'CheckpointSaver',
+    'get_rng_state', 'set_rng_state', 'BestCheckpoints', 'CheckpointSaver', 'training_state', 'ResumePoint', 'restore_training_state',
+    'SCHEDULE_OPTIONS', 'changed_options', 'describe_changes',
 ]
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-
-
-def _temp_path(path: str) -> str:
-    # Same folder (os.replace must not cross filesystems), unique per process; created with the umask's
-    # permissions like any other output file.
-    folder = os.path.dirname(os.path.abspath(path))
-    return os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: a kill at any moment
-    leaves either the old or the new file, never a truncated one."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """Write a text file atomically (temp file + ``os.replace``)."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    """Make ``dst`` hold ``src``'s content atomically: a hard link when the filesystem allows (no extra disk
-    and I/O; ``src`` is later replaced by a new inode, so the link keeps this content), else a copy."""
-    tmp = _temp_path(dst)
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def to_plain(obj: Any) -> Any:
-    """A copy of ``obj`` that ``weights_only=True`` loads: Paths -> str, numpy -> Python/tensors,
-    Namespaces and other objects -> dict/str."""
-    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
-        return obj
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj.copy())
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, dict):
-        return {str(k) if not isinstance(k, (int, str)) else k: to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, (torch.dtype, torch.device)):
-        return str(obj)
-    if hasattr(obj, '__dict__') and type(obj).__name__ == 'Namespace':
-        return to_plain(vars(obj))
-    return str(obj)
 
 
 def get_rng_state() -> Dict[str, Any]:
@@ -145,24 +81,77 @@ def read_training_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
+class BestCheckpoints:
+    """The ``k`` best epochs by one metric (higher is better): ``<folder>/checkpoint-<epoch>.pth`` each, the
+    best also as ``best_path``. Files are hard links to (or copies of) the epoch's ``last.pth``.
+
+    Args:
+        folder: where the ``checkpoint-<epoch>.pth`` files go.
+        best_path: the file that holds the best epoch.
+        max_history: how many to keep (0: none).
+        entries: ``[(metric, epoch), ...]`` restored from a resumed checkpoint.
+    """
+
+    def __init__(self, folder: str, best_path: str, max_history: int,
+                 entries: Optional[List[Tuple[float, int]]] = None):
+        self.folder = folder
+        self.best_path = best_path
+        self.max_history = max_history
+        self.entries: List[Tuple[float, int]] = []
+        for metric, epoch in entries or []:
+            if os.path.exists(self.path_for(int(epoch))):  # a kill between writes may leave an entry without file
+                self.entries.append((float(metric), int(epoch)))
+        self.entries.sort(key=lambda x: (-x[0], x[1]))
+
+    def path_for(self, epoch: int) -> str:
+        return os.path.join(self.folder, f'checkpoint-{epoch}.pth')
+
+    @property
+    def best(self) -> Optional[Tuple[float, int]]:
+        return self.entries[0] if self.entries else None
+
+    def updated(self, metric: Optional[float], epoch: int) -> List[Tuple[float, int]]:
+        """The list after ranking ``epoch`` with ``metric`` (None or non-finite: not ranked)."""
+        entries = [e for e in self.entries if e[1] != epoch]
+        if metric is not None and math.isfinite(metric) and self.max_history > 0:
+            entries.append((float(metric), epoch))
+        entries.sort(key=lambda x: (-x[0], x[1]))  # ties: the earlier epoch stays ahead
+        return entries[:self.max_history]
+
+    def keep(self, source: str, epoch: int, new: List[Tuple[float, int]]) -> None:
+        """Make the files follow ``new`` (from :meth:`updated`), ``source`` holding epoch ``epoch``."""
+        if any(e == epoch for _, e in new):
+            os.makedirs(self.folder, exist_ok=True)
+            _link_or_copy(source, self.path_for(epoch))
+        for _, e in self.entries:
+            if all(e != e2 for _, e2 in new) and os.path.exists(self.path_for(e)):
+                os.remove(self.path_for(e))
+        self.entries = new
+        if self.entries and self.entries[0][1] == epoch:
+            _link_or_copy(source, self.best_path)
+
+
 class CheckpointSaver:
     """Writes ``last.pth`` every epoch and keeps the ``k`` best epochs by a metric (higher is better) as
-    ``checkpoint-<epoch>.pth``, the best one also as ``model_best.pth``.
+    ``checkpoint-<epoch>.pth``, the best one also as ``model_best.pth``; with ``ema=True`` also the ``k``
+    best by the EMA's top-1 as ``checkpoints_ema/checkpoint-<epoch>.pth`` and ``model_best_ema.pth``
+    (the original's second ranking).
 
     Args:
         output_dir: run directory.
-        max_history: how many best checkpoints to keep (0: none).
+        max_history: how many best checkpoints to keep per ranking (0: none).
         best_k: ``[(metric, epoch), ...]`` restored from a resumed checkpoint.
+        ema: keep the EMA ranking too.
+        best_k_ema: its list restored from a resumed checkpoint.
     """
 
-    def __init__(self, output_dir: str, max_history: int = 3, best_k: Optional[List[Tuple[float, int]]] = None):
+    def __init__(self, output_dir: str, max_history: int = 3, best_k: Optional[List[Tuple[float, int]]] = None,
+                 ema: bool = False, best_k_ema: Optional[List[Tuple[float, int]]] = None):
         self.output_dir = output_dir
-        self.max_history = max_history
-        self.best_k: List[Tuple[float, int]] = []
-        for metric, epoch in best_k or []:
-            if os.path.exists(self.path_for(int(epoch))):  # a kill between writes may leave an entry without file
-                self.best_k.append((float(metric), int(epoch)))
-        self.best_k.sort(key=lambda x: (-x[0], x[1]))
+        self.ranking = BestCheckpoints(output_dir, os.path.join(output_dir, 'model_best.pth'), max_history, best_k)
+        self.ranking_ema = BestCheckpoints(os.path.join(output_dir, 'checkpoints_ema'),
+                                           os.path.join(output_dir, 'model_best_ema.pth'), max_history,
+                                           best_k_ema) if ema else None
 
     @property
     def last_path(self) -> str:
@@ -170,37 +159,194 @@ class CheckpointSaver:
 
     @property
     def best_path(self) -> str:
-        return os.path.join(self.output_dir, 'model_best.pth')
+        return self.ranking.best_path
+
+    @property
+    def best_k(self) -> List[Tuple[float, int]]:
+        return self.ranking.entries
 
     def path_for(self, epoch: int) -> str:
-        return os.path.join(self.output_dir, f'checkpoint-{epoch}.pth')
+        return self.ranking.path_for(epoch)
 
     @property
     def best(self) -> Optional[Tuple[float, int]]:
-        return self.best_k[0] if self.best_k else None
+        return self.ranking.best
 
-    def _updated(self, metric: Optional[float], epoch: int) -> List[Tuple[float, int]]:
-        entries = [e for e in self.best_k if e[1] != epoch]
-        if metric is not None and math.isfinite(metric) and self.max_history > 0:
-            entries.append((float(metric), epoch))
-        entries.sort(key=lambda x: (-x[0], x[1]))  # ties: the earlier epoch stays ahead
-        return entries[:self.max_history]
+    @property
+    def best_ema(self) -> Optional[Tuple[float, int]]:
+        return self.ranking_ema.best if self.ranking_ema is not None else None
 
-    def save_epoch(self, state: Dict[str, Any], epoch: int, metric: Optional[float]) -> None:
-        """Write ``last.pth`` (holding ``state`` plus the updated best-k list) and refresh the best files."""
-        new_best = self._updated(metric, epoch)
-        state['best_k'] = [[m, e] for m, e in new_best]
+    def save_epoch(self, state: Dict[str, Any], epoch: int, metric: Optional[float],
+                   metric_ema: Optional[float] = None) -> None:
+        """Write ``last.pth`` (holding ``state`` plus the updated best-k lists) and refresh the best files."""
+        new = self.ranking.updated(metric, epoch)
+        state['best_k'] = [[m, e] for m, e in new]
+        new_ema = None
+        if self.ranking_ema is not None:
+            new_ema = self.ranking_ema.updated(metric_ema, epoch)
+            state['best_k_ema'] = [[m, e] for m, e in new_ema]
         atomic_save(state, self.last_path)
-        if any(e == epoch for _, e in new_best):
-            _link_or_copy(self.last_path, self.path_for(epoch))
-        for _, e in self.best_k:
-            if all(e != e2 for _, e2 in new_best) and os.path.exists(self.path_for(e)):
-                os.remove(self.path_for(e))
-        self.best_k = new_best
-        if self.best_k and self.best_k[0][1] == epoch:
-            _link_or_copy(self.last_path, self.best_path)
+        self.ranking.keep(self.last_path, epoch, new)
+        if self.ranking_ema is not None:
+            self.ranking_ema.keep(self.last_path, epoch, new_ema)
 
     def save_recovery(self, state: Dict[str, Any]) -> None:
         """Write ``last.pth`` mid-epoch (preemption): best-k unchanged."""
-        state['best_k'] = [[m, e] for m, e in self.best_k]
+        state['best_k'] = [[m, e] for m, e in self.ranking.entries]
+        if self.ranking_ema is not None:
+            state['best_k_ema'] = [[m, e] for m, e in self.ranking_ema.entries]
         atomic_save(state, self.last_path)
+
+
+def training_state(args, *, epoch: int, step_in_epoch: int, global_step: int, model, optimizer, scheduler,
+                   ema=None, scaler=None, metric: Optional[float] = None, summary=None, rng=None,
+                   epoch_stats: Optional[List[float]] = None, nonfinite_skipped: int = 0,
+                   world_size: int = 1, updates_per_epoch: Optional[int] = None) -> Dict[str, Any]:
+    """The checkpoint dict of a run (see the module docstring); ``rng``: every rank's :func:`get_rng_state`."""
+    state = {
+        'version': CHECKPOINT_VERSION,
+        'arch': args.model,
+        'epoch': epoch,
+        'step_in_epoch': step_in_epoch,
+        'global_step': global_step,
+        'state_dict': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'scheduler': to_plain(scheduler.state_dict()),
+        'args': to_plain(vars(args)),
+        'metric': metric,
+        'summary': to_plain(summary or []),
+        'rng': rng,
+        'epoch_stats': epoch_stats,
+        'nonfinite_skipped': nonfinite_skipped,
+        'world_size': world_size,
+        'updates_per_epoch': updates_per_epoch,
+    }
+    if ema is not None:
+        state['state_dict_ema'] = ema.module.state_dict()
+    if scaler is not None:
+        state['scaler'] = scaler.state_dict()
+    return state
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run stands (from :func:`restore_training_state`)."""
+    epoch: int = 0  # epochs completed
+    step: int = 0  # batches of the next epoch done before a preemption
+    global_step: int = 0
+    epoch_stats: Optional[List[float]] = None
+    nonfinite_skipped: int = 0
+    summary: List[Dict[str, Any]] = field(default_factory=list)
+    rng: Optional[List[Any]] = None
+    best_k: List[Tuple[float, int]] = field(default_factory=list)
+    best_k_ema: List[Tuple[float, int]] = field(default_factory=list)
+    checkpoint_args: Dict[str, Any] = field(default_factory=dict)
+    schedule_changes: List[Tuple[str, Any, Any]] = field(default_factory=list)  # (option, checkpoint, now)
+
+
+# Options that define the learning-rate schedule. When one of them differs from the checkpoint's, the
+# schedule is rebuilt from the command line and stepped to the resumed epoch (timm's resume does the same);
+# when none does, the scheduler's saved state is loaded, which keeps a resumed run bit-identical.
+SCHEDULE_OPTIONS = ('sched', 'epochs', 'cooldown_epochs', 'warmup_epochs', 'warmup_lr', 'warmup_prefix', 'lr',
+                    'min_lr', 'decay_epochs', 'decay_rate', 'sched_on_updates')
+# Options a resumed run cannot change: the weights would not fit.
+FIXED_OPTIONS = (('model', '--model'), ('num_classes', '--num-classes'), ('in_chans', '--in-chans'))
+
+
+def _same(old: Any, new: Any) -> bool:
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(old, bool):
+        return math.isclose(float(old), float(new), rel_tol=1e-12, abs_tol=0.0)
+    return old == new
+
+
+def changed_options(old_args: Dict[str, Any], args, names) -> List[Tuple[str, Any, Any]]:
+    """``[(name, checkpoint value, current value)]`` for the ``names`` whose value differs; options the
+    checkpoint does not record are taken as unchanged."""
+    new = vars(args)
+    return [(n, old_args[n], new.get(n)) for n in names if n in old_args and not _same(old_args[n], new.get(n))]
+
+
+def describe_changes(changes: List[Tuple[str, Any, Any]]) -> str:
+    """``'epochs 1 -> 2, lr 0.002 -> 0.001'``."""
+    def fmt(v: Any) -> str:
+        return f'{v:g}' if isinstance(v, float) else str(v)
+    return ', '.join(f'{n} {fmt(a)} \u2192 {fmt(b)}' for n, a, b in changes)
+
+
+def _load_module(module, state: Dict[str, Any], what: str, path: str) -> None:
+    from models import CheckpointError
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = ' '.join(line.strip() for line in first[1:3]) if len(first) > 1 else str(e)
+        raise CheckpointError(f'checkpoint {path}: {what} does not fit this model ({detail[:300]}); '
+                              f'resume with the same --model, --model-kwargs and --num-classes') from None
+
+
+def restore_training_state(path: str, args, *, model, optimizer, scheduler, ema=None, scaler=None,
+                           world_size: int = 1, batches_per_epoch: int, updates_per_epoch: int) -> ResumePoint:
+    """Load a checkpoint of train.py into the run's objects; RNG states are returned, not applied (they go
+    last, after everything else that draws random numbers has been built)."""
+    from models import CheckpointError
+    ckpt = read_training_checkpoint(path)
+    if ckpt.get('arch') not in (None, args.model):
+        raise CheckpointError(f'checkpoint {path} was trained with --model {ckpt.get("arch")}, '
+                              f'not {args.model}; pass --model {ckpt.get("arch")}')
+    old_args = dict(ckpt.get('args') or {})
+    for name, flag in FIXED_OPTIONS:
+        if name in old_args and old_args[name] is not None and getattr(args, name, None) is not None \
+                and old_args[name] != getattr(args, name):
+            raise CheckpointError(f'checkpoint {path} was trained with {flag} {old_args[name]}, not '
+                                  f'{getattr(args, name)}: resume cannot change it (use --finetune {path} to '
+                                  f'start a new run from its weights)')
+    changes = changed_options(old_args, args, SCHEDULE_OPTIONS)
+    old_updates = ckpt.get('updates_per_epoch')
+    if old_updates is not None and args.sched_on_updates and int(old_updates) != updates_per_epoch:
+        changes.append(('updates per epoch', int(old_updates), updates_per_epoch))
+    _load_module(model, ckpt['state_dict'], 'state_dict', path)
+    if ema is not None:
+        if 'state_dict_ema' in ckpt:
+            _load_module(ema.module, ckpt['state_dict_ema'], 'state_dict_ema', path)
+        else:
+            _logger.warning('%s has no EMA weights: the EMA restarts from the current weights', path)
+            ema.module.load_state_dict(model.state_dict())
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f'checkpoint {path}: optimizer state does not fit (--opt {args.opt}?): {e}') from None
+    if scaler is not None and ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    if changes:
+        # The saved schedule is replaced by the one just built from the command line; the optimizer's
+        # groups keep their checkpointed lr until the caller steps the schedule to the resumed epoch.
+        for group, base in zip(optimizer.param_groups, getattr(scheduler, 'base_values', [])):
+            group['initial_lr'] = base
+    elif ckpt.get('scheduler'):
+        scheduler.load_state_dict(ckpt['scheduler'])
+    point = ResumePoint(
+        epoch=int(ckpt['epoch']), step=int(ckpt.get('step_in_epoch', 0)), epoch_stats=ckpt.get('epoch_stats'),
+        nonfinite_skipped=int(ckpt.get('nonfinite_skipped', 0)), rng=ckpt.get('rng'),
+        best_k=[(float(m), int(e)) for m, e in ckpt.get('best_k', [])],
+        best_k_ema=[(float(m), int(e)) for m, e in ckpt.get('best_k_ema', [])],
+        checkpoint_args=old_args, schedule_changes=changes)
+    point.global_step = int(ckpt.get('global_step', point.epoch * updates_per_epoch))
+    point.summary = [dict(r) for r in ckpt.get('summary', []) if int(r['epoch']) <= point.epoch]
+    old = (int(ckpt.get('world_size', world_size)), int(point.checkpoint_args.get('batch_size', args.batch_size)))
+    if point.step and old != (world_size, args.batch_size):
+        # Another process count or batch: continue after about as many images as were done.
+        done = point.step * old[0] * old[1]
+        point.step = done // (world_size * args.batch_size)
+        point.epoch_stats = None
+        _logger.warning('checkpoint from %d processes x batch %d, now %d x %d: epoch %d continues after '
+                        '~%d images, in another order', old[0], old[1], world_size, args.batch_size,
+                        point.epoch + 1, done)
+        point.step -= point.step % args.grad_accum_steps  # at an optimizer-update boundary
+    if point.step >= batches_per_epoch:
+        point.step = 0  # the data changed; restart the epoch
+    _logger.info('Resumed %s: %d epochs done%s', path, point.epoch,
+                 f', {point.step} batches into epoch {point.epoch + 1}' if point.step else '')
+    if changes:
+        _logger.info('Options changed since the checkpoint: %s: schedule rebuilt from the command line, '
+                     'resuming at epoch %d', describe_changes(changes), point.epoch + 1)
+    return point

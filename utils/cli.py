@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    'UsageError', 'run_cli', 'parse_kwargs', 'add_model_args', 'parse_args_with_config', 'load_config_file',
+    'UsageError', 'run_cli', 'parse_kwargs', 'add_model_args', 'parse_args_with_config', 'load_config_file', 'BASE_KEY',
     'create_model_from_args', 'model_kwargs_from_args', 'user_error_types', 'one_line',
 ]
 
@@ -113,13 +113,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument('--drop-path', default=None, type=float, metavar='P', help='drop path (stochastic depth) rate')
     group.add_argument('--grad-checkpoint', action=argparse.BooleanOptionalAction, default=False,
                        help='activation checkpointing (all blocks, or the first --ckpt-stg blocks per stage)')
-    group.add_argument('--ckpt-stg', default=None, type=int, nargs=4, metavar='N',
-                       help='with --grad-checkpoint: checkpoint the first N blocks of each of the 4 stages')
+    group.add_argument('--ckpt-stg', default=None, type=int, nargs='+', metavar='N',
+                       help='with --grad-checkpoint: checkpoint the first N blocks of each of the 4 stages '
+                            '(4 numbers)')
     return group
 
 
-def load_config_file(path: str) -> Dict[str, Any]:
-    """Read a YAML mapping from ``path`` with one-line errors."""
+BASE_KEY = '_base_'
+
+
+def _read_yaml_mapping(path: str) -> Dict[str, Any]:
     import yaml
     if not os.path.isfile(path):
         raise UsageError(f'config file {path} does not exist')
@@ -134,6 +137,34 @@ def load_config_file(path: str) -> Dict[str, Any]:
     if not isinstance(cfg, dict):
         raise UsageError(f'config file {path} must hold a mapping of option: value, got {type(cfg).__name__}')
     return cfg
+
+
+def load_config_file(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Read a YAML mapping from ``path`` with one-line errors.
+
+    A ``_base_: FILE`` key (a path relative to this file's folder, or a list of them) reads those files
+    first; this file's keys win over theirs, later bases over earlier ones.
+    """
+    seen = list(_seen or [])
+    real = os.path.realpath(path)
+    if real in seen:
+        raise UsageError(f'config file {path}: {BASE_KEY} includes itself ({" -> ".join(seen + [real])})')
+    cfg = _read_yaml_mapping(path)
+    bases = cfg.pop(BASE_KEY, None)
+    if bases is None:
+        return cfg
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise UsageError(f'config file {path}: {BASE_KEY} must be a file name or a list of them, got {bases!r}')
+    merged: Dict[str, Any] = {}
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(os.path.abspath(path)), base)
+        if not os.path.isfile(base_path):
+            raise UsageError(f'config file {path}: {BASE_KEY} {base} does not exist (looked for {base_path})')
+        merged.update(load_config_file(base_path, seen + [real]))
+    merged.update(cfg)
+    return merged
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:

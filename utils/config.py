@@ -11,11 +11,11 @@ import yaml
 
 from .cli import UsageError, add_model_args
 
-__all__ = ['build_train_parser', 'check_train_args', 'args_to_yaml', 'RUN_FILES', 'STALE_FILES', 'run_files_in']
+__all__ = ['build_train_parser', 'check_train_args', 'original_command_hint', 'args_to_yaml', 'RUN_FILES', 'STALE_FILES', 'run_files_in']
 
 # Files that mark a directory as holding a run that made progress (refused as --output unless --resume or
 # --overwrite). A run that stopped before its first checkpoint leaves only STALE_FILES, which a new run replaces.
-RUN_FILES = ('last.pth', 'model_best.pth', 'summary.csv')
+RUN_FILES = ('last.pth', 'model_best.pth', 'model_best_ema.pth', 'summary.csv', 'checkpoints_ema')
 STALE_FILES = ('args.yaml', 'log.txt', 'curves.png')
 
 
@@ -85,7 +85,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     group.add_argument('--lr', default=None, type=_float_or_none, metavar='LR',
                        help='learning rate; None: --lr-base, scaled by the global batch with --auto-lr')
     group.add_argument('--auto-lr', action=argparse.BooleanOptionalAction, default=False,
-                       help='lr = --lr-base x global batch / --lr-base-size when --lr is not given')
+                       help='lr = --lr-base x global batch / --lr-base-size; as in the original, --lr is then '
+                            'not used')
     group.add_argument('--lr-base', default=1e-3, type=float, metavar='LR', help='base lr for --auto-lr')
     group.add_argument('--lr-base-size', default=1024, type=int, metavar='N', help='batch of --lr-base')
     group.add_argument('--epochs', default=300, type=int, metavar='N', help='epochs (cool-down comes on top)')
@@ -136,17 +137,27 @@ def build_train_parser() -> argparse.ArgumentParser:
                        help='replace a previous run in --output')
     group.add_argument('--resume', default='', metavar='PATH',
                        help='continue a run from its checkpoint (last.pth); "auto": OUTPUT/last.pth when it exists')
-    group.add_argument('--checkpoint-hist', default=3, type=int, metavar='K', help='best checkpoints to keep')
+    group.add_argument('--checkpoint-hist', default=3, type=int, metavar='K',
+                       help='best checkpoints to keep (and as many by EMA top-1 with --model-ema)')
     group.add_argument('--eval-metric', default='top1', choices=('top1', 'ema_top1'),
                        help='metric that ranks the best checkpoints')
     group.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False, help='mixed precision')
-    group.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'),
-                       help='mixed precision type (float16 uses a GradScaler)')
+    group.add_argument('--native-amp', dest='amp', action='store_true',
+                       help='the original train.py\'s spelling of --amp (torch AMP, float16 with a loss scaler)')
+    group.add_argument('--apex-amp', action='store_true', default=False, help=argparse.SUPPRESS)
+    group.add_argument('--amp-dtype', default='float16', choices=('bfloat16', 'float16'),
+                       help='mixed precision type (float16 uses a loss scaler, as the original; bfloat16 needs none)')
+    group.add_argument('--local-rank', '--local_rank', dest='local_rank', default=None, type=int,
+                       help=argparse.SUPPRESS)  # passed by python -m torch.distributed.launch; LOCAL_RANK wins
     group.add_argument('--device', default=None, metavar='DEV', help='cuda or cpu; None: cuda when available')
     group.add_argument('--seed', default=42, type=int, metavar='S', help='random seed')
     group.add_argument('--log-interval', default=50, type=int, metavar='N', help='optimizer updates between log lines')
     group.add_argument('--skip-nonfinite', action=argparse.BooleanOptionalAction, default=False,
-                       help='skip optimizer steps with a non-finite loss (counted) instead of stopping')
+                       help='skip optimizer steps with a non-finite loss (counted) instead of stopping, also '
+                            'without a loss scaler')
+    group.add_argument('--nonfinite-limit', default=25, type=int, metavar='N',
+                       help='while steps with a non-finite loss are skipped (float16 loss scaler, or '
+                            '--skip-nonfinite), stop after N consecutive ones; 0: never stop')
     group.add_argument('--deterministic', action=argparse.BooleanOptionalAction, default=False,
                        help='deterministic algorithms (slower on GPU)')
     return parser
@@ -184,21 +195,39 @@ def check_train_args(args: argparse.Namespace) -> None:
         raise UsageError('--resume continues a run, --finetune starts a new one from weights; pass only one')
     if args.eval_metric == 'ema_top1' and not args.model_ema:
         _fail('--eval-metric ema_top1', 'needs --model-ema')
+    if args.apex_amp:
+        raise UsageError('--apex-amp: NVIDIA Apex is not supported; --native-amp (or --amp) gives the same float16 '
+                         'mixed precision with torch\'s loss scaler')
+    if args.nonfinite_limit < 0:
+        _fail('--nonfinite-limit', f'must be >= 0, got {args.nonfinite_limit}')
     if args.ckpt_stg is not None:
-        if any(n < 0 for n in args.ckpt_stg):
-            _fail('--ckpt-stg', f'needs 4 numbers >= 0, got {args.ckpt_stg}')
+        if len(args.ckpt_stg) != 4 or any(n < 0 for n in args.ckpt_stg):
+            _fail('--ckpt-stg', f'needs 4 numbers >= 0 (blocks per stage), got {" ".join(map(str, args.ckpt_stg))}')
         if any(args.ckpt_stg) and not args.grad_checkpoint:
             args.grad_checkpoint = True  # the stage counts only mean something under checkpointing
     if not args.data_dir:
         raise UsageError('--data-dir is required (a folder holding train/ and val/ class folders)')
 
 
+# Spellings that only the original train.py had: a command line holding them was pasted from its scripts.
+ORIGINAL_ONLY = ('--native-amp', '--local-rank', '--local_rank')
+
+
+def original_command_hint(args: argparse.Namespace, argv: List[str]) -> Optional[str]:
+    """A warning for an original command line run without a config: the original's defaults were the recipe."""
+    if args.config or not any(str(a).split('=')[0] in ORIGINAL_ONLY for a in argv):
+        return None
+    return ('the original train.py had the recipe\'s augmentation as its defaults (RandAugment m9, random erasing '
+            '0.25, mixup 0.8 / cutmix 1.0, SyncBN); this train.py has timm\'s defaults and keeps the recipe in '
+            'configs/: add -c configs/overlock_<variant>.yaml to train as the original did (docs/training.md)')
+
+
 def run_files_in(folder: str) -> List[str]:
-    """The run files already in ``folder`` (see RUN_FILES, plus checkpoint-*.pth)."""
+    """The run files and folders already in ``folder`` (see RUN_FILES, plus checkpoint-*.pth)."""
     if not os.path.isdir(folder):
         return []
     names = set(os.listdir(folder))
-    found = [n for n in RUN_FILES if n in names]
+    found = [n for n in RUN_FILES if n in names]  # checkpoints_ema is a folder
     found += sorted(n for n in names if n.startswith('checkpoint-') and n.endswith('.pth'))
     return found
 

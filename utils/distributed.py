@@ -44,16 +44,18 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f'environment variable {name}={value!r} is not an integer (set by torchrun)') from None
 
 
-def init_distributed(device: Optional[str] = None) -> DistInfo:
+def init_distributed(device: Optional[str] = None, local_rank: Optional[int] = None) -> DistInfo:
     """Join the torchrun process group when WORLD_SIZE > 1 and pick this process's device.
 
     Args:
         device: 'cuda', 'cpu', 'cuda:N' or None (CUDA when available).
+        local_rank: ``--local-rank`` as ``python -m torch.distributed.launch`` passes it; used only when the
+            LOCAL_RANK environment variable is not set.
     """
     from .cli import UsageError
     world_size = _env_int('WORLD_SIZE', 1)
     rank = _env_int('RANK', 0)
-    local_rank = _env_int('LOCAL_RANK', 0)
+    local_rank = _env_int('LOCAL_RANK', 0 if local_rank is None else local_rank)
     if device is None or device == '':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dev = torch.device(device)

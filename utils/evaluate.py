@@ -119,6 +119,7 @@ def evaluate(
     count = 0
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
     start, timed = None, 0
+    first_start = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
@@ -138,7 +139,10 @@ def evaluate(
         else:
             timed += n
         bar.set_postfix(top1=f'{100 * correct1 / count:.2f}')
-    elapsed = time.perf_counter() - start if start is not None else 0.
+    end = time.perf_counter()
+    elapsed = end - start if start is not None else 0.
+    if not timed:  # a single batch: time it whole, worker start-up included
+        timed, elapsed = count, end - first_start
     if not count:
         raise DataError('the validation set is empty')
     return {

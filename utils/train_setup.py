@@ -1,0 +1,319 @@
+"""The builders of a training run: output folder, data, batch and learning rate, model and EMA, optimizer,
+loaders, loss and schedule. Each takes the parsed options (and what earlier builders made) and returns
+what it built, so each can be called and tested alone; :class:`utils.train_loop.Trainer` calls them in order.
+"""
+import argparse
+import datetime
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cli import UsageError, create_model_from_args
+from .config import STALE_FILES, run_files_in
+from .data import (
+    DataError, EvalShardSampler, ImageFolderDataset, ResumableSampler, build_image_folder, check_same_classes,
+    resolve_split,
+)
+from .distributed import DistInfo, all_gather_objects, barrier
+from .train_step import worker_init
+
+__all__ = [
+    'setup_logging', 'remove_log_handlers', 'seed_all',
+    'resolve_output', 'build_datasets', 'resolve_batch', 'resolve_lr', 'build_model', 'build_ema', 'build_scaler',
+    'build_optimizer', 'wrap_model', 'Loaders', 'build_loaders', 'build_device_augment', 'build_loss', 'build_scheduler',
+]
+
+_logger = logging.getLogger('train')
+
+
+_LOG_TAG = '_overlock_train_handler'
+
+
+def remove_log_handlers() -> None:
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, _LOG_TAG, False)]:
+        root.removeHandler(h)
+        h.close()
+
+
+def setup_logging(info: DistInfo, log_file: Optional[str]) -> None:
+    """Rank 0 logs INFO to the console and ``log_file``; other ranks only warnings and errors."""
+    remove_log_handlers()  # set up twice per run (console first, the file once the output folder exists)
+    root = logging.getLogger()
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter('%(message)s' if info.is_main else f'[rank {info.rank}] %(message)s'))
+    setattr(console, _LOG_TAG, True)
+    root.addHandler(console)
+    if log_file and info.is_main:
+        fh = logging.FileHandler(log_file, mode='a', encoding='utf-8')
+        fh.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+        setattr(fh, _LOG_TAG, True)
+        root.addHandler(fh)
+    root.setLevel(logging.INFO if info.is_main else logging.WARNING)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def resolve_output(args: argparse.Namespace, info: DistInfo) -> None:
+    """Settle ``args.resume`` and ``args.output`` and prepare the folder (rank 0 creates it; a new run clears
+    the stale files of one that never saved a checkpoint). Refuses a folder holding another run."""
+    if args.resume == 'auto':
+        if not args.output:
+            raise UsageError('--resume auto needs --output (the run directory to continue)')
+        last = os.path.join(args.output, 'last.pth')
+        args.resume = last if os.path.isfile(last) else ''
+    if args.resume:
+        if not os.path.exists(args.resume):
+            raise UsageError(f'--resume {args.resume} does not exist')
+        if not args.output:
+            args.output = os.path.dirname(os.path.abspath(args.resume))
+    if not args.output:
+        stamp = all_gather_objects(datetime.datetime.now().strftime('%Y%m%d-%H%M%S'), info)[0]
+        args.output = os.path.join('output', 'train', f'{args.model}-{stamp}')
+    existing = run_files_in(args.output)
+    if existing and not args.resume and not args.overwrite:
+        last = os.path.join(args.output, 'last.pth')
+        raise UsageError(f'--output {args.output} holds another run ({", ".join(existing[:4])}); pass --resume '
+                         f'{last} to continue it, --overwrite to replace it, or another --output')
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UsageError(f'--output {args.output} is a file, not a directory')
+    barrier(info)  # every rank has checked before rank 0 writes anything
+    if info.is_main:
+        os.makedirs(args.output, exist_ok=True)
+        if not args.resume:  # a new run: nothing of an earlier one may mix into its outputs
+            for name in existing + [n for n in STALE_FILES if os.path.isfile(os.path.join(args.output, n))]:
+                path = os.path.join(args.output, name)
+                if os.path.isdir(path):
+                    import shutil
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+    barrier(info)
+
+
+def build_datasets(args: argparse.Namespace) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
+    """The training and validation folders (same classes); sets ``args.num_classes`` from the data when unset."""
+    train_dir = resolve_split(args.data_dir, args.train_split)
+    val_dir = resolve_split(args.data_dir, args.val_split)
+    train_set = build_image_folder(train_dir, skip_corrupt=args.skip_corrupt)
+    val_classes = sorted(e.name for e in os.scandir(val_dir) if e.is_dir() and not e.name.startswith('.'))
+    check_same_classes(train_set.classes, val_classes, args.data_dir)
+    val_set = build_image_folder(val_dir, skip_corrupt=args.skip_corrupt, class_to_idx=train_set.class_to_idx)
+    n_classes = len(train_set.classes)
+    if args.num_classes is None:
+        args.num_classes = n_classes
+    elif args.num_classes < n_classes:
+        raise DataError(f'--num-classes {args.num_classes} but {train_dir} has {n_classes} class folders')
+    elif args.num_classes > n_classes:
+        _logger.warning('--num-classes %d but %s has only %d class folders', args.num_classes, train_dir, n_classes)
+    return train_set, val_set
+
+
+def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
+    """The learning rate the run uses. With ``--auto-lr``: ``--lr-base`` (1e-3) x global batch /
+    ``--lr-base-size`` (1024), whatever ``--lr`` says, as the original's ``--auto-lr`` did; without it:
+    ``--lr``, or ``--lr-base`` when ``--lr`` is unset."""
+    if args.auto_lr:
+        return args.lr_base * global_batch / args.lr_base_size
+    return args.lr if args.lr is not None else args.lr_base
+
+
+def resolve_batch(args: argparse.Namespace, info: DistInfo, train_set: ImageFolderDataset) -> int:
+    """Settle ``args.batch_size`` (from ``--global-batch-size``) and ``args.lr``; return the global batch."""
+    if args.global_batch_size is not None:
+        per = info.world_size * args.grad_accum_steps
+        if args.global_batch_size < 1 or args.global_batch_size % per:
+            raise UsageError(
+                f'--global-batch-size {args.global_batch_size} is not divisible by {info.world_size} '
+                f'processes x {args.grad_accum_steps} accumulation steps; pick a multiple of {per}')
+        args.batch_size = args.global_batch_size // per
+    global_batch = args.batch_size * info.world_size * args.grad_accum_steps
+    if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax) and args.mixup_mode != 'elem' \
+            and args.batch_size % 2:
+        raise UsageError(f'-b {args.batch_size}: mixup/cutmix mix pairs of images, the batch per process '
+                         f'must be even')
+    lr = resolve_lr(args, global_batch)
+    if args.auto_lr and args.lr is not None and not math.isclose(lr, args.lr) and info.is_main:
+        _logger.info('--auto-lr: lr = %g x global batch %d / %d = %g; --lr %g is not used (as in the original)',
+                     args.lr_base, global_batch, args.lr_base_size, lr, args.lr)
+    args.lr = lr
+    per_rank = math.ceil(len(train_set) / info.world_size)
+    if per_rank < args.batch_size:
+        raise DataError(f'{train_set.root} has {len(train_set)} images, fewer than one batch of '
+                        f'{args.batch_size} per process x {info.world_size} processes; lower -b')
+    return global_batch
+
+
+def build_model(args: argparse.Namespace, info: DistInfo) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model on ``info.device`` (fine-tuning weights loaded, SyncBN converted) and timm's data config."""
+    import models
+    from timm.data import resolve_data_config
+    extra = {}
+    if args.drop is not None:
+        extra['drop_rate'] = args.drop
+    model = create_model_from_args(args, **extra)
+    if args.finetune:
+        models.load_checkpoint(model, args.finetune, use_ema=args.finetune_ema, strict=True)
+        _logger.info('Fine-tuning from %s', args.finetune)
+    data_config = resolve_data_config(
+        dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
+             mean=args.mean, std=args.std), model=model)
+    min_size = models.MIN_INPUT_SIZE if args.model.startswith('overlock') else 1
+    if min(data_config['input_size'][1:]) < min_size:
+        raise UsageError(f'--img-size {args.img_size}: {args.model} needs at least {min_size} pixels')
+    model.to(info.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.sync_bn:
+        if info.distributed and info.device.type == 'cuda':
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif info.is_main:
+            _logger.warning('--sync-bn ignored: it needs CUDA and more than one process')
+    n_params = sum(p.numel() for p in model.parameters())
+    _logger.info('Model %s: %.2fM parameters, %d classes, input %s', args.model, n_params / 1e6,
+                 args.num_classes, tuple(data_config['input_size']))
+    return model, data_config
+
+
+def build_ema(args: argparse.Namespace, model: nn.Module):
+    """timm's ``ModelEmaV3`` of ``model`` with ``--model-ema``, else None."""
+    if not args.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+    return ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+
+
+def build_scaler(args: argparse.Namespace, device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """A loss scaler for float16 AMP (bfloat16 and float32 need none)."""
+    if args.amp and args.amp_dtype == 'float16':
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2`` (parameter groups without weight decay for norms and biases)."""
+    from timm.optim import create_optimizer_v2
+    opt_kwargs = {}
+    if args.opt_eps is not None:
+        opt_kwargs['eps'] = args.opt_eps
+    if args.opt_betas is not None:
+        opt_kwargs['betas'] = tuple(args.opt_betas)
+    try:
+        return create_optimizer_v2(
+            model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+            layer_decay=args.layer_decay, **opt_kwargs)
+    except (AssertionError, ValueError, KeyError) as e:  # timm's factory rejects unknown names this way
+        raise UsageError(f'--opt {args.opt}: {e}') from None
+
+
+def wrap_model(args: argparse.Namespace, info: DistInfo, model: nn.Module):
+    """``(train_model, eval_model, ddp_model)``: DistributedDataParallel with several processes (else None),
+    ``torch.compile`` with ``--compile``."""
+    import warnings
+    train_model = eval_model = model
+    ddp_model = None
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [info.device.index] if info.device.type == 'cuda' else None
+        # Depthwise conv grads come back with other strides on size-1 dims only (same memory layout);
+        # DDP's warning about it says nothing actionable.
+        warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+        ddp_model = DistributedDataParallel(model, device_ids=ids)
+        train_model = ddp_model
+    if args.compile:
+        train_model = torch.compile(train_model)
+        eval_model = torch.compile(model)
+    return train_model, eval_model, ddp_model
+
+
+@dataclass
+class Loaders:
+    """The run's loaders and what the loop needs to drive them."""
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader
+    sampler: ResumableSampler
+    generator: torch.Generator  # re-seeded every epoch: worker seeds follow (seed, epoch, rank)
+    batches_per_epoch: int
+    updates_per_epoch: int
+
+
+def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: ImageFolderDataset,
+                  val_set: ImageFolderDataset, data_config: Dict[str, Any]) -> Loaders:
+    """Set the datasets' transforms and build the loaders (resumable sharded sampler for training).
+
+    Workers hand over uint8 batches (timm's ``fast_collate``); normalisation, mixing and random erasing
+    happen on the device (:func:`build_device_augment`)."""
+    from timm.data.loader import fast_collate
+    from .augment import build_eval_transform, build_train_transform
+    cfg = data_config
+    train_set.transform = build_train_transform(
+        cfg['input_size'], no_aug=args.no_aug, scale=tuple(args.scale), ratio=tuple(args.ratio),
+        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        interpolation=args.train_interpolation, mean=cfg['mean'], std=cfg['std'], use_prefetcher=True)
+    val_set.transform = build_eval_transform(
+        cfg['input_size'], interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
+        crop_pct=cfg['crop_pct'], use_prefetcher=True)
+    sampler = ResumableSampler(len(train_set), info.world_size, info.rank, True, args.seed)
+    generator = torch.Generator()
+    common = dict(num_workers=args.workers, pin_memory=args.pin_mem and info.device.type == 'cuda',
+                  worker_init_fn=worker_init, generator=generator, collate_fn=fast_collate)
+    train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                        **common)
+    val = torch.utils.data.DataLoader(
+        val_set, batch_size=args.validation_batch_size or args.batch_size,
+        sampler=EvalShardSampler(len(val_set), info.world_size, info.rank), **common)
+    batches = sampler.per_replica // args.batch_size
+    return Loaders(train, val, sampler, generator, batches, math.ceil(batches / args.grad_accum_steps))
+
+
+def build_device_augment(args: argparse.Namespace, data_config: Dict[str, Any], device: torch.device,
+                         mixup=None):
+    """``(train, eval)`` batch steps on the device: normalise; for training also Mixup/CutMix and then random
+    erasing of the mixed batch (``--reprob``), as timm's prefetcher did in the original runs."""
+    from .augment import DeviceAugment
+    mean, std = data_config['mean'], data_config['std']
+    train = DeviceAugment(mean, std, device, mixup=mixup, re_prob=args.reprob, re_mode=args.remode,
+                          re_count=args.recount, channels_last=args.channels_last)
+    return train, DeviceAugment(mean, std, device, channels_last=args.channels_last)
+
+
+def build_loss(args: argparse.Namespace):
+    """``(mixup, criterion)``: timm's Mixup/CutMix (None when off) and the matching training loss."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup = Mixup(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+            label_smoothing=args.smoothing, num_classes=args.num_classes)
+        return mixup, SoftTargetCrossEntropy()  # mixup's targets are soft (and smoothed)
+    if args.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+    """``(scheduler, num_epochs)`` from timm's ``create_scheduler_v2``; num_epochs includes the cool-down."""
+    from timm.scheduler import create_scheduler_v2
+    try:
+        scheduler, num_epochs = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
+            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
+    except (AssertionError, ValueError) as e:
+        raise UsageError(f'--sched {args.sched}: {e}') from None
+    if scheduler is None:
+        raise UsageError(f'--sched {args.sched} is not a timm scheduler (e.g. cosine, step, tanh, poly)')
+    return scheduler, num_epochs

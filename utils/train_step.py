@@ -1,0 +1,323 @@
+"""The parts of one training step, each small enough to test alone: the accumulation plan, the forward and
+backward pass, the optimizer update, the guard against non-finite losses, the progress log and preemption.
+"""
+import contextlib
+import datetime
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .data import seed_worker
+from .distributed import DistInfo, all_reduce_sum, any_true
+
+__all__ = [
+    'NonFiniteLoss', 'Preemption', 'worker_init', 'close_loader', 'autocast', 'compute_loss', 'accumulation_group',
+    'forward_backward', 'optimizer_step', 'NonFiniteGuard', 'ProgressLog', 'fmt_eta', 'evaluate',
+]
+
+_logger = logging.getLogger('train')
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN / inf loss; the message names the step and the last good checkpoint."""
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop saves a recovery checkpoint at the next step boundary."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, 'SIGTERM', None), getattr(signal, 'SIGUSR1', None)) if s is not None)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum  # only set a flag: logging or saving inside a signal handler is not safe
+
+    def install(self) -> None:
+        for s in self.SIGNALS:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (embedded use): no preemption handling
+                pass
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        names = {getattr(signal, 'SIGTERM', -1): 'SIGTERM', getattr(signal, 'SIGUSR1', -2): 'SIGUSR1'}
+        return names.get(self.signum, str(self.signum))
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker init: seed python/numpy, ignore the preemption signals."""
+    seed_worker(worker_id)
+    # Preemption signals are for the main process, which stops the loader cleanly; a worker killed by them
+    # would make the next batch fail before the recovery checkpoint is written.
+    for s in Preemption.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def close_loader(batches) -> None:
+    """Stop a DataLoader iterator's workers now. On an error the traceback keeps the iterator alive until
+    interpreter exit, where multiprocessing would SIGTERM the workers, which ignore it (see worker_init)."""
+    shutdown = getattr(batches, '_shutdown_workers', None)  # absent for num_workers=0
+    if shutdown is not None:
+        shutdown()
+
+
+def autocast(enabled: bool, device: torch.device, dtype: torch.dtype):
+    """``torch.autocast`` for ``device`` when ``enabled``, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def compute_loss(criterion: Callable, output, target: torch.Tensor,
+                 aux_ratio: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(loss, aux)``: ``main + aux_ratio x aux`` when the model returns both heads (aux detached), else
+    ``(criterion(output), None)``."""
+    if isinstance(output, dict):
+        main = criterion(output['main'], target)
+        aux = criterion(output['aux'], target)
+        return main + aux_ratio * aux, aux.detach()
+    return criterion(output, target), None
+
+
+def accumulation_group(i: int, n: int, accum: int) -> Tuple[int, bool]:
+    """For batch ``i`` of ``n`` with ``accum`` batches per update: ``(group size, update after this batch)``.
+    The last group of an epoch may be shorter; its losses are averaged over its own size."""
+    start = (i // accum) * accum
+    size = min(accum, n - start)
+    return size, i + 1 == start + size
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, group_size: int,
+                     scaler: Optional[torch.amp.GradScaler], amp_context: Callable,
+                     no_sync: Optional[Callable] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Forward, loss, and backward of ``loss / group_size`` (scaled with ``scaler``); gradients add up
+    until the update. ``no_sync``: DDP's context that skips the all-reduce (all batches of a group but the
+    last). Returns the detached ``(loss, aux)``."""
+    with no_sync() if no_sync is not None else contextlib.nullcontext():
+        with amp_context():
+            output = model(x)
+            loss, aux = loss_fn(output, y)
+        scaled = loss / group_size
+        if scaler is not None:
+            scaled = scaler.scale(scaled)
+        scaled.backward()
+    return loss.detach(), aux
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: Callable, scaler: Optional[torch.amp.GradScaler],
+                   clip_grad: Optional[float], clip_mode: str = 'norm') -> None:
+    """Clip (after unscaling), step (the scaler skips a step whose gradients overflowed) and zero the grads."""
+    from timm.utils import dispatch_clip_grad
+    if scaler is not None:
+        if clip_grad is not None:
+            scaler.unscale_(optimizer)
+            dispatch_clip_grad(params(), clip_grad, mode=clip_mode)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if clip_grad is not None:
+            dispatch_clip_grad(params(), clip_grad, mode=clip_mode)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class NonFiniteGuard:
+    """Watches the losses for NaN / inf, checking lazily (one device sync per log interval), as the original
+    handles them: where steps with a non-finite loss are skipped (the float16 loss scaler skips a step whose
+    gradients overflow; ``--skip-nonfinite`` skips them without a scaler) training goes on, and stops only
+    when ``limit`` consecutive updates had a non-finite loss; where nothing would skip them (float32,
+    bfloat16), the first one stops the run before the weights it spoiled are saved.
+
+    Losses are recorded with :meth:`add` per update; :meth:`check` raises :class:`NonFiniteLoss` naming the
+    step and the last good checkpoint.
+
+    Args:
+        info: process placement (a stop on any process stops all of them).
+        batches_per_epoch: for the message.
+        output: run folder (the message names its ``last.pth``).
+        tolerate: steps with a non-finite loss are skipped (loss scaler or --skip-nonfinite).
+        limit: with ``tolerate``, stop after this many consecutive non-finite updates (0: never).
+    """
+
+    def __init__(self, info: DistInfo, batches_per_epoch: int, output: str, tolerate: bool = False,
+                 limit: int = 0):
+        self.info = info
+        self.batches_per_epoch = batches_per_epoch
+        self.output = output
+        self.tolerate = tolerate
+        self.limit = limit
+        self.pending: List[Tuple[int, int, torch.Tensor]] = []  # (epoch, first batch, losses of one update)
+        self.streak = 0  # consecutive updates with a non-finite loss
+        self.skipped = 0  # updates with a non-finite loss seen while tolerating them
+
+    def add(self, epoch: int, batch: int, losses: torch.Tensor) -> None:
+        """Record the losses of one update whose first batch is ``batch`` (0-based) of ``epoch``."""
+        self.pending.append((epoch, batch, losses.reshape(-1)))
+
+    def skipped_now(self, epoch: int, batch: int) -> None:
+        """An update already found non-finite and skipped (``--skip-nonfinite``, checked at once)."""
+        self.skipped += 1
+        self.streak += 1
+        if self.limit and self.streak >= self.limit:  # every process took the same decision
+            raise NonFiniteLoss(self._persist_message(epoch, batch))
+
+    def advice(self) -> str:
+        last = os.path.join(self.output, 'last.pth')
+        skip = '' if self.tolerate else ', or pass --skip-nonfinite to skip such steps'
+        if os.path.isfile(last):
+            return f'last good checkpoint: {last}. Resume from it in float32 (drop --amp) or with a lower --lr{skip}'
+        return f'no checkpoint written yet; restart in float32 (drop --amp) or with a lower --lr{skip}'
+
+    def _persist_message(self, epoch: int, batch: int) -> str:
+        return (f'non-finite loss in {self.streak} consecutive updates (the last at epoch {epoch + 1}, step '
+                f'{batch + 1} of {self.batches_per_epoch}): skipping them did not help; {self.advice()}')
+
+    def check(self) -> None:
+        """Go through the recorded updates (one sync for all of them); raise NonFiniteLoss to stop."""
+        pending = self.pending
+        if not pending:
+            return
+        sizes = [p[2].numel() for p in pending]
+        losses = torch.cat([p[2].float() for p in pending])
+        finite = torch.isfinite(losses)
+        if not self.tolerate:
+            bad_local = not bool(finite.all())
+            if any_true(bad_local, self.info):
+                if bad_local:
+                    i = int((~finite).nonzero()[0])
+                    u = next(k for k in range(len(sizes)) if sum(sizes[:k + 1]) > i)
+                    epoch, step = pending[u][0], pending[u][1] + i - sum(sizes[:u])
+                    where = f'({float(losses[i])}) at epoch {epoch + 1}, step {step + 1} of {self.batches_per_epoch}'
+                else:
+                    where = f'on another process, epoch {pending[0][0] + 1} near step {pending[0][1] + 1}'
+                raise NonFiniteLoss(f'non-finite loss {where}; {self.advice()}')
+            pending.clear()
+            return
+        flags = finite.tolist()
+        stop_at = None
+        offset = 0
+        before = self.skipped
+        for (epoch, batch, _), n in zip(pending, sizes):
+            if all(flags[offset:offset + n]):
+                self.streak = 0
+            else:
+                self.skipped += 1
+                self.streak += 1
+                if self.limit and self.streak >= self.limit and stop_at is None:
+                    stop_at = (epoch, batch + n - 1)
+            offset += n
+        if self.skipped > before:
+            _logger.warning('epoch %d: %d update(s) with a non-finite loss skipped (%d so far)',
+                            pending[-1][0] + 1, self.skipped - before, self.skipped)
+        pending.clear()
+        if any_true(stop_at is not None, self.info):
+            if stop_at is None:
+                raise NonFiniteLoss(f'non-finite losses persisted on another process; {self.advice()}')
+            raise NonFiniteLoss(self._persist_message(*stop_at))
+
+
+def fmt_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+class ProgressLog:
+    """The ``Train:`` line every ``interval`` updates: window and epoch mean loss, lr, images/s, data time
+    per batch and the epoch's ETA. Sums stay on the device until a line is written.
+
+    Args:
+        interval: optimizer updates between lines.
+        images_per_update: batch x accumulation x processes.
+        device: where the loss sums live.
+    """
+
+    def __init__(self, interval: int, images_per_update: int, device: torch.device):
+        self.interval = interval
+        self.images_per_update = images_per_update
+        self.window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches since last line
+        self.t_line = time.time()
+        self.data_time = 0.0
+        self.batches = 0
+        self.updates = 0
+
+    def add_loss(self, loss: torch.Tensor, finite: Optional[torch.Tensor] = None) -> None:
+        """Add a batch's loss (``finite``: whether it counts; non-finite losses stay out of the means)."""
+        if finite is None:
+            self.window[0] += loss.double()
+            self.window[1] += 1
+        else:
+            self.window[0] += torch.where(finite, loss, 0).double()
+            self.window[1] += finite
+
+    def add_data_time(self, seconds: float) -> None:
+        self.data_time += seconds
+        self.batches += 1
+
+    def due(self, update_idx: int, last: bool) -> bool:
+        return update_idx % self.interval == 0 or last
+
+    def line(self, epoch: int, num_epochs: int, update_idx: int, updates_per_epoch: int, epoch_mean: float,
+             lr: float) -> str:
+        elapsed = time.time() - self.t_line
+        left = (updates_per_epoch - update_idx) * elapsed / max(1, self.updates)
+        w = self.window.tolist()
+        width = len(str(updates_per_epoch))
+        return (f'Train: {epoch + 1}/{num_epochs} [{update_idx:{width}d}/{updates_per_epoch} '
+                f'({100.0 * update_idx / updates_per_epoch:3.0f}%)] loss {w[0] / max(1, w[1]):.4f} '
+                f'({epoch_mean:.4f})  lr {lr:.3e}  '
+                f'{self.updates * self.images_per_update / max(elapsed, 1e-9):.1f} img/s  '
+                f'data {self.data_time / max(1, self.batches):.3f}s  ETA {fmt_eta(left)}')
+
+    def reset(self) -> None:
+        self.window.zero_()
+        self.t_line, self.data_time, self.batches, self.updates = time.time(), 0.0, 0, 0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, info: DistInfo, amp_context: Callable, num_classes: int,
+             prepare: Optional[Callable] = None) -> Dict[str, float]:
+    """Loss, top-1 and top-5 (%) over ``loader``, summed over processes (each image once); ``prepare(x, y)``
+    moves a batch to the device (and normalises it), default: ``.to(device)``."""
+    import torch.nn.functional as F
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, top1, top5, count
+    batches = iter(loader)
+    try:
+        for x, y in batches:
+            if prepare is not None:
+                x, y = prepare(x, y)
+            else:
+                x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            with amp_context():
+                out = model(x)
+            if isinstance(out, dict):
+                out = out['main']
+            out = out.float()
+            sums[0] += F.cross_entropy(out, y, reduction='sum').double()
+            hit = out.topk(k, dim=1).indices.eq(y[:, None])
+            sums[1] += hit[:, :1].sum()
+            sums[2] += hit.sum()
+            sums[3] += y.numel()
+    finally:
+        close_loader(batches)
+    all_reduce_sum(sums, info)
+    loss, top1, top5, count = sums.tolist()
+    count = max(count, 1.0)
+    return {'loss': loss / count, 'top1': 100.0 * top1 / count, 'top5': 100.0 * top5 / count}
