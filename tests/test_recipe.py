@@ -17,9 +17,15 @@ from utils.augment import build_train_transform, install_posterize, posterize
 CONFIGS = sorted((REPO / 'configs').glob('overlock_*.yaml'))
 
 
-def _recipe_value(key: str):
-    with open(REPO / 'configs' / 'overlock_xt.yaml') as f:
-        return yaml.safe_load(f)[key]
+def _recipe_value(key: str, config: str = 'overlock_xt'):
+    from utils.cli import load_config_file
+    return load_config_file(str(REPO / 'configs' / f'{config}.yaml'))[key]
+
+
+def _config_args(config: str, *extra: str):
+    from utils.cli import parse_args_with_config
+    from utils.config import build_train_parser
+    return parse_args_with_config(build_train_parser(), ['-c', str(REPO / 'configs' / f'{config}.yaml'), *extra])
 
 
 def _random_images(n: int, seed: int = 0, modes=('RGB',)):
@@ -78,17 +84,51 @@ def test_rand_augment_policies_on_thousands_of_images(config):
         ra(img)
 
 
-def test_recipe_train_transform_on_many_images():
-    """The whole training transform of the recipe (crop, flip, RandAugment, erasing) as train.py builds it."""
+@pytest.mark.parametrize('config', [c.stem for c in CONFIGS])
+def test_config_pipeline_loss_optimizer_schedule(config: str, tmp_path: Path):
+    """What each config selects, built by train.py's own builders with the config's values: the worker
+    transform on many images, the device-side normalise / mix / erase, the loss, the optimizer step with
+    clipping, and the whole schedule (warm-up, cosine, cool-down)."""
+    import math
+    import timm
     import torch
-    cfg = {k: _recipe_value(k) for k in ('aa', 'scale', 'hflip', 'train_interpolation', 'reprob', 'remode')}
-    transform = build_train_transform(
-        (3, 16, 16), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), scale=tuple(cfg['scale']),
-        hflip=cfg['hflip'], auto_augment=cfg['aa'], interpolation=cfg['train_interpolation'],
-        re_prob=cfg['reprob'], re_mode=cfg['remode'])
-    for img in _random_images(1500, seed=1):
-        out = transform(img)
-        assert out.shape == (3, 16, 16) and torch.isfinite(out).all()
+    from utils.distributed import DistInfo
+    from utils.train_setup import (build_datasets, build_device_augment, build_loaders, build_loss, build_optimizer,
+                                   build_scheduler, resolve_lr)
+    assert len(CONFIGS) == 4
+    data = make_image_folder(tmp_path / 'data', n_train=2, n_val=1, size=8)
+    args = _config_args(config, '--data-dir', str(data), '--img-size', '16', '-j', '0', '-b', '4')
+    args.num_classes = 3
+    assert args.aa == _recipe_value('aa', config) and args.model == config
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'))
+    train_set, val_set = build_datasets(args)
+    cfg = dict(input_size=(3, 16, 16), interpolation='bicubic', mean=(0.485, 0.456, 0.406),
+               std=(0.229, 0.224, 0.225), crop_pct=0.9)
+    build_loaders(args, info, train_set, val_set, cfg)
+    batch = torch.stack([train_set.transform(img) for img in _random_images(1200, seed=7)])
+    assert batch.dtype == torch.uint8 and batch.shape == (1200, 3, 16, 16)
+    mixup, criterion = build_loss(args)
+    device_train, device_eval = build_device_augment(args, cfg, torch.device('cpu'), mixup)
+    x, y = device_train(batch[:64], torch.arange(64) % 3)
+    assert torch.isfinite(x).all() and y.shape == (64, 3)
+    model = timm.create_model('resnet10t', num_classes=3, drop_path_rate=args.drop_path)
+    loss = criterion(model(x[:8]), y[:8])
+    loss.backward()
+    args.lr = resolve_lr(args, global_batch=2048)  # the release's 8 x 256
+    assert args.lr == pytest.approx(2e-3)
+    optimizer = build_optimizer(args, model)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    optimizer.step()
+    scheduler, num_epochs = build_scheduler(args, optimizer, updates_per_epoch=10)
+    assert num_epochs == args.epochs + args.cooldown_epochs
+    lrs = []
+    for epoch in range(num_epochs):
+        scheduler.step(epoch)
+        lrs.append(optimizer.param_groups[0]['lr'])
+    assert all(math.isfinite(v) and v > 0 for v in lrs)
+    assert lrs[0] == pytest.approx(args.warmup_lr)
+    assert max(lrs) == pytest.approx(args.lr, rel=1e-2)
+    assert lrs[-1] == pytest.approx(args.min_lr)
 
 
 @pytest.mark.parametrize('config,n_train', [('overlock_xt', 100), ('overlock_t', 20), ('overlock_s', 20),
