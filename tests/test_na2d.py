@@ -315,7 +315,7 @@ def test_backend_argument_and_set_backend():
     assert ops.get_backend('cpu') == 'torch'
     ops.set_backend('auto')
     assert dispatch._override is None
-    with pytest.raises(ValueError, match=r"'bogus'.*auto\|torch\|natten\|triton"):
+    with pytest.raises(ValueError, match=r"'bogus'.*auto\|triton\|natten\|torch"):
         ops.set_backend('bogus')
     with pytest.raises(ValueError, match="backend='bogus' is not a na2d_av backend"):
         ops.na2d_av(attn, value, 3, backend='bogus')
