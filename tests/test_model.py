@@ -8,16 +8,9 @@ import torch
 from torch import nn
 
 import models
-from conftest import TINY_KWARGS, randomize_bn_stats
 from models import layers as layers_mod
-
-
-def tiny(**kwargs):
-    return timm.create_model('overlock_xt', **{**TINY_KWARGS, 'num_classes': 7, 'use_gemm': False, **kwargs})
-
-
-def rel_err(a, b):
-    return float((a - b).detach().norm() / b.detach().norm())
+from tests.helpers import TINY_KWARGS, randomize_bn_stats, tiny_model as tiny
+from tests.reference import rel_err
 
 
 @pytest.mark.parametrize('size', [(32, 32), (64, 96), (97, 45), (160, 192)])

@@ -11,7 +11,7 @@ import timm
 import torch
 
 import models
-from conftest import DATA
+from tests.helpers import DATA
 
 VARIANTS = ['overlock_xt', 'overlock_t', 'overlock_s', 'overlock_b']
 ALL_VARIANTS = VARIANTS + [v + '_reparam' for v in VARIANTS]
