@@ -41,10 +41,23 @@ def test_train_mode_returns_both_heads_and_grads_reach_every_parameter():
     assert not no_grad
 
 
-def test_use_ds_false_has_no_aux_head():
+def test_use_ds_false_has_no_aux_head(tmp_path):
     model = tiny(use_ds=False).train()
-    assert model.aux_head is None and not any(k.startswith("aux_head.") for k in model.state_dict())
+    assert model.aux_head is None and not any(k.startswith('aux_head.') for k in model.state_dict())
     assert isinstance(model(torch.randn(2, 3, 32, 32)), torch.Tensor)
+    model.reset_classifier(3)
+    assert model.aux_head is None and model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    path = tmp_path / 'full.pth'
+    torch.save(tiny().state_dict(), path)  # a checkpoint with the auxiliary head loads without it
+    models.load_checkpoint(tiny(use_ds=False), path, strict=True)
+
+
+def test_prune_intermediate_layers_drops_both_heads():
+    model = tiny().train()
+    assert model.prune_intermediate_layers(indices=2) == [2, 3]
+    assert model.aux_head is None and not any(k.startswith(('aux_head.', 'head.0')) for k in model.state_dict())
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, model.feature_info[-1]['num_chs'])
 
 
 def test_drop_path_rates_follow_block_order():

@@ -365,6 +365,18 @@ def test_triton_dispatch(monkeypatch):
     torch.testing.assert_close(out, ops.na2d_softmax_av(logits, rpb, value, 3, backend='torch'))
 
 
+def test_available_backends_in_the_automatic_choice_order(monkeypatch):
+    """available_backends() lists the registry in order of preference; the automatic choice takes the first one
+    that takes the device: triton only for CUDA tensors, natten for CPU and CUDA, torch for anything."""
+    monkeypatch.setattr(dispatch, '_triton_module', lambda: _fake_triton([]))
+    monkeypatch.setattr(natten_backend, '_natten_functional', lambda: _fake_natten([]))
+    assert ops.available_backends() == list(ops.BACKENDS) == ['triton', 'natten', 'torch']
+    assert ops.get_backend('cuda') == 'triton' and ops.get_backend('cpu') == 'natten'
+    assert ops.get_backend('mps') == 'torch'
+    monkeypatch.setattr(natten_backend, '_natten_functional', lambda: None)
+    assert ops.available_backends() == ['triton', 'torch'] and ops.get_backend('cpu') == 'torch'
+
+
 def test_triton_unavailable_or_broken(monkeypatch):
     monkeypatch.setattr(dispatch, '_triton_module', lambda: _fake_triton([], available=False))
     assert 'triton' not in ops.available_backends()
