@@ -18,5 +18,6 @@ from .overlock import (
 __all__ = [
     'OverLoCK', 'RepConvBlock', 'DynamicConvBlock', 'DilatedReparamBlock', 'MIN_INPUT_SIZE',
     'CLASSIFIER_KEYS', 'CheckpointError', 'load_checkpoint', 'read_checkpoint_file', 'extract_state_dict',
-    'checkpoint_filter_fn', 'is_deploy_state_dict', 'guess_variant', 'reparameterize', 'create_model', 'list_variants', 'variant_args',
+    'checkpoint_filter_fn', 'is_deploy_state_dict', 'guess_variant', 'reparameterize', 'create_model',
+    'list_variants', 'variant_args',
 ]

@@ -432,9 +432,10 @@ class OverLoCK(nn.Module):
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
-    """Deploy form of any module tree holding OverLoCK blocks (a model, a feature extractor, one block), in
-    place; returns it. Shorthand for timm's ``reparameterize_model(model, inplace=True)``, which calls each
-    module's ``reparameterize()``."""
+    """Deploy form, in place, of any module whose submodules include OverLoCK models or blocks (an OverLoCK,
+    timm's feature extractor around one, a detection backbone); returns it. Shorthand for timm's
+    ``reparameterize_model(model, inplace=True)``, which calls ``reparameterize()`` on the submodules that have
+    it; the merge itself is ``DilatedReparamBlock.reparameterize``."""
     return reparameterize_model(model, inplace=True)
 
 
