@@ -1,13 +1,7 @@
-"""Fixtures shared by every test module. Tests run from the repository root on the CPU (see pytest.ini)."""
+"""Fixtures shared by every test module. Tests run from the repository root on the CPU (see pytest.ini); shared
+helpers are plain modules: tests/helpers.py (the tiny model, paths) and tests/reference.py (brute-force ops)."""
 import pytest
 import torch
-
-from tests.helpers import TINY_KWARGS
-
-
-@pytest.fixture
-def tiny_kwargs():
-    return dict(TINY_KWARGS)
 
 
 @pytest.fixture(autouse=True)
