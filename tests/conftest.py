@@ -3,6 +3,14 @@ helpers are plain modules: tests/helpers.py (the tiny model, paths) and tests/re
 import pytest
 import torch
 
+from tests.helpers import TINY_KWARGS
+
+
+@pytest.fixture
+def tiny_kwargs():
+    """A fresh copy of the tiny model's constructor arguments."""
+    return dict(TINY_KWARGS)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():
