@@ -28,6 +28,12 @@ def tiny_model(name: str = 'overlock_xt', **kwargs) -> nn.Module:
     return timm.create_model(name, **{**TINY_KWARGS, 'num_classes': 7, 'use_gemm': False, **kwargs})
 
 
+def na2d_golden() -> List[Dict[str, object]]:
+    """natten 0.17's float64 na2d_av outputs and gradients (tests/data/golden_na2d_av.pt): a list of cases with
+    'attn', 'value', 'kernel_size', 'grad_out', 'out', 'grad_attn', 'grad_value'."""
+    return torch.load(DATA / 'golden_na2d_av.pt', weights_only=True)
+
+
 @torch.no_grad()
 def randomize_bn_stats(model: nn.Module, seed: int = 0) -> None:
     """Non-trivial BatchNorm statistics and affine params, so that fusing BN is really exercised."""

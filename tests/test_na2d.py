@@ -8,7 +8,7 @@ import torch
 
 from models import ops
 from models.ops import dispatch, natten_backend, torch_backend
-from tests.helpers import DATA
+from tests.helpers import na2d_golden
 from tests.reference import reference_na2d_av, reference_rpb, reference_softmax_av, rel_err, window_starts
 
 
@@ -33,7 +33,7 @@ def _clean_dispatch(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # Semantics and gradients
 
-GOLDEN = torch.load(DATA / 'golden_na2d_av.pt', weights_only=True)
+GOLDEN = na2d_golden()
 NATTEN = pytest.mark.skipif(not natten_backend.is_available(), reason='natten <= 0.17 not installed')
 
 
