@@ -365,3 +365,31 @@ def test_torch_export_of_deploy_form():
     x3 = torch.randn(3, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x3), model(x3), rtol=1e-5, atol=1e-6)
+
+
+def test_model_package_has_no_import_cycle():
+    """Imports inside models/ (module level or in functions) form no cycle: each module can be read alone."""
+    import ast
+    from tests.helpers import REPO
+    root = REPO / 'models'
+    graph = {}
+    for path in root.rglob('*.py'):
+        name = '.'.join(path.relative_to(REPO).with_suffix('').parts).removesuffix('.__init__')
+        package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit('.', node.level - 1)[0] if node.level > 1 else package
+                module = f'{base}.{node.module}' if node.module else base
+                targets |= {f'{module}.{a.name}' for a in node.names} | {module}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                module = node.module if isinstance(node, ast.ImportFrom) else None
+                for a in node.names:
+                    targets.add(module or a.name)
+        graph[name] = targets
+    graph = {m: {t for t in ts if t in graph and t != m and not m.startswith(t + '.')} for m, ts in graph.items()}
+
+    def reaches(start, goal, seen):
+        return any(t == goal or (t not in seen and reaches(t, goal, seen | {t})) for t in graph[start])
+    cycles = [m for m in graph if reaches(m, m, {m})]
+    assert not cycles, f'import cycles through {sorted(cycles)}'
