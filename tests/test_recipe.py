@@ -1,0 +1,111 @@
+"""The shipped training recipe as users run it: its augmentation on many images, and train.py with a
+config file as shipped.
+
+Rare paths matter here: the recipe's RandAugment samples magnitude 10 for about one image in a thousand, and
+before ``utils.augment.install_posterize`` that image stopped training on Pillow >= 11.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageOps
+
+from _train_helpers import REPO, TINY, make_image_folder, read_summary, run_inprocess
+from utils.augment import build_train_transform, install_posterize, posterize
+
+CONFIGS = sorted((REPO / 'configs').glob('overlock_*.yaml'))
+
+
+def _recipe_value(key: str):
+    with open(REPO / 'configs' / 'overlock_xt.yaml') as f:
+        return yaml.safe_load(f)[key]
+
+
+def _random_images(n: int, seed: int = 0, modes=('RGB',)):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = rng.integers(1, 24, size=2)
+        mode = modes[i % len(modes)]
+        shape = (h, w, 3) if mode == 'RGB' else (h, w)
+        yield Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def _rand_augment(config: str):
+    from timm.data.auto_augment import rand_augment_transform
+    install_posterize()
+    return rand_augment_transform(config, dict(translate_const=10, img_mean=(124, 116, 104)))
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGB'])
+def test_posterize_zero_bits_is_black_and_otherwise_pillows(mode):
+    img = next(_random_images(1, seed=3, modes=(mode,)))
+    black = posterize(img, 0)
+    assert black.mode == mode and black.size == img.size
+    assert np.array(black).max() == 0
+    for bits in range(1, 8):
+        assert np.array_equal(np.array(posterize(img, bits)), np.array(ImageOps.posterize(img, bits)))
+    assert posterize(img, 8) is img
+
+
+@pytest.mark.parametrize('inc', [0, 1])
+@pytest.mark.parametrize('magnitude', [0, 5, 9, 10])
+def test_every_rand_augment_op_at_edge_magnitudes(inc, magnitude):
+    """Each op of both op sets, applied for sure (prob 1, no magnitude noise), on sizes from 1x1 up."""
+    ra = _rand_augment(f'rand-m{magnitude}-mstd0-inc{inc}')
+    assert len(ra.ops) >= 14
+    sizes = [(1, 1), (1, 7), (5, 3), (32, 32), (224, 224)]
+    rng = np.random.default_rng(magnitude)
+    for op in ra.ops:
+        op.prob = 1.0
+        for w, h in sizes:
+            out = op(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+            assert out.size == (w, h), op.name
+    # The 0-bit cases: PosterizeIncreasing at 10 and Posterize at 0 give black, as old Pillow did.
+    zero_bit = {('PosterizeIncreasing', 10), ('Posterize', 0)}
+    for op in ra.ops:
+        if (op.name, magnitude) in zero_bit:
+            out = op(Image.fromarray(rng.integers(1, 256, (9, 9, 3), dtype=np.uint8)))
+            assert np.array(out).max() == 0, op.name
+
+
+@pytest.mark.parametrize('config', [
+    'recipe', 'rand-m10-mstd0.5-inc1', 'rand-m10-mstd0.5-inc0', 'rand-m0-mstd0.5-inc1', 'rand-m0-mstd0.5-inc0'])
+def test_rand_augment_policies_on_thousands_of_images(config):
+    config = _recipe_value('aa') if config == 'recipe' else config
+    ra = _rand_augment(config)
+    for img in _random_images(2500, seed=len(config)):  # the dataset hands RGB images over
+        ra(img)
+
+
+def test_recipe_train_transform_on_many_images():
+    """The whole training transform of the recipe (crop, flip, RandAugment, erasing) as train.py builds it."""
+    import torch
+    cfg = {k: _recipe_value(k) for k in ('aa', 'scale', 'hflip', 'train_interpolation', 'reprob', 'remode')}
+    transform = build_train_transform(
+        (3, 16, 16), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), scale=tuple(cfg['scale']),
+        hflip=cfg['hflip'], auto_augment=cfg['aa'], interpolation=cfg['train_interpolation'],
+        re_prob=cfg['reprob'], re_mode=cfg['remode'])
+    for img in _random_images(1500, seed=1):
+        out = transform(img)
+        assert out.shape == (3, 16, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('config,n_train', [('overlock_xt', 100), ('overlock_t', 20), ('overlock_s', 20),
+                                             ('overlock_b', 20)])
+def test_shipped_config_trains_on_the_cpu(tmp_path: Path, config: str, n_train: int):
+    """``train.py -c configs/overlock_*.yaml`` as shipped (float16 AMP, EMA, SyncBN, the full augmentation,
+    the config's loss, optimizer and schedule) with only data, model size, batch, image size, epochs and
+    workers made small: 300 augmented images for XT, 60 for the others."""
+    data = make_image_folder(tmp_path / 'data', n_train=n_train, n_val=4, size=40)
+    out = tmp_path / 'out'
+    argv = ['-c', str(REPO / 'configs' / f'{config}.yaml'), '--data-dir', str(data), '--output', str(out),
+            *TINY[2:], '-b', '30', '--epochs', '1', '--warmup-epochs', '0', '--cooldown-epochs', '0', '-j', '0',
+            '--device', 'cpu']
+    code, err = run_inprocess(argv)
+    assert code == 0, err
+    saved = yaml.safe_load((out / 'args.yaml').read_text())
+    assert saved['model'] == config
+    for key in ('aa', 'amp', 'amp_dtype', 'model_ema', 'mixup', 'cutmix', 'reprob', 'smoothing'):
+        assert saved[key] == _recipe_value(key), key
+    assert len(read_summary(out / 'summary.csv')) == 1
