@@ -204,7 +204,7 @@ def test_gradient_checkpointing_recomputes_and_keeps_outputs_and_gradients(how, 
         for name in stage:
             block = getattr(model, name)[0]
             block.forward = counted(name, block.forward)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     outputs = []
     for m in (ref_model, model):
         out = m(x)
