@@ -1,6 +1,12 @@
-"""OverLoCK models. Importing this package registers the ``overlock_*`` models with timm."""
-from ._checkpoint import (
-    CheckpointError, checkpoint_filter_fn, extract_state_dict, guess_variant, is_deploy_state_dict,
+"""OverLoCK models. Importing this package registers the ``overlock_*`` models with timm.
+
+Modules: ``overlock`` (the network, its variants and timm registration), ``contmix`` (the Focus-Net's ContMix
+block), ``layers`` (shared layers, the DilatedReparamBlock), ``weights`` (loading weight files), ``ops`` (the
+neighbourhood-aggregation op and its backends). Imports go one way, without cycles:
+overlock -> contmix, weights, layers; contmix -> layers, ops; weights -> layers.
+"""
+from .weights import (
+    CLASSIFIER_KEYS, CheckpointError, checkpoint_filter_fn, extract_state_dict, guess_variant, is_deploy_state_dict,
     load_checkpoint, read_checkpoint_file,
 )
 from .contmix import DynamicConvBlock
@@ -11,6 +17,7 @@ from .overlock import (
 
 __all__ = [
     'OverLoCK', 'RepConvBlock', 'DynamicConvBlock', 'DilatedReparamBlock', 'MIN_INPUT_SIZE',
-    'CheckpointError', 'load_checkpoint', 'read_checkpoint_file', 'extract_state_dict', 'checkpoint_filter_fn',
-    'is_deploy_state_dict', 'guess_variant', 'reparameterize', 'create_model', 'list_variants', 'variant_args',
+    'CLASSIFIER_KEYS', 'CheckpointError', 'load_checkpoint', 'read_checkpoint_file', 'extract_state_dict',
+    'checkpoint_filter_fn', 'is_deploy_state_dict', 'guess_variant', 'reparameterize', 'create_model',
+    'list_variants', 'variant_args',
 ]

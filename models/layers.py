@@ -19,8 +19,10 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-# Branches (kernel sizes, dilations) added beside the K x K conv during training,
-# per large kernel size K (UniRepLKNet's defaults, kept by OverLoCK).
+# Branches (kernel sizes, dilations) added beside the K x K conv during training, per large kernel size K:
+# the OverLoCK release's table. It extends UniRepLKNet's defaults (e.g. K = 17 there: kernels 5, 9, 3, 3, 3 at
+# dilations 1, 2, 4, 5, 7) with one more undilated branch (7x7 for K = 9..17, 3x3 for K = 7; none for K = 5)
+# and adds K = 19, which UniRepLKNet does not define. Checkpoints of the release need exactly these branches.
 DILATED_REPARAM_BRANCHES: Dict[int, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
     19: ((5, 7, 9, 9, 3, 3, 3), (1, 1, 1, 2, 4, 5, 7)),
     17: ((5, 7, 9, 3, 3, 3), (1, 1, 2, 4, 5, 7)),

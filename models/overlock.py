@@ -6,7 +6,8 @@ Three sub-networks share one trunk:
   * Base-Net (stem, stages 1-3 of RepConvBlocks) encodes low/mid-level features at /16;
   * Overview-Net (stage 4 of RepConvBlocks) produces a coarse /32 context, projected into the *context prior*;
   * Focus-Net (ContMix blocks at /16 then /32) looks closely, its dynamic kernels guided by that prior.
-An auxiliary head on the Overview-Net output supervises the prior during training.
+An auxiliary head on the Overview-Net output supervises the prior during training (``aux_head``; None when
+the model is built with ``use_ds=False`` or pruned to a feature extractor).
 
 Parameter names follow the original release so its checkpoints load with ``strict=True``.
 """
@@ -17,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, reparameterize_model
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._checkpoint import CheckpointError, checkpoint_filter_fn, load_checkpoint
+from .weights import CLASSIFIER_KEYS, CheckpointError, checkpoint_filter_fn, load_checkpoint
 from .contmix import DynamicConvBlock
 from .layers import (
     GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule, downsample, stem,
@@ -210,12 +211,11 @@ class OverLoCK(nn.Module):
                     deploy=deploy,
                 ) for j in range(sub_depth[i])]))
 
-        if use_ds:
-            self.aux_head = nn.Sequential(
-                nn.BatchNorm2d(embed_dim[3]),
-                nn.AdaptiveAvgPool2d(1),
-                _classifier(embed_dim[3], num_classes),
-            )
+        self.aux_head: Optional[nn.Sequential] = nn.Sequential(
+            nn.BatchNorm2d(embed_dim[3]),
+            nn.AdaptiveAvgPool2d(1),
+            _classifier(embed_dim[3], num_classes),
+        ) if use_ds else None
         self.head = nn.Sequential(
             nn.Conv2d(fusion_dim, projection, 1, bias=False),
             nn.BatchNorm2d(projection),
@@ -286,19 +286,24 @@ class OverLoCK(nn.Module):
         device = self.head[0].weight.device
         self.head[4] = _classifier(self.head[0].out_channels, num_classes).to(device)
         self.head[4].apply(self._init_weights)
-        if hasattr(self, 'aux_head'):
+        if self.aux_head is not None:
             self.aux_head[2] = _classifier(self.aux_head[0].num_features, num_classes).to(device)
             self.aux_head[2].apply(self._init_weights)
 
     @torch.no_grad()
     def reparameterize(self) -> 'OverLoCK':
-        """Merge every DilatedReparamBlock in place (deploy form). Idempotent; returns self."""
+        """Merge every DilatedReparamBlock in place: the deploy form, same outputs in eval mode.
+
+        timm's ``reparameterize_model`` (and ``validate.py --reparam``) call this. Idempotent; returns self.
+        """
         for m in self.modules():
             if isinstance(m, DilatedReparamBlock):
                 m.reparameterize()
         return self
 
-    reparam = reparameterize  # the original release's name
+    def reparam(self) -> 'OverLoCK':
+        """The original release's name for :meth:`reparameterize` (kept for code written against it)."""
+        return self.reparameterize()
 
     def load_pretrained(self, path: str) -> None:
         """Called by timm for ``pretrained=True`` (custom_load): EMA weights when the file has them."""
@@ -399,8 +404,7 @@ class OverLoCK(nn.Module):
         """Drop the classifier heads (a feature extractor does not need them); the trunk stays whole."""
         take, _ = feature_take_indices(len(self.feature_info), indices)
         if prune_head:
-            if hasattr(self, 'aux_head'):
-                del self.aux_head
+            self.aux_head = None
             self.head = nn.Sequential(nn.Identity(), nn.Identity(), nn.Identity(), nn.AdaptiveAvgPool2d(1),
                                       nn.Identity())
             self.num_classes = 0
@@ -422,17 +426,17 @@ class OverLoCK(nn.Module):
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
         base, ctx = self.forward_base(x)
         logits = self.forward_head(self.forward_focus(base, ctx))
-        if self.training and hasattr(self, 'aux_head'):
+        if self.training and self.aux_head is not None:
             return {'main': logits, 'aux': self.aux_head(ctx).flatten(1)}
         return logits
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
-    """Merge every DilatedReparamBlock of ``model`` in place (any module tree); returns the model."""
-    for m in model.modules():
-        if isinstance(m, DilatedReparamBlock):
-            m.reparameterize()
-    return model
+    """Deploy form, in place, of any module whose submodules include OverLoCK models or blocks (an OverLoCK,
+    timm's feature extractor around one, a detection backbone); returns it. Shorthand for timm's
+    ``reparameterize_model(model, inplace=True)``, which calls ``reparameterize()`` on the submodules that have
+    it; the merge itself is ``DilatedReparamBlock.reparameterize``."""
+    return reparameterize_model(model, inplace=True)
 
 
 # --- variants, configs, registration ----------------------------------------------------------------------
@@ -511,7 +515,7 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.95, 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed1.0', 'classifier': ('head.4', 'aux_head.2'),
+        'first_conv': 'patch_embed1.0', 'classifier': CLASSIFIER_KEYS,
         'custom_load': True,  # our loader understands the release's layout and converts to deploy form
         'license': 'apache-2.0', 'paper_ids': 'arXiv:2502.20087',
         'origin_url': 'https://github.com/LMMMEng/OverLoCK',

@@ -11,11 +11,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, tiny_cli_kwargs
 
-# Tiny OverLoCK (same shape as conftest.TINY_KWARGS), 32 px inputs.
-TINY = ['--model', 'overlock_xt', '--model-kwargs', 'depth=[1,1,1,1]', 'sub_depth=[1,1]',
-        'embed_dim=[16,24,32,48]', 'sub_num_heads=[2,2]', 'projection=64', '--img-size', '32']
+# The tests' tiny OverLoCK (tests.helpers.TINY_KWARGS) on train.py's command line, 32 px inputs.
+TINY = ['--model', 'overlock_xt', '--model-kwargs', *tiny_cli_kwargs(), '--img-size', '32']
 # Quick CPU runs: batch 4, no worker processes, short schedule, a log line per update.
 FAST = ['-b', '4', '-j', '0', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1',
         '--device', 'cpu']

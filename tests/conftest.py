@@ -1,26 +1,14 @@
-"""Shared fixtures. Tests run from the repository root on the CPU."""
-import os
-import sys
-from pathlib import Path
-
+"""Fixtures shared by every test module. Tests run from the repository root on the CPU (see pytest.ini); shared
+helpers are plain modules: tests/helpers.py (the tiny model, paths) and tests/reference.py (brute-force ops)."""
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parent / 'data'
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import models  # noqa: E402  (registers the overlock models with timm)
-
-# Small enough for fast CPU tests, large enough to exercise every code path (resize path included).
-TINY_KWARGS = dict(
-    depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 24, 32, 48], sub_num_heads=[2, 2], projection=64,
-)
+from tests.helpers import TINY_KWARGS
 
 
 @pytest.fixture
 def tiny_kwargs():
+    """A fresh copy of the tiny model's constructor arguments."""
     return dict(TINY_KWARGS)
 
 
@@ -28,15 +16,3 @@ def tiny_kwargs():
 def _deterministic():
     torch.manual_seed(0)
     yield
-
-
-def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial BatchNorm statistics and affine params, so that fusing BN is really exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_((torch.rand(n, generator=gen) - 0.5) * 0.4)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.data.copy_(1 + 0.2 * torch.randn(n, generator=gen))
-            m.bias.data.copy_(0.1 * torch.randn(n, generator=gen))

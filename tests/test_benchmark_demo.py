@@ -8,12 +8,10 @@ import torch
 from torch import nn
 
 import models
-from conftest import REPO, TINY_KWARGS
 from models.ops import na2d_av
+from scripts import benchmark
+from tests.helpers import REPO, tiny_cli_kwargs
 from utils.flops import count_macs
-
-sys.path.insert(0, str(REPO / 'scripts'))
-import benchmark  # noqa: E402
 
 
 def test_count_macs_conv_matches_analytic():
@@ -41,7 +39,7 @@ def test_count_macs_overlock_xt_near_paper():
 
 @pytest.mark.parametrize('mode', ['infer', 'train'])
 def test_benchmark_prints_table(mode, capsys, tmp_path):
-    kwargs = [f'{k}={v}'.replace(' ', '') for k, v in TINY_KWARGS.items()]
+    kwargs = tiny_cli_kwargs()
     out_md = tmp_path / 'bench.md'
     benchmark.main(['--mode', mode, '--models', 'overlock_xt', 'resnet18', '--model-kwargs', *kwargs,
                     '--img-size', '32', '-b', '2', '--warmup', '0', '--iters', '1', '--reparam', '--out', str(out_md)])

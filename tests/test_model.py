@@ -8,16 +8,9 @@ import torch
 from torch import nn
 
 import models
-from conftest import TINY_KWARGS, randomize_bn_stats
 from models import layers as layers_mod
-
-
-def tiny(**kwargs):
-    return timm.create_model('overlock_xt', **{**TINY_KWARGS, 'num_classes': 7, 'use_gemm': False, **kwargs})
-
-
-def rel_err(a, b):
-    return float((a - b).detach().norm() / b.detach().norm())
+from tests.helpers import TINY_KWARGS, randomize_bn_stats, tiny_model as tiny
+from tests.reference import rel_err
 
 
 @pytest.mark.parametrize('size', [(32, 32), (64, 96), (97, 45), (160, 192)])
@@ -48,10 +41,23 @@ def test_train_mode_returns_both_heads_and_grads_reach_every_parameter():
     assert not no_grad
 
 
-def test_use_ds_false_has_no_aux_head():
+def test_use_ds_false_has_no_aux_head(tmp_path):
     model = tiny(use_ds=False).train()
-    assert not hasattr(model, 'aux_head')
+    assert model.aux_head is None and not any(k.startswith('aux_head.') for k in model.state_dict())
     assert isinstance(model(torch.randn(2, 3, 32, 32)), torch.Tensor)
+    model.reset_classifier(3)
+    assert model.aux_head is None and model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    path = tmp_path / 'full.pth'
+    torch.save(tiny().state_dict(), path)  # a checkpoint with the auxiliary head loads without it
+    models.load_checkpoint(tiny(use_ds=False), path, strict=True)
+
+
+def test_prune_intermediate_layers_drops_both_heads():
+    model = tiny().train()
+    assert model.prune_intermediate_layers(indices=2) == [2, 3]
+    assert model.aux_head is None and not any(k.startswith(('aux_head.', 'head.0')) for k in model.state_dict())
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, model.feature_info[-1]['num_chs'])
 
 
 def test_drop_path_rates_follow_block_order():
@@ -112,11 +118,40 @@ def test_reparam_float64_exact():
     assert rel_err(out, ref) < 1e-12
 
 
-def test_timm_reparameterize_model_works():
+@pytest.mark.parametrize('how', ['method', 'reparam_alias', 'timm'])
+def test_reparameterize_keeps_outputs_with_random_bn_statistics(how):
+    """Merging folds every branch BatchNorm; with non-trivial statistics a wrong fold changes the outputs."""
     from timm.utils.model import reparameterize_model
-    model = tiny().eval()
-    merged = reparameterize_model(model)
-    assert not any('origin_bn' in k for k in merged.state_dict())
+    model = tiny()
+    randomize_bn_stats(model, seed=2)
+    model.eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        ref = model(x)
+        if how == 'timm':
+            merged = reparameterize_model(model)  # a merged copy; the model itself stays as it was
+            assert torch.equal(model(x), ref) and any('origin_bn' in k for k in model.state_dict())
+        else:
+            merged = getattr(model, 'reparameterize' if how == 'method' else 'reparam')()
+            assert merged is model
+        out = merged(x)
+    blocks = [m for m in merged.modules() if isinstance(m, models.DilatedReparamBlock)]
+    assert blocks and all(b.deploy and not hasattr(b, 'origin_bn') for b in blocks)
+    assert not any('dil_' in k or 'origin_bn' in k for k in merged.state_dict())
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_reparameterized_block_matches_training_form_in_float64():
+    """One DilatedReparamBlock per branch table: the merged conv computes exactly what the branches did."""
+    for k in sorted(models.layers.DILATED_REPARAM_BRANCHES):
+        block = models.DilatedReparamBlock(4, k, use_gemm=False).double()
+        randomize_bn_stats(block, seed=k)
+        block.eval()
+        x = torch.randn(1, 4, k + 4, k + 2, dtype=torch.float64)
+        with torch.no_grad():
+            ref = block(x)
+            block.reparameterize()
+            assert rel_err(block(x), ref) < 1e-12, f'kernel_size {k}'
 
 
 def test_training_after_inference_mode():
@@ -139,27 +174,47 @@ def test_channels_last_input():
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize('stages', [[1, 1, 1, 1], [1, 0, 0, 0], None])
-def test_activation_checkpointing_equal_gradients(stages):
-    torch.manual_seed(0)
-    ref_model = tiny(use_checkpoint=[0, 0, 0, 0]).train()
-    model = tiny().train()
-    model.load_state_dict(ref_model.state_dict())
-    if stages is None:
-        model.set_grad_checkpointing(True)
+STAGE_BLOCKS = (('blocks1',), ('blocks2',), ('blocks3', 'sub_blocks3'), ('blocks4', 'sub_blocks4'))
+
+
+@pytest.mark.parametrize('how, stages', [
+    ('set_grad_checkpointing', [1, 1, 1, 1]),
+    ('set_grad_checkpointing_stages', [1, 0, 0, 0]),
+    ('use_checkpoint', [1, 0, 1, 0]),  # the constructor argument (the original's --ckpt-stg)
+])
+def test_gradient_checkpointing_recomputes_and_keeps_outputs_and_gradients(how, stages):
+    """Checkpointed blocks run twice (forward, then again in the backward), the others once, and outputs and
+    gradients equal those of the plain model."""
+    ref_model = tiny().train()
+    if how == 'use_checkpoint':
+        model = tiny(use_checkpoint=stages).train()
     else:
-        model.set_grad_checkpointing_stages(stages)
-    x = torch.randn(2, 3, 64, 64)
+        model = tiny().train()
+        getattr(model, how)(*(() if how == 'set_grad_checkpointing' else (stages,)))
+    model.load_state_dict(ref_model.state_dict())
+    calls = {}
+
+    def counted(name, forward):
+        def wrapper(*args):  # forward hooks do not see the recomputation; the forward method does
+            calls[name] = calls.get(name, 0) + 1
+            return forward(*args)
+        return wrapper
+
+    for stage in STAGE_BLOCKS:
+        for name in stage:
+            block = getattr(model, name)[0]
+            block.forward = counted(name, block.forward)
+    x = torch.randn(2, 3, 32, 32)
+    outputs = []
     for m in (ref_model, model):
         out = m(x)
         (out['main'].square().mean() + 0.4 * out['aux'].square().mean()).backward()
+        outputs.append(out)
+    assert calls == {name: 2 if n else 1 for stage, n in zip(STAGE_BLOCKS, stages) for name in stage}
+    for key in ('main', 'aux'):
+        torch.testing.assert_close(outputs[1][key], outputs[0][key], rtol=1e-5, atol=1e-6)
     for (name, p_ref), p in zip(ref_model.named_parameters(), model.parameters()):
-        assert torch.allclose(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6), name
-
-
-def test_use_checkpoint_constructor_argument():
-    model = tiny(use_checkpoint=[1, 0, 1, 0])
-    assert model.grad_checkpointing == [1, 0, 1, 0]
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_torch_compile_matches_eager():
@@ -310,3 +365,31 @@ def test_torch_export_of_deploy_form():
     x3 = torch.randn(3, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x3), model(x3), rtol=1e-5, atol=1e-6)
+
+
+def test_model_package_has_no_import_cycle():
+    """Imports inside models/ (module level or in functions) form no cycle: each module can be read alone."""
+    import ast
+    from tests.helpers import REPO
+    root = REPO / 'models'
+    graph = {}
+    for path in root.rglob('*.py'):
+        name = '.'.join(path.relative_to(REPO).with_suffix('').parts).removesuffix('.__init__')
+        package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit('.', node.level - 1)[0] if node.level > 1 else package
+                module = f'{base}.{node.module}' if node.module else base
+                targets |= {f'{module}.{a.name}' for a in node.names} | {module}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                module = node.module if isinstance(node, ast.ImportFrom) else None
+                for a in node.names:
+                    targets.add(module or a.name)
+        graph[name] = targets
+    graph = {m: {t for t in ts if t in graph and t != m and not m.startswith(t + '.')} for m, ts in graph.items()}
+
+    def reaches(start, goal, seen):
+        return any(t == goal or (t not in seen and reaches(t, goal, seen | {t})) for t in graph[start])
+    cycles = [m for m in graph if reaches(m, m, {m})]
+    assert not cycles, f'import cycles through {sorted(cycles)}'

@@ -11,7 +11,8 @@ import timm
 import torch
 
 import models
-from conftest import DATA
+from tests.helpers import DATA
+from tests.reference import rel_err
 
 VARIANTS = ['overlock_xt', 'overlock_t', 'overlock_s', 'overlock_b']
 ALL_VARIANTS = VARIANTS + [v + '_reparam' for v in VARIANTS]
@@ -66,10 +67,6 @@ def fill_reference(model: torch.nn.Module) -> None:
         else:
             new = 0.5 * torch.randn(shape, **f64)
         v.copy_(new)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def assert_matches_float32_golden(out64: torch.Tensor, ref32: torch.Tensor) -> None:

@@ -6,11 +6,7 @@ import timm
 import torch
 
 import models
-from conftest import TINY_KWARGS, randomize_bn_stats
-
-
-def tiny(name='overlock_xt', **kwargs):
-    return timm.create_model(name, **{**TINY_KWARGS, 'num_classes': 7, 'use_gemm': False, **kwargs})
+from tests.helpers import TINY_KWARGS, randomize_bn_stats, tiny_model as tiny
 
 
 @pytest.fixture(scope='module')

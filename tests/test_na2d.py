@@ -2,48 +2,14 @@
 import logging
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 from models import ops
 from models.ops import dispatch, natten_backend, torch_backend
-
-DATA = Path(__file__).resolve().parent / 'data'
-
-
-def _starts(n, k):
-    return [min(max(i - k // 2, 0), n - k) for i in range(n)]
-
-
-def reference_na2d_av(attn, value, k):
-    """Brute-force definition: loop over the K x K offsets, gather each neighbour with index_select."""
-    h, w = value.shape[2:4]
-    rows = torch.tensor(_starts(h, k))
-    cols = torch.tensor(_starts(w, k))
-    out = torch.zeros(value.shape, dtype=torch.promote_types(attn.dtype, value.dtype))
-    for ki in range(k):
-        for kj in range(k):
-            nb = value.index_select(2, rows + ki).index_select(3, cols + kj)
-            out = out + attn[..., ki * k + kj, None] * nb
-    return out
-
-
-def reference_rpb(rpb, h, w, k):
-    g = rpb.shape[0]
-    out = torch.empty(g, h, w, k * k, dtype=rpb.dtype)
-    si, sj = _starts(h, k), _starts(w, k)
-    for i in range(h):
-        for j in range(w):
-            for ki in range(k):
-                for kj in range(k):
-                    out[:, i, j, ki * k + kj] = rpb[:, si[i] + ki - i + k - 1, sj[j] + kj - j + k - 1]
-    return out
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+from tests.helpers import na2d_golden
+from tests.reference import reference_na2d_av, reference_rpb, reference_softmax_av, rel_err, window_starts
 
 
 def _inputs(shape, k, dtype=torch.float64, grad=False, seed=0):
@@ -67,7 +33,7 @@ def _clean_dispatch(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # Semantics and gradients
 
-GOLDEN = torch.load(DATA / 'golden_na2d_av.pt', weights_only=True)
+GOLDEN = na2d_golden()
 NATTEN = pytest.mark.skipif(not natten_backend.is_available(), reason='natten <= 0.17 not installed')
 
 
@@ -216,7 +182,7 @@ def test_relative_position_bias(h, w, k):
     # differentiable: each table entry receives the number of times it is used
     bias.sum().backward()
     counts = torch.zeros(2 * k - 1, 2 * k - 1, dtype=torch.float64)
-    si, sj = _starts(h, k), _starts(w, k)
+    si, sj = window_starts(h, k), window_starts(w, k)
     for i in range(h):
         for j in range(w):
             counts[si[i] - i + k - 1:si[i] - i + 2 * k - 1, sj[j] - j + k - 1:sj[j] - j + 2 * k - 1] += 1
@@ -293,9 +259,7 @@ def _fake_triton(calls, available=True):
 
     def na2d_softmax_av(logits, rpb, value, kernel_size):
         calls.append('triton.na2d_softmax_av')
-        h, w = value.shape[2:4]
-        return reference_na2d_av(torch.softmax(logits + reference_rpb(rpb, h, w, kernel_size), -1), value,
-                                 kernel_size)
+        return reference_softmax_av(logits, rpb, value, kernel_size)
     return types.SimpleNamespace(is_available=lambda: available, na2d_av=na2d_av, na2d_softmax_av=na2d_softmax_av,
                                  MAX_KERNEL_SIZE=15)
 
@@ -315,7 +279,7 @@ def test_backend_argument_and_set_backend():
     assert ops.get_backend('cpu') == 'torch'
     ops.set_backend('auto')
     assert dispatch._override is None
-    with pytest.raises(ValueError, match=r"'bogus'.*auto\|torch\|natten\|triton"):
+    with pytest.raises(ValueError, match=r"'bogus'.*auto\|triton\|natten\|torch"):
         ops.set_backend('bogus')
     with pytest.raises(ValueError, match="backend='bogus' is not a na2d_av backend"):
         ops.na2d_av(attn, value, 3, backend='bogus')
@@ -399,6 +363,18 @@ def test_triton_dispatch(monkeypatch):
     out = ops.na2d_softmax_av(logits, rpb, value, 3, backend='triton')
     assert calls == ['triton.na2d_av', 'triton.na2d_softmax_av']
     torch.testing.assert_close(out, ops.na2d_softmax_av(logits, rpb, value, 3, backend='torch'))
+
+
+def test_available_backends_in_the_automatic_choice_order(monkeypatch):
+    """available_backends() lists the registry in order of preference; the automatic choice takes the first one
+    that takes the device: triton only for CUDA tensors, natten for CPU and CUDA, torch for anything."""
+    monkeypatch.setattr(dispatch, '_triton_module', lambda: _fake_triton([]))
+    monkeypatch.setattr(natten_backend, '_natten_functional', lambda: _fake_natten([]))
+    assert ops.available_backends() == list(ops.BACKENDS) == ['triton', 'natten', 'torch']
+    assert ops.get_backend('cuda') == 'triton' and ops.get_backend('cpu') == 'natten'
+    assert ops.get_backend('mps') == 'torch'
+    monkeypatch.setattr(natten_backend, '_natten_functional', lambda: None)
+    assert ops.available_backends() == ['triton', 'torch'] and ops.get_backend('cpu') == 'torch'
 
 
 def test_triton_unavailable_or_broken(monkeypatch):

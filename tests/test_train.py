@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from _train_helpers import (
+from tests._train_helpers import (
     FAST, REPO, TINY, free_port, load, make_image_folder, read_summary, run_inprocess, run_train, state_dicts_equal,
     subprocess_env,
 )

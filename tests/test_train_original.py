@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from _train_helpers import FAST, TINY, load, make_image_folder, read_summary, run_inprocess
+from tests._train_helpers import FAST, TINY, load, make_image_folder, read_summary, run_inprocess
 from utils.checkpoint import CheckpointSaver
 from utils.distributed import DistInfo
 from utils.train_step import NonFiniteGuard, NonFiniteLoss

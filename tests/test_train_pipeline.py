@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from _train_helpers import make_image_folder
+from tests._train_helpers import make_image_folder
 from utils.augment import DeviceAugment
 from utils.config import build_train_parser
 from utils.distributed import DistInfo

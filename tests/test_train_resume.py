@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _train_helpers import (
+from tests._train_helpers import (
     FAST, REPO, TINY, free_port, load, make_image_folder, read_summary, run_inprocess, subprocess_env,
 )
 from utils.cli import parse_args_with_config

@@ -11,13 +11,12 @@ import torch
 from PIL import Image
 
 import models
-from conftest import REPO, TINY_KWARGS, randomize_bn_stats
+import reparam
+import validate
+from tests.helpers import REPO, TINY_KWARGS, randomize_bn_stats, tiny_cli_kwargs
 from utils.cli import run_cli
 
-import reparam  # noqa: E402  (repo root is on sys.path via conftest)
-import validate  # noqa: E402
-
-KW = ['depth=[1,1,1,1]', 'sub_depth=[1,1]', 'embed_dim=[16,24,32,48]', 'sub_num_heads=[2,2]', 'projection=64']
+KW = tiny_cli_kwargs()
 COMMON = ['--model-kwargs', *KW, '--img-size', '32', '--crop-pct', '1.0', '-b', '4', '-j', '0', '--no-progress']
 
 

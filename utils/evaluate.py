@@ -66,8 +66,9 @@ def build_model(
         if name.startswith('overlock') and models.is_deploy_state_dict(sd) and not name.endswith('_reparam'):
             _logger.info('%s holds deploy-form (re-parameterised) weights: using %s_reparam', checkpoint, name)
             name += '_reparam'
-        if 'head.4.weight' in sd:
-            ckpt_classes = sd['head.4.weight'].shape[0]
+        classifier = models.CLASSIFIER_KEYS[0] + '.weight'
+        if classifier in sd:
+            ckpt_classes = sd[classifier].shape[0]
             if num_classes is not None and num_classes != ckpt_classes:
                 raise UsageError(f'checkpoint {checkpoint} has a {ckpt_classes}-class classifier but '
                                  f'--num-classes is {num_classes}; evaluation needs the trained classifier')

@@ -1,8 +1,9 @@
 """Neighbourhood aggregation ops of ContMix: natten <= 0.17 ``na2d_av`` semantics without natten.
 
-Backends: 'torch' (pure PyTorch, any device, always there), 'natten' (an installed natten <= 0.17) and
-'triton' (CUDA kernels, when triton and ``triton_backend`` import). See ``dispatch`` for how one is chosen;
-``OVERLOCK_NA2D_BACKEND=auto|torch|natten|triton`` overrides the automatic choice.
+Backends, in the automatic choice's order of preference: 'triton' (CUDA kernels, when triton and
+``triton_backend`` import), 'natten' (an installed natten <= 0.17) and 'torch' (pure PyTorch, any device, always
+there). ``dispatch`` holds their registry and the choice; ``OVERLOCK_NA2D_BACKEND=auto|triton|natten|torch``
+overrides the automatic one. ``flops`` counts the ops' FLOPs for ``torch.utils.flop_counter``.
 """
 from .dispatch import (
     BACKENDS, ENV_VAR, available_backends, get_backend, na2d_av, na2d_softmax_av, relative_position_bias,

@@ -1,37 +1,67 @@
-"""Input checks and backend selection for the neighbourhood-aggregation ops.
+"""Backend registry, backend selection and input checks for the neighbourhood-aggregation ops.
+
+Backends live in one registry (name -> :class:`Backend`: availability probe, automatic-choice rule, ops), in the
+automatic choice's order of preference: 'triton' (CUDA tensors, K up to its kernels' MAX_KERNEL_SIZE), then
+'natten' (an installed natten <= 0.17; CPU and CUDA tensors), then 'torch' (always there).
 
 Selection order: the ``backend=`` argument > :func:`set_backend` > the environment variable
-``OVERLOCK_NA2D_BACKEND`` (auto|torch|natten|triton) > automatic: for CUDA tensors triton (for K up to its
-kernels' MAX_KERNEL_SIZE), else natten, else torch; for CPU tensors natten, else torch. The choice is logged
-once per (backend, device type).
+``OVERLOCK_NA2D_BACKEND`` (auto|triton|natten|torch) > the automatic choice: the first registered backend that
+is available and takes the tensors' device and kernel size. The choice is logged once per (backend, device type).
 Under ``torch.compile`` the backend is resolved while tracing and stays fixed in the compiled graph.
 """
+import dataclasses
 import importlib
 import logging
 import os
 from types import ModuleType
-from typing import List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
-from . import natten_backend, torch_backend
+from . import flops, natten_backend, torch_backend
 
 __all__ = [
     'na2d_av', 'na2d_softmax_av', 'relative_position_bias', 'available_backends', 'get_backend', 'set_backend',
-    'BACKENDS', 'ENV_VAR',
+    'BACKENDS', 'ENV_VAR', 'Backend',
 ]
 
 _logger = logging.getLogger(__name__)
 
-BACKENDS: Tuple[str, ...] = ('torch', 'natten', 'triton')
 ENV_VAR = 'OVERLOCK_NA2D_BACKEND'
 
 _override: Optional[str] = None
 _logged: Set[Tuple[str, str]] = set()
 
 
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of the ops, as the registry holds it.
+
+    Args:
+        name: what ``backend=``, :func:`set_backend` and the environment variable call it.
+        is_available: usable in this process at all (probed lazily, cached by the backend).
+        takes: whether the automatic choice may give it tensors on (device type, kernel size K).
+        na2d_av: ``(attn, value, kernel_size) -> out`` on validated inputs.
+        na2d_softmax_av: a fused ``(logits, rpb, value, kernel_size) -> out``; None: the bias and softmax run in
+            PyTorch, then ``na2d_av``.
+        device_error: for an explicit choice, why tensors of this device type cannot go to it (None: they can).
+        unavailable_reason: what it needs, for the error when it is chosen but unavailable.
+    """
+    name: str
+    is_available: Callable[[], bool]
+    takes: Callable[[str, Optional[int]], bool]
+    na2d_av: Callable[..., torch.Tensor]
+    na2d_softmax_av: Optional[Callable[..., torch.Tensor]] = None
+    device_error: Callable[[str], Optional[str]] = lambda device_type: None
+    unavailable_reason: Callable[[], str] = lambda: ''
+
+
+# --- triton: imported lazily (triton is optional and its import is slow) ----------------------------------
+
 _UNPROBED = object()
 _triton = _UNPROBED  # the triton backend module once probed, None when it cannot be imported
+_TRITON_OPS = (('na2d_av_triton', flops.register_na2d_av),
+               ('na2d_softmax_av_triton', flops.register_na2d_softmax_av))
 
 
 def _triton_module() -> Optional[ModuleType]:
@@ -45,6 +75,10 @@ def _triton_module() -> Optional[ModuleType]:
             _logger.debug('triton na2d backend unavailable: %s', e)
         except Exception as e:  # a broken triton install must not break the model: fall back to the others
             _logger.warning('triton na2d backend failed to import, not using it: %s', e)
+        if _triton is not None:
+            for name, register in _TRITON_OPS:  # FLOP formulas of the ops the module defined
+                if hasattr(torch.ops.overlock, name):
+                    register(name)
     return _triton
 
 
@@ -72,26 +106,54 @@ def _triton_available() -> bool:
     return _triton_ready() or (_triton_interpret() and _triton_module() is not None)
 
 
-def _is_available(name: str) -> bool:
-    if name == 'torch':
-        return True
-    if name == 'natten':
-        return natten_backend.is_available()
-    return _triton_available()
+def _triton_takes(device_type: str, kernel_size: Optional[int]) -> bool:
+    # the kernels cover K up to MAX_KERNEL_SIZE; larger kernels go to the next backend
+    return device_type == 'cuda' and _triton_ready() and (
+        kernel_size is None or kernel_size <= getattr(_triton_module(), 'MAX_KERNEL_SIZE', kernel_size))
+
+
+def _triton_device_error(device_type: str) -> Optional[str]:
+    if device_type == 'cuda' or (device_type == 'cpu' and _triton_interpret()):
+        return None
+    return (f'na2d_av backend triton runs on CUDA tensors (got {device_type}); set TRITON_INTERPRET=1 to run its '
+            f'kernels on CPU tensors, or choose one of {[b for b in available_backends() if b != "triton"]}')
+
+
+# --- the registry -------------------------------------------------------------------------------------------
+
+_REGISTRY: Dict[str, Backend] = {b.name: b for b in (
+    Backend(
+        name='triton',
+        is_available=_triton_available,
+        takes=_triton_takes,
+        na2d_av=lambda attn, value, k: _triton_module().na2d_av(attn, value, k),
+        na2d_softmax_av=lambda logits, rpb, value, k: _triton_module().na2d_softmax_av(logits, rpb, value, k),
+        device_error=_triton_device_error,
+        unavailable_reason=lambda: ('needs triton and models/ops/triton_backend.py importable, and a CUDA device '
+                                    '(or TRITON_INTERPRET=1 for CPU tensors)'),
+    ),
+    Backend(
+        name='natten',
+        is_available=lambda: natten_backend.is_available(),
+        takes=lambda device_type, k: device_type in ('cpu', 'cuda') and natten_backend.is_available(),
+        na2d_av=lambda attn, value, k: natten_backend.na2d_av(attn, value, k),
+        unavailable_reason=lambda: natten_backend.unavailable_reason(),
+    ),
+    Backend(
+        name='torch',
+        is_available=lambda: True,
+        takes=lambda device_type, k: True,
+        na2d_av=lambda attn, value, k: torch_backend.na2d_av(attn, value, k),
+    ),
+)}
+
+BACKENDS: Tuple[str, ...] = tuple(_REGISTRY)  # in the automatic choice's order of preference
 
 
 def available_backends() -> List[str]:
-    """Backends usable in this environment, in order of preference ('torch' is always there)."""
-    return [name for name in BACKENDS if _is_available(name)]
-
-
-def _unavailable_message(name: str, source: str) -> str:
-    why = {
-        'natten': natten_backend.unavailable_reason(),
-        'triton': 'needs triton and models/ops/triton_backend.py importable, and a CUDA device '
-                  '(or TRITON_INTERPRET=1 for CPU tensors)',
-    }.get(name, '')
-    return f'{source}{name!r} is not available ({why}); available backends: {available_backends()}'
+    """Backends usable in this environment, in the automatic choice's order of preference ('torch', always
+    there, comes last). Which one a call uses also depends on the device: see :func:`get_backend`."""
+    return [name for name, backend in _REGISTRY.items() if backend.is_available()]
 
 
 def _check_name(name: str, source: str) -> str:
@@ -100,8 +162,9 @@ def _check_name(name: str, source: str) -> str:
     if not isinstance(name, str) or name.strip().lower() not in choices:
         raise ValueError(f'{source}{name!r} is not a na2d_av backend; choose one of {"|".join(choices)}')
     name = name.strip().lower()
-    if name != 'auto' and not _is_available(name):
-        raise ValueError(_unavailable_message(name, source))
+    if name != 'auto' and not _REGISTRY[name].is_available():
+        raise ValueError(f'{source}{name!r} is not available ({_REGISTRY[name].unavailable_reason()}); '
+                         f'available backends: {available_backends()}')
     return name
 
 
@@ -119,12 +182,9 @@ def set_backend(name: Optional[str]) -> None:
 
 
 def _auto(device_type: str, kernel_size: Optional[int]) -> str:
-    if device_type == 'cuda' and _triton_ready():
-        # the triton kernels cover K up to MAX_KERNEL_SIZE; larger kernels go to the next choice
-        if kernel_size is None or kernel_size <= getattr(_triton_module(), 'MAX_KERNEL_SIZE', kernel_size):
-            return 'triton'
-    if natten_backend.is_available() and device_type in ('cpu', 'cuda'):
-        return 'natten'
+    for name, backend in _REGISTRY.items():
+        if backend.takes(device_type, kernel_size):
+            return name
     return 'torch'
 
 
@@ -137,10 +197,10 @@ def _resolve(backend: Optional[str], device_type: str, kernel_size: Optional[int
         name = _check_name(os.environ.get(ENV_VAR, 'auto') or 'auto', f'environment variable {ENV_VAR}=')
     if name == 'auto':
         name = _auto(device_type, kernel_size)
-    elif name == 'triton' and device_type != 'cuda' and not (device_type == 'cpu' and _triton_interpret()):
-        raise ValueError(
-            f'na2d_av backend triton runs on CUDA tensors (got {device_type}); set TRITON_INTERPRET=1 to run its '
-            f'kernels on CPU tensors, or choose one of {[b for b in available_backends() if b != "triton"]}')
+    else:
+        error = _REGISTRY[name].device_error(device_type)
+        if error is not None:
+            raise ValueError(error)
     if (name, device_type) not in _logged and not torch.compiler.is_compiling():
         _logged.add((name, device_type))
         _logger.info('na2d_av: using the %s backend for %s tensors', name, device_type)
@@ -189,17 +249,12 @@ def na2d_av(
         attn: [B, G, H, W, K*K] weights (any strides).
         value: [B, G, H, W, C] (any strides).
         kernel_size: odd K, at most H and W.
-        backend: 'torch', 'natten', 'triton' or None/'auto' (see the module docstring for the order).
+        backend: 'triton', 'natten', 'torch' or None/'auto' (see the module docstring for the order).
     Returns:
         [B, G, H, W, C]; float16/bfloat16 inputs are accumulated in float32 and returned in their dtype.
     """
     _check('na2d_av', attn, value, kernel_size)
-    name = _resolve(backend, value.device.type, kernel_size)
-    if name == 'natten':
-        return natten_backend.na2d_av(attn, value, kernel_size)
-    if name == 'triton':
-        return _triton_module().na2d_av(attn, value, kernel_size)
-    return torch_backend.na2d_av(attn, value, kernel_size)
+    return _REGISTRY[_resolve(backend, value.device.type, kernel_size)].na2d_av(attn, value, kernel_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,11 +304,9 @@ def na2d_softmax_av(
         raise ValueError(f'na2d_softmax_av: rpb must be [G={logits.shape[1]}, {2 * k - 1}, {2 * k - 1}] for '
                          f'kernel_size {k}, got rpb {list(rpb.shape)} (logits {list(logits.shape)}, '
                          f'value {list(value.shape)})')
-    name = _resolve(backend, value.device.type, k)
-    if name == 'triton':
-        return _triton_module().na2d_softmax_av(logits, rpb, value, k)
+    chosen = _REGISTRY[_resolve(backend, value.device.type, k)]
+    if chosen.na2d_softmax_av is not None:
+        return chosen.na2d_softmax_av(logits, rpb, value, k)
     h, w = value.shape[2], value.shape[3]
     attn = torch.softmax(logits + relative_position_bias(rpb, h, w, k), dim=-1)
-    if name == 'natten':
-        return natten_backend.na2d_av(attn, value, k)
-    return torch_backend.na2d_av(attn, value, k)
+    return chosen.na2d_av(attn, value, k)

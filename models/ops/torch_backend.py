@@ -28,6 +28,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import flops
+
 __all__ = ['na2d_av', 'window_starts', 'rpb_index', 'is_available']
 
 # Tiling (measured on CPU, 2 threads): a map side of at most max(_SINGLE_TILE_RATIO * K, _SINGLE_TILE_MIN) is one
@@ -439,6 +441,7 @@ def _grad_value_backward(ctx, upstream):
 
 
 _na2d_av_op.register_autograd(_av_backward, setup_context=_setup)
+flops.register_na2d_av('na2d_av_torch')
 _grad_attn_op.register_autograd(_grad_attn_backward, setup_context=_setup)
 _grad_value_op.register_autograd(_grad_value_backward, setup_context=_setup)
 

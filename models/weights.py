@@ -1,7 +1,15 @@
-"""Reading OverLoCK checkpoints: the original release's files, our training and deploy checkpoints.
+"""Loading OverLoCK weights: the original release's files, our training and deploy-form weight files.
+
+This module maps weight files onto a model. Saving and resuming the whole training state (optimizer, EMA,
+schedule, RNG) is ``utils/checkpoint.py``; activation (gradient) checkpointing is a model option
+(``OverLoCK.set_grad_checkpointing``). The three share the word "checkpoint" and nothing else.
 
 Files are read with ``torch.load(weights_only=True)`` (a downloaded file must not run code). Every failure
 becomes a :class:`CheckpointError` with a one-line message that names the file and what to do.
+
+The module knows the OverLoCK parameter layout (classifier names, DilatedReparamBlock keys) but not the model
+classes: :func:`guess_variant` finds the registered variants through timm's registry, so ``overlock.py`` can
+import this module without a cycle.
 """
 import logging
 import os
@@ -15,12 +23,17 @@ from .layers import DilatedReparamBlock
 
 __all__ = [
     'CheckpointError', 'read_checkpoint_file', 'extract_state_dict', 'checkpoint_filter_fn',
-    'load_checkpoint', 'is_deploy_state_dict', 'guess_variant', 'CLASSIFIER_KEYS',
+    'load_checkpoint', 'is_deploy_state_dict', 'guess_variant', 'CLASSIFIER', 'AUX_CLASSIFIER', 'CLASSIFIER_KEYS',
 ]
 
 _logger = logging.getLogger(__name__)
 
-CLASSIFIER_KEYS = ('head.4', 'aux_head.2')  # main and auxiliary classifiers (re-initialised on class change)
+# The classifier layers (1x1 convs) of the main head and of the auxiliary head, as the original release names
+# them. Fine-tuning re-initialises them when the class count changes; timm's pretrained cfg lists them.
+CLASSIFIER = 'head.4'
+AUX_CLASSIFIER = 'aux_head.2'
+CLASSIFIER_KEYS = (CLASSIFIER, AUX_CLASSIFIER)
+_AUX_PREFIX = 'aux_head.'  # the auxiliary head: absent from models built with use_ds=False
 _PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile wrappers
 
 
@@ -129,7 +142,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
             if name not in state_dict:
                 continue
             if name not in model_sd:
-                if not key.startswith('aux_head') or any(k.startswith('aux_head.') for k in model_sd):
+                if key != AUX_CLASSIFIER or any(k.startswith(_AUX_PREFIX) for k in model_sd):
                     _logger.info('Dropping %s: the model has no such classifier (num_classes=0?).', name)
                 del state_dict[name]
             elif (state_dict[name].shape[0] != model_sd[name].shape[0]
@@ -138,8 +151,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
                 _logger.warning('Re-initialising %s: checkpoint has %d classes, the model %d.',
                                 key, state_dict[name].shape[0], model_sd[name].shape[0])
                 del state_dict[name]
-    if not any(k.startswith('aux_head.') for k in model_sd):
-        for k in [k for k in state_dict if k.startswith('aux_head.')]:
+    if not any(k.startswith(_AUX_PREFIX) for k in model_sd):
+        for k in [k for k in state_dict if k.startswith(_AUX_PREFIX)]:
             del state_dict[k]  # built with use_ds=False: the auxiliary head is not needed
     return state_dict
 
@@ -200,20 +213,20 @@ def load_checkpoint(model: nn.Module, path: str, use_ema: Optional[bool] = False
 
 def _signature(state_dict: Dict[str, Any], shape_of) -> Dict[str, Tuple[int, ...]]:
     skip = {k + s for k in CLASSIFIER_KEYS for s in ('.weight', '.bias')}
-    return {k: tuple(shape_of(v)) for k, v in state_dict.items() if k not in skip and not k.startswith('aux_head.')}
+    return {k: tuple(shape_of(v)) for k, v in state_dict.items() if k not in skip and not k.startswith(_AUX_PREFIX)}
 
 
 def guess_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
     """The registered OverLoCK variant whose keys and shapes (classifiers aside) ``state_dict`` fits, if any."""
-    from .overlock import OverLoCK, list_variants, variant_args
+    import timm  # the variants are found through timm's registry (``models.overlock`` registers them)
     state_dict = extract_state_dict(state_dict, use_ema=None)
     target = _signature(state_dict, lambda v: v.shape)
     deploy = is_deploy_state_dict(state_dict)
-    for name in list_variants():
+    for name in timm.list_models('overlock_*'):
         if name.endswith('_reparam') != deploy:
             continue
         with torch.device('meta'):
-            candidate = OverLoCK(**variant_args(name), use_gemm=False)
+            candidate = timm.create_model(name, use_gemm=False)
         if _signature(candidate.state_dict(), lambda v: v.shape) == target:
             return name
     return None
