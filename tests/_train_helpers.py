@@ -15,9 +15,10 @@ from tests.helpers import REPO, tiny_cli_kwargs
 
 # The tests' tiny OverLoCK (tests.helpers.TINY_KWARGS) on train.py's command line, 32 px inputs.
 TINY = ['--model', 'overlock_xt', '--model-kwargs', *tiny_cli_kwargs(), '--img-size', '32']
-# Quick CPU runs: batch 4, no worker processes, short schedule, a log line per update.
+# Quick CPU runs: batch 4, no worker processes, short schedule, a log line per update, and the recipe's
+# augmentation (train.py's defaults) off unless a test turns it on.
 FAST = ['-b', '4', '-j', '0', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1',
-        '--device', 'cpu']
+        '--device', 'cpu', '--aa', 'none', '--reprob', '0', '--mixup', '0', '--cutmix', '0']
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230)]
 
 

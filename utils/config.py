@@ -1,6 +1,8 @@
 """train.py's options (timm-style names), their checks, and the effective config written to ``args.yaml``.
 
-Defaults are timm's, with AdamW and the OverLoCK loss; ``configs/overlock_*.yaml`` hold the full recipe.
+Defaults are the original OverLoCK train.py's (AdamW, cosine 300 + 10 epochs, RandAugment m9, random erasing 0.25,
+mixup 0.8 / cutmix 1.0, smoothing 0.1, SyncBN), so its command lines train as they did; ``configs/`` hold the
+whole recipe per variant.
 """
 import argparse
 import math
@@ -11,7 +13,7 @@ import yaml
 
 from .cli import UsageError, add_model_args
 
-__all__ = ['build_train_parser', 'check_train_args', 'original_command_hint', 'args_to_yaml', 'RUN_FILES', 'STALE_FILES', 'run_files_in']
+__all__ = ['build_train_parser', 'check_train_args', 'args_to_yaml', 'RUN_FILES', 'STALE_FILES', 'run_files_in']
 
 # Files that mark a directory as holding a run that made progress (refused as --output unless --resume or
 # --overwrite). A run that stopped before its first checkpoint leaves only STALE_FILES, which a new run replaces.
@@ -21,6 +23,10 @@ STALE_FILES = ('args.yaml', 'log.txt', 'curves.png')
 
 def _float_or_none(value: str) -> Optional[float]:
     return None if value.lower() in ('none', 'null', '') else float(value)
+
+
+def _str_or_none(value: str) -> Optional[str]:
+    return None if value.lower() in ('none', 'null', '') else value
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -40,7 +46,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                        help='total batch over processes and accumulation steps; sets -b (must divide evenly)')
     group.add_argument('-vb', '--validation-batch-size', default=None, type=int, metavar='N',
                        help='validation batch size per process; None: -b')
-    group.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data loading processes per GPU')
+    group.add_argument('-j', '--workers', default=8, type=int, metavar='N', help='data loading processes per GPU')
     group.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=False,
                        help='pin CPU memory of batches')
     group.add_argument('--skip-corrupt', action=argparse.BooleanOptionalAction, default=False,
@@ -53,8 +59,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     group.add_argument('--finetune-ema', action=argparse.BooleanOptionalAction, default=False,
                        help='with --finetune: take the EMA weights of the file')
     group.add_argument('--drop', default=None, type=float, metavar='P', help='dropout before the classifier')
-    group.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=False,
-                       help='SyncBatchNorm (CUDA, >1 process)')
+    group.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=True,
+                       help='SyncBatchNorm when training on several GPUs (the original\'s default)')
     group.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False,
                        help='channels-last memory layout')
     group.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
@@ -109,12 +115,13 @@ def build_train_parser() -> argparse.ArgumentParser:
     group.add_argument('--vflip', default=0., type=float, metavar='P', help='vertical flip probability')
     group.add_argument('--color-jitter', default=0.4, type=float, metavar='S',
                        help='colour jitter (timm leaves it out when --aa is set)')
-    group.add_argument('--aa', default=None, metavar='POLICY', help='auto-augment policy, e.g. rand-m9-mstd0.5-inc1')
-    group.add_argument('--reprob', default=0., type=float, metavar='P', help='random erasing probability')
+    group.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=_str_or_none, metavar='POLICY',
+                       help='auto-augment policy (none: off)')
+    group.add_argument('--reprob', default=0.25, type=float, metavar='P', help='random erasing probability')
     group.add_argument('--remode', default='pixel', metavar='MODE', help='random erasing mode')
     group.add_argument('--recount', default=1, type=int, metavar='N', help='random erasing count')
-    group.add_argument('--mixup', default=0., type=float, metavar='A', help='mixup alpha (0: off)')
-    group.add_argument('--cutmix', default=0., type=float, metavar='A', help='cutmix alpha (0: off)')
+    group.add_argument('--mixup', default=0.8, type=float, metavar='A', help='mixup alpha (0: off)')
+    group.add_argument('--cutmix', default=1.0, type=float, metavar='A', help='cutmix alpha (0: off)')
     group.add_argument('--cutmix-minmax', default=None, type=float, nargs=2, metavar='R', help='cutmix ratio range')
     group.add_argument('--mixup-prob', default=1.0, type=float, metavar='P', help='probability of mixup/cutmix')
     group.add_argument('--mixup-switch-prob', default=0.5, type=float, metavar='P',
@@ -207,19 +214,6 @@ def check_train_args(args: argparse.Namespace) -> None:
             args.grad_checkpoint = True  # the stage counts only mean something under checkpointing
     if not args.data_dir:
         raise UsageError('--data-dir is required (a folder holding train/ and val/ class folders)')
-
-
-# Spellings that only the original train.py had: a command line holding them was pasted from its scripts.
-ORIGINAL_ONLY = ('--native-amp', '--local-rank', '--local_rank')
-
-
-def original_command_hint(args: argparse.Namespace, argv: List[str]) -> Optional[str]:
-    """A warning for an original command line run without a config: the original's defaults were the recipe."""
-    if args.config or not any(str(a).split('=')[0] in ORIGINAL_ONLY for a in argv):
-        return None
-    return ('the original train.py had the recipe\'s augmentation as its defaults (RandAugment m9, random erasing '
-            '0.25, mixup 0.8 / cutmix 1.0, SyncBN); this train.py has timm\'s defaults and keeps the recipe in '
-            'configs/: add -c configs/overlock_<variant>.yaml to train as the original did (docs/training.md)')
 
 
 def run_files_in(folder: str) -> List[str]:

@@ -14,7 +14,6 @@ import io
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -27,7 +26,7 @@ from .checkpoint import (
     training_state,
 )
 from .cli import parse_args_with_config
-from .config import args_to_yaml, build_train_parser, check_train_args, original_command_hint
+from .config import args_to_yaml, build_train_parser, check_train_args
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier, cleanup, init_distributed
 from . import train_setup as setup
 from .train_step import (
@@ -61,7 +60,6 @@ class Trainer:
         self.resume = ResumePoint()
         self.global_step = 0  # optimizer updates done (skipped non-finite updates included)
         self.summary: List[Dict[str, Optional[float]]] = []
-        self.hint: Optional[str] = None  # a warning about the command line, logged once logging is set up
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -293,8 +291,6 @@ class Trainer:
     def run(self) -> int:
         args, info = self.args, self.info
         setup.setup_logging(info, None)
-        if self.hint and info.is_main:
-            _logger.warning(self.hint)
         setup.seed_all(args.seed + info.rank)
         if args.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -380,7 +376,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     check_train_args(args)
     info = init_distributed(args.device, args.local_rank)
     trainer = Trainer(args, info)
-    trainer.hint = original_command_hint(args, sys.argv[1:] if argv is None else argv)
     try:
         return trainer.run()
     except NonFiniteLoss as e:

@@ -178,8 +178,8 @@ def build_model(args: argparse.Namespace, info: DistInfo) -> Tuple[nn.Module, Di
     if args.sync_bn:
         if info.distributed and info.device.type == 'cuda':
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif info.is_main:
-            _logger.warning('--sync-bn ignored: it needs CUDA and more than one process')
+        elif info.distributed and info.is_main:
+            _logger.warning('--sync-bn ignored: SyncBatchNorm needs CUDA (add --no-sync-bn to silence this)')
     n_params = sum(p.numel() for p in model.parameters())
     _logger.info('Model %s: %.2fM parameters, %d classes, input %s', args.model, n_params / 1e6,
                  args.num_classes, tuple(data_config['input_size']))
