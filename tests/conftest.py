@@ -40,3 +40,7 @@ def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> None:
             m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
             m.weight.data.copy_(1 + 0.2 * torch.randn(n, generator=gen))
             m.bias.data.copy_(0.1 * torch.randn(n, generator=gen))
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA device (skipped without one; run by scripts.gpu_report)')
