@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-import models
+import models  # noqa: F401  (registers the overlock models)
 from models.ops import na2d_av
 from scripts import benchmark
 from utils.flops import count_macs

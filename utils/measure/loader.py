@@ -212,7 +212,8 @@ def bench_loaders(root: str, workers: int = 1, batch_size: int = 32, batches: in
                   img_size: int = 224, device: str = 'cpu', which: Sequence[str] = ('ours_float32', 'ours_uint8',
                                                                                     'ours_uint8_draft', 'timm'),
                   ) -> List[LoaderResult]:
-    """Time each pipeline ``rounds`` times, alternating them; keep each one's best round.
+    """Time each pipeline ``rounds`` times, interleaved (order reversed every other round); keep each one's
+    best round.
 
     Pipelines: ``ours_float32`` (normalised and erased in the worker), ``ours_uint8`` (the prefetcher path),
     ``ours_uint8_draft`` (with :class:`DraftRandomResizedCrop`), ``timm`` (``create_loader``).
@@ -228,8 +229,8 @@ def bench_loaders(root: str, workers: int = 1, batch_size: int = 32, batches: in
     if unknown:
         raise ValueError(f'unknown pipeline(s) {unknown}; choose from {list(factories)}')
     best: Dict[str, LoaderResult] = {}
-    for _ in range(rounds):
-        for name in which:
+    for r in range(rounds):
+        for name in (which if r % 2 == 0 else list(which)[::-1]):  # no pipeline always first or last
             res = time_loader(name, factories[name](), workers, batches, dev)
             if name not in best or res.images_per_s > best[name].images_per_s:
                 best[name] = res

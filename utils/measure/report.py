@@ -9,7 +9,9 @@ Parts (each can be left out):
   ``profile`` torch.profiler's top kernels of one training step;
   ``static``  the static cost model's table, where ``utils.measure.static_gpu`` exists.
 """
+import contextlib
 import datetime
+import io
 import os
 import platform
 import subprocess
@@ -218,9 +220,16 @@ class _Report:
             from . import static_gpu
         except ImportError:
             return  # the static cost model is optional
-        section = getattr(static_gpu, 'report_section', None)
-        if section is not None:
-            self.add('Static cost model of the Triton kernels', section())
+        if self.cfg.smoke:
+            return  # it models the full-size variants only
+        cfg = self.cfg
+        for mode, batch in (('train', cfg.train_batch), ('infer', cfg.infer_batch)):
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # it prints what it returns
+                    text = static_gpu.main(['--model', cfg.target, '--batch', str(batch), '--mode', mode])
+            except Exception as e:  # an estimate must not sink the measurements around it
+                text = f'not available: {type(e).__name__}: {e}'
+            self.add(f'Static cost model of the Triton kernels, {mode} (estimates, not measurements)', text)
 
 
 def _junit_rows(path: Path) -> List[Dict[str, object]]:
