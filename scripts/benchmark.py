@@ -19,6 +19,7 @@ if __name__ == '__main__' and not __package__:
     raise SystemExit('run from the repository root as: python -m scripts.benchmark [--help]')
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -29,10 +30,12 @@ from utils.evaluate import markdown_table  # noqa: E402
 from utils.measure.dtypes import dtype_name, parse_dtype  # noqa: E402
 
 MODES = ('infer', 'train', 'na2d', 'loader')
+PIPELINES = ('ours_float32', 'ours_uint8', 'ours_uint8_draft', 'timm')  # see utils.measure.loader.bench_loaders
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog='python -m scripts.benchmark', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--mode', choices=MODES, default='infer')
     p.add_argument('--models', nargs='+', default=['overlock_xt'], metavar='NAME')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
@@ -60,11 +63,12 @@ def parse_args(argv=None):
     ld.add_argument('--data-dir', default='', help='class-folder root of JPEGs (default: build one from the '
                                                    'photographs installed packages ship)')
     ld.add_argument('--workers', type=int, default=1, help='DataLoader worker processes (0: in this process)')
-    ld.add_argument('--photos', type=int, default=64, help='images in the built folder')
+    ld.add_argument('--photos', type=int, default=512, help='images in the built folder')
     ld.add_argument('--photo-size', type=int, nargs=2, default=[500, 375], metavar=('W', 'H'))
-    ld.add_argument('--batches', type=int, default=8, help='timed batches per round')
+    ld.add_argument('--batches', type=int, default=8,
+                    help='timed batches per round (after 1 + 2 x workers untimed ones; keep both within an epoch)')
     ld.add_argument('--rounds', type=int, default=3, help='alternating rounds; the best is kept')
-    ld.add_argument('--pipelines', nargs='+', default=['ours_float32', 'ours_uint8', 'ours_uint8_draft', 'timm'])
+    ld.add_argument('--pipelines', nargs='+', default=list(PIPELINES), choices=PIPELINES)
     return p.parse_args(argv)
 
 
@@ -139,7 +143,10 @@ def run_na2d(args):
 
 def run_loader(args):
     """Time the input pipelines; returns (header, rows, columns)."""
+    from utils.data import DataError
     from utils.measure.loader import bench_loaders, build_photo_folder, draft_difference
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        sys.exit(f'benchmark.py: --data-dir {args.data_dir} does not exist (give a folder of class folders)')
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_dir
         if not root:
@@ -149,8 +156,8 @@ def run_loader(args):
             results = bench_loaders(root, workers=args.workers, batch_size=args.batch_size, batches=args.batches,
                                     rounds=args.rounds, img_size=args.img_size, device=args.device,
                                     which=args.pipelines)
-        except ValueError as e:
-            sys.exit(f'benchmark.py: --pipelines: {e}')
+        except DataError as e:
+            sys.exit(f'benchmark.py: --data-dir: {e}')
         diff = draft_difference(root, args.img_size, samples=32) if 'ours_uint8_draft' in args.pipelines else None
     timm_rate = {r.name: r.per_worker for r in results}.get('timm')
     rows = [dict(pipeline=r.name, workers=r.workers, images_per_s=f'{r.images_per_s:.1f}',

@@ -36,7 +36,8 @@ SMOKE_KWARGS = dict(depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 24, 32,
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog='python -m scripts.gpu_report', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', type=Path, default=None, help='write every table and the summary to this markdown file')
     p.add_argument('--models', nargs='+', default=['overlock_xt', 'overlock_t', 'convnext_tiny'])
     p.add_argument('--target', default='overlock_t', help='the model held to the targets (default overlock_t)')

@@ -15,7 +15,6 @@ is at least twice the output size on both sides it lets libjpeg decode at 1/2, 1
 the full-size path; the pixels differ slightly (DCT-domain downscaling before the resize), so it is an
 option, off by default.
 """
-import math
 import os
 import random
 import time
@@ -107,7 +106,7 @@ class DraftRandomResizedCrop:
             reduce *= 2
         if reduce > 1 and getattr(img, 'format', None) == 'JPEG':
             full_w, full_h = img.size
-            img.draft('RGB', (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
+            img.draft('RGB', (full_w // reduce, full_h // reduce))  # PIL scales by min(size // requested)
             sx, sy = img.size[0] / full_w, img.size[1] / full_h
             self.used += img.size[0] < full_w
             img = img.convert('RGB')
@@ -184,22 +183,30 @@ class LoaderResult:
 
 
 def time_loader(name: str, loader, workers: int, batches: int, device: torch.device) -> LoaderResult:
-    """Images/s over ``batches`` batches after one untimed batch (worker start-up), each batch moved to
-    ``device``; bytes per image of the tensor the workers hand over."""
+    """Images/s in the steady state: the first ``1 + 2 * workers`` batches are untimed (worker start-up, and
+    the batches the workers prefetch meanwhile), then ``batches`` batches are timed from one arrival to the
+    last, each moved to ``device``. Bytes per image: the tensor the workers hand over. Keep ``batches`` plus
+    the untimed ones within one epoch of the loader: an epoch boundary drains and refills the workers."""
     inner = getattr(loader, 'loader', loader)  # timm's PrefetchLoader wraps a DataLoader
     it = iter(inner)
-    first = next(it)[0]
+
+    def next_batch():
+        nonlocal it
+        try:
+            return next(it)[0]
+        except StopIteration:
+            it = iter(inner)
+            return next(it)[0]
+
+    first = next_batch()
     nbytes = first[0].numel() * first.element_size()
     dtype = str(first.dtype).replace('torch.', '')
+    for _ in range(2 * max(1, workers)):
+        next_batch()
     n = 0
     start = time.perf_counter()
     for _ in range(batches):
-        try:
-            x, _ = next(it)
-        except StopIteration:
-            it = iter(inner)
-            x, _ = next(it)
-        x = x.to(device, non_blocking=True)
+        x = next_batch().to(device, non_blocking=True)
         n += x.shape[0]
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
