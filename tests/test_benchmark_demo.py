@@ -206,12 +206,16 @@ def test_loader_benchmark_on_a_tiny_folder(tmp_path, capsys):
     benchmark.main(['--mode', 'loader', '--data-dir', str(tmp_path), '--img-size', '64', '-b', '4', '--workers', '0',
                     '--batches', '1', '--rounds', '1', '--device', 'cpu'])
     out = capsys.readouterr().out
-    rows = {line.split('|')[1].strip(): line.split('|') for line in out.splitlines() if line.startswith('| ours')
-            or line.startswith('| timm')}
+    lines = [line for line in out.splitlines() if line.startswith('| ')]
+    cols = [c.strip() for c in lines[0].strip('|').split('|')]
+    rows = {r['pipeline']: r for r in (dict(zip(cols, (c.strip() for c in line.strip('|').split('|'))))
+                                       for line in lines[1:])}
     assert set(rows) == {'ours_float32', 'ours_uint8', 'ours_uint8_draft', 'timm'}
-    assert rows['ours_uint8'][6].strip() == 'uint8' and int(rows['ours_uint8'][7]) == 3 * 64 * 64
-    assert rows['ours_float32'][6].strip() == 'float32' and int(rows['ours_float32'][7]) == 4 * 3 * 64 * 64
-    assert int(rows['timm'][7]) == 3 * 64 * 64 and float(rows['timm'][3]) > 0
+    assert rows['ours_uint8']['batch_dtype'] == 'uint8' and int(rows['ours_uint8']['bytes_per_image']) == 3 * 64 * 64
+    assert rows['ours_float32']['batch_dtype'] == 'float32'
+    assert int(rows['ours_float32']['bytes_per_image']) == 4 * 3 * 64 * 64
+    assert int(rows['timm']['bytes_per_image']) == 3 * 64 * 64 and rows['timm']['vs_timm'] == '1.00x'
+    assert all(float(r['cpu_ms_per_image']) > 0 and float(r['per_worker']) > 0 for r in rows.values())
     assert 'reduced-size decoding' in out
 
 
