@@ -76,7 +76,7 @@ def main():
          '--sched-on-updates', '--cooldown-epochs', '0', '--lr', '3e-3', '--min-lr', '1e-5', '--weight-decay', '0.05',
          '--smoothing', '0.1', '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--scale', '0.6', '1.0',
          '--hflip', '0', '--drop-path', '0', '--crop-pct', '1.0', '--interpolation', 'bicubic',
-         '--output', run_dir, '--overwrite'], os.path.join(out, 'train.log'), show=True)
+         '--log-interval', '15', '--output', run_dir, '--overwrite'], os.path.join(out, 'train.log'), show=True)
     best = os.path.join(run_dir, 'model_best.pth')
     results = os.path.join(out, 'results.csv')
     if os.path.exists(results):
