@@ -12,13 +12,13 @@ import argparse
 import copy
 import logging
 import os
-import time
 
 import torch
 
 from utils.checkpoint import atomic_save
 from utils.cli import UsageError, run_cli
 from utils.evaluate import build_model, is_deploy
+from utils.measure import time_ms
 
 _logger = logging.getLogger('reparam')
 TOLERANCE = 1e-4
@@ -38,19 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', type=int, default=0)
     return p.parse_args(argv)
-
-
-def _time(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
-    with torch.no_grad():
-        model(x)  # warm-up
-        if x.device.type == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(iters):
-            model(x)
-        if x.device.type == 'cuda':
-            torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
 
 
 def main(argv=None) -> int:
@@ -83,9 +70,11 @@ def main(argv=None) -> int:
     print(f'max relative error of deploy vs training-form logits: {err:.3e} (limit {TOLERANCE:g})')
     print(f'params: {params[0]:,} -> {params[1]:,} (without aux head: {no_aux[0]:,} -> {no_aux[1]:,})')
     if args.bench_iters > 0:
-        t_train, t_deploy = _time(model, x, args.bench_iters), _time(deploy, x, args.bench_iters)
-        print(f'forward, batch {args.batch_size} at {size}px on {device.type}: {1e3 * t_train:.1f} ms -> '
-              f'{1e3 * t_deploy:.1f} ms ({t_train / t_deploy:.2f}x)')
+        with torch.no_grad():  # median ms of one forward pass of each form
+            t_train, t_deploy = (time_ms(lambda m=m: m(x), device, warmup=1, repeat=args.bench_iters).median
+                                 for m in (model, deploy))
+        print(f'forward, batch {args.batch_size} at {size}px on {device.type}: {t_train:.1f} ms -> '
+              f'{t_deploy:.1f} ms ({t_train / t_deploy:.2f}x)')
     if not err <= TOLERANCE:
         print(f'error: deploy model differs from the training form (max relative error {err:.3e}); not saved')
         return 1

@@ -1,194 +1,207 @@
-#!/usr/bin/env python3
-"""Params, GFLOPs (MACs, as the paper counts them), images/s and peak memory of any timm models.
+"""Params, GFLOPs (MACs, as the paper counts them), images/s and peak memory of any timm models; the ContMix
+aggregation op at the models' own shapes; the training input pipeline's images/s per worker.
 
-    python scripts/benchmark.py --models overlock_xt overlock_t convnext_tiny --reparam          # CPU inference
-    python scripts/benchmark.py --mode train --models overlock_t convnext_tiny --device cuda --dtype bfloat16 \
+    python -m scripts.benchmark --models overlock_xt overlock_t convnext_tiny --reparam          # CPU inference
+    python -m scripts.benchmark --mode train --models overlock_t convnext_tiny --device cuda --dtype bfloat16 \\
         --channels-last --batch-size 128
-    python scripts/benchmark.py --models overlock_t convnext_tiny --device cuda --dtype bfloat16 \
+    python -m scripts.benchmark --models overlock_t convnext_tiny --device cuda --dtype bfloat16 \\
         --channels-last --batch-size 256 --reparam --out docs/bench_infer.md
+    python -m scripts.benchmark --mode na2d --models overlock_xt --baseline --threads 2  # the op, every backend
+    python -m scripts.benchmark --mode loader --workers 2          # input pipeline vs timm's create_loader
 
 Inference times eval-mode forward passes (deploy form of OverLoCK with --reparam); training times a whole
 step (forward, loss main + 0.4 x aux, backward, AdamW step; bf16/fp16 via autocast, fp16 with a GradScaler).
+The na2d mode times forward and backward of each backend at every distinct ContMix call of the models (read
+off the models themselves) and sums them per network forward. The loader mode builds a folder of JPEG
+photographs (or reads --data-dir) and times our dataset and timm's loader with the recipe's augmentation.
 """
-import argparse
-import os
-import resource
-import sys
-import time
-from contextlib import nullcontext
+if __name__ == '__main__' and not __package__:
+    raise SystemExit('run from the repository root as: python -m scripts.benchmark [--help]')
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # scripts/ may add the repository root (run as `python scripts/benchmark.py`)
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 
-import timm  # noqa: E402
 import torch  # noqa: E402
 
-import models  # noqa: E402  (registers the overlock models)
 from utils.cli import parse_kwargs  # noqa: E402
 from utils.evaluate import markdown_table  # noqa: E402
-from utils.flops import count_macs  # noqa: E402
+from utils.measure.dtypes import dtype_name, parse_dtype  # noqa: E402
 
-DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
-DTYPE_ALIASES = {'fp32': 'float32', 'fp16': 'float16', 'half': 'float16', 'bf16': 'bfloat16'}
-PAPER_GFLOPS = {'overlock_xt': 2.6, 'overlock_t': 5.5, 'overlock_s': 9.7, 'overlock_b': 16.7}
+MODES = ('infer', 'train', 'na2d', 'loader')
+PIPELINES = ('ours_float32', 'ours_uint8', 'ours_uint8_draft', 'timm')  # see utils.measure.loader.bench_loaders
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--mode', choices=['infer', 'train'], default='infer')
+    p = argparse.ArgumentParser(prog='python -m scripts.benchmark', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--mode', choices=MODES, default='infer')
     p.add_argument('--models', nargs='+', default=['overlock_xt'], metavar='NAME')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='constructor overrides applied to the overlock models (e.g. a tiny variant)')
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('-b', '--batch-size', type=int, default=8)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', type=lambda v: DTYPE_ALIASES.get(v, v), choices=list(DTYPES), default='float32',
-                   help='inference: weights and inputs in this dtype; training: autocast dtype')
+    p.add_argument('--dtype', type=dtype_name, default='float32',
+                   help='inference / na2d: weights and inputs in this dtype; training: autocast dtype '
+                        '(float32, bfloat16 or bf16, float16 or fp16)')
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--reparam', action='store_true', help='OverLoCK in deploy form (inference)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
     p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--iters', type=int, default=5)
+    p.add_argument('--iters', type=int, default=5, help='timed steps (na2d: timed samples)')
     p.add_argument('--no-flops', action='store_true', help='skip the FLOP count')
-    p.add_argument('--out', default='', help='also write the table to this markdown file')
+    p.add_argument('--out', default='', help='also append the table to this markdown file')
+    op = p.add_argument_group('--mode na2d')
+    op.add_argument('--backends', nargs='*', default=None, help='backends to time (default: all available)')
+    op.add_argument('--baseline', action='store_true', help='also time the naive K*K loop through autograd')
+    op.add_argument('--no-backward', action='store_true', help='time the forward only')
+    op.add_argument('--min-time', type=float, default=0.2, help='seconds per timed sample on the CPU')
+    ld = p.add_argument_group('--mode loader')
+    ld.add_argument('--data-dir', default='', help='class-folder root of JPEGs (default: build one from the '
+                                                   'photographs installed packages ship)')
+    ld.add_argument('--workers', type=int, default=0,
+                    help='DataLoader worker processes (0, the default: in this process, timed by its CPU time)')
+    ld.add_argument('--photos', type=int, default=512, help='images in the built folder')
+    ld.add_argument('--photo-size', type=int, nargs=2, default=[500, 375], metavar=('W', 'H'))
+    ld.add_argument('--batches', type=int, default=8,
+                    help='timed batches per round (after 1 + 2 x workers untimed ones; keep both within an epoch)')
+    ld.add_argument('--rounds', type=int, default=3, help='alternating rounds; the best is kept')
+    ld.add_argument('--pipelines', nargs='+', default=list(PIPELINES), choices=PIPELINES)
     return p.parse_args(argv)
 
 
-def _params(model):
-    total = sum(p.numel() for p in model.parameters())
-    no_aux = sum(p.numel() for n, p in model.named_parameters() if not n.startswith('aux_head.'))
-    return total, no_aux
+def _check_models(args):
+    import timm
 
-
-def _sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
-def _peak_mem_mb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
-
-
-def make_step(model, args, device):
-    """Move ``model`` to the device / dtype / layout of ``args``; return a function running one timed step
-    (eval forward for --mode infer, forward + loss + backward + AdamW step for --mode train)."""
-    dtype = DTYPES[args.dtype]
-    model.to(device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(
-        memory_format=memory_format)
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-    if args.mode == 'infer':
-        model.eval()
-        if dtype != torch.float32:
-            model.to(dtype)
-            x = x.to(dtype)
-        fn = torch.compile(model) if args.compile else model
-
-        def step():
-            with torch.inference_mode():
-                fn(x)
-    else:
-        model.train()
-        fn = torch.compile(model) if args.compile else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        target = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-        crit = torch.nn.CrossEntropyLoss()
-
-        def step():
-            with autocast:
-                out = fn(x)
-                loss = crit(out['main'], target) + 0.4 * crit(out['aux'], target) if isinstance(out, dict) \
-                    else crit(out, target)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
-    return step
-
-
-def model_kwargs(name, args):
-    """--model-kwargs apply to the OverLoCK models only (the others are references at their defaults)."""
-    return parse_kwargs(args.model_kwargs) if name.startswith('overlock') else {}
-
-
-def create(name, args):
-    """The model as it is timed: deploy form for --mode infer --reparam."""
-    model = timm.create_model(name, **model_kwargs(name, args))
-    if args.mode == 'infer' and args.reparam and hasattr(model, 'reparameterize'):
-        model.reparameterize()
-    return model
-
-
-def bench_one(name, args, device):
-    kwargs = model_kwargs(name, args)
-    model = timm.create_model(name, **kwargs)
-    row = {'model': name}
-    train_params, _ = _params(model)
-    if name.startswith('overlock'):
-        deploy = timm.create_model(name + '_reparam' if not name.endswith('_reparam') else name, **kwargs)
-        d_total, d_no_aux = _params(deploy)
-        row.update(params_train_m=round(train_params / 1e6, 2), params_deploy_m=round(d_total / 1e6, 2),
-                   params_deploy_no_aux_m=round(d_no_aux / 1e6, 2))
-        del deploy
-    else:
-        row.update(params_train_m=round(train_params / 1e6, 2), params_deploy_m='', params_deploy_no_aux_m='')
-    if args.mode == 'infer' and args.reparam and hasattr(model, 'reparameterize'):
-        model.reparameterize()
-    if not args.no_flops:
-        row['gmacs'] = round(count_macs(model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)
-        row['paper_gflops'] = '' if kwargs else PAPER_GFLOPS.get(name.replace('_reparam', ''), '')
-
-    step = make_step(model, args, device)
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    median = times[len(times) // 2]
-    row.update(images_per_s=round(args.batch_size / median, 2), peak_mem_mb=round(_peak_mem_mb(device), 1))
-    return row
-
-
-def run(args):
-    """Benchmark ``args.models``; returns (header line, rows, column names)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    import models  # registers the overlock models
     unknown = [name for name in args.models if not timm.is_model(name)]
     if unknown:
         sys.exit(f'benchmark.py: unknown model(s) {", ".join(unknown)} for --models; OverLoCK models are: '
                  f'{", ".join(models.list_variants())} (any other timm model name works too)')
+
+
+def run(args):
+    """Benchmark ``args.models`` (--mode infer/train); returns (header line, rows, column names)."""
+    from utils.measure.model import COLUMNS, ModelBench, bench_models
+    _check_models(args)
     device = torch.device(args.device)
-    rows = [bench_one(name, args, device) for name in args.models]
-    cols = ['model', 'params_train_m', 'params_deploy_m', 'params_deploy_no_aux_m', 'gmacs', 'paper_gflops',
-            'images_per_s', 'peak_mem_mb']
-    if args.no_flops:
-        cols = [c for c in cols if c not in ('gmacs', 'paper_gflops')]
+    bench = ModelBench(mode=args.mode, batch_size=args.batch_size, img_size=args.img_size, dtype=args.dtype,
+                       channels_last=args.channels_last, reparam=args.reparam, compile=args.compile,
+                       warmup=args.warmup, iters=args.iters, flops=not args.no_flops,
+                       model_kwargs=parse_kwargs(args.model_kwargs))
+    rows = bench_models(args.models, bench, device)
+    cols = [c for c in COLUMNS if not (args.no_flops and c in ('gmacs', 'paper_gflops'))]
     header = (f'mode={args.mode} device={device.type} dtype={args.dtype} batch={args.batch_size} '
               f'img={args.img_size} channels_last={args.channels_last} reparam={args.reparam} '
               f'compile={args.compile} threads={torch.get_num_threads()} torch={torch.__version__}')
     return header, rows, cols
 
 
+def run_na2d(args):
+    """Time the ContMix op at the models' distinct calls; returns (header, rows, columns, per-network sums)."""
+    from models import ops
+    from utils.measure.ops import default_backends, gbs, time_na2d
+    from utils.measure.shapes import contmix_calls
+    _check_models(args)
+    device = torch.device(args.device)
+    backends = args.backends if args.backends is not None else default_backends()
+    for name in backends:
+        if name not in ops.available_backends():
+            sys.exit(f'benchmark.py: --backends {name!r} is not available here; available: '
+                     f'{ops.available_backends()}')
+    backends = list(backends) + (['loop'] if args.baseline else [])
+    kwargs = parse_kwargs(args.model_kwargs)
+    timing = dict(warmup=args.warmup, repeat=args.iters, min_time=args.min_time if device.type == 'cpu' else 0.0)
+    rows, totals = [], []
+    for name in args.models:
+        sums = {b: [0.0, 0.0] for b in backends}
+        for call in contmix_calls(name, args.img_size, **kwargs):
+            for r in time_na2d(call, args.batch_size, parse_dtype(args.dtype), device, backends,
+                               backward=not args.no_backward, **timing):
+                row = dict(model=name, shape=call.label, calls=call.calls, backend=r['backend'],
+                           fwd_ms=f'{r["fwd_ms"]:.3f}', fwd_median_ms=f'{r["fwd_median_ms"]:.3f}',
+                           fwd_gbs=f'{gbs(r["fwd_bytes"], r["fwd_ms"]):.2f}')
+                sums[r['backend']][0] += call.calls * r['fwd_ms']
+                if not args.no_backward:
+                    row.update(bwd_ms=f'{r["bwd_ms"]:.3f}', bwd_median_ms=f'{r["bwd_median_ms"]:.3f}',
+                               bwd_gbs=f'{gbs(r["bwd_bytes"], r["bwd_ms"]):.2f}')
+                    sums[r['backend']][1] += call.calls * r['bwd_ms']
+                rows.append(row)
+                print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
+        totals += [dict(model=name, backend=b, fwd_ms=f'{f:.2f}', bwd_ms='' if args.no_backward else f'{bw:.2f}')
+                   for b, (f, bw) in sums.items()]
+    cols = ['model', 'shape', 'calls', 'backend', 'fwd_ms', 'fwd_median_ms', 'fwd_gbs']
+    if not args.no_backward:
+        cols += ['bwd_ms', 'bwd_median_ms', 'bwd_gbs']
+    header = (f'mode=na2d device={device.type} dtype={args.dtype} batch={args.batch_size} img={args.img_size} '
+              f'threads={torch.get_num_threads()} torch={torch.__version__}; best of {args.iters} samples '
+              f'(median beside it), backward timed alone')
+    return header, rows, cols, totals
+
+
+def run_loader(args):
+    """Time the input pipelines; returns (header, rows, columns)."""
+    from utils.data import DataError
+    from utils.measure.loader import bench_loaders, build_photo_folder, draft_difference
+    if args.workers == 0 and not args.threads:
+        torch.set_num_threads(1)  # as in a DataLoader worker (torch gives each worker one thread)
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        sys.exit(f'benchmark.py: --data-dir {args.data_dir} does not exist (give a folder of class folders)')
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_dir
+        if not root:
+            root = tmp
+            build_photo_folder(root, args.photos, size=tuple(args.photo_size))
+        try:
+            results = bench_loaders(root, workers=args.workers, batch_size=args.batch_size, batches=args.batches,
+                                    rounds=args.rounds, img_size=args.img_size, device=args.device,
+                                    which=args.pipelines)
+        except DataError as e:
+            sys.exit(f'benchmark.py: --data-dir: {e}')
+        diff = draft_difference(root, args.img_size, samples=32) if 'ours_uint8_draft' in args.pipelines else None
+    cpu = args.workers == 0  # one process: per-image CPU time, the number that does not depend on load
+
+    def rate(r):  # images/s of one worker
+        return 1e3 / r.cpu_ms_per_image if cpu else r.per_worker
+
+    timm_rate = {r.name: rate(r) for r in results}.get('timm')
+    rows = [dict(pipeline=r.name, workers=r.workers, images_per_s=f'{r.images_per_s:.1f}',
+                 cpu_ms_per_image=f'{r.cpu_ms_per_image:.2f}' if cpu else '', per_worker=f'{rate(r):.1f}',
+                 vs_timm=f'{rate(r) / timm_rate:.2f}x' if timm_rate else '', batch_dtype=r.dtype,
+                 bytes_per_image=r.bytes_per_image) for r in results]
+    source = args.data_dir or f'{args.photos} JPEG photographs at {args.photo_size[0]}x{args.photo_size[1]}'
+    header = (f'mode=loader data={source} img={args.img_size} batch={args.batch_size} workers={args.workers} '
+              f'device={args.device} best of {args.rounds} rounds of {args.batches} batches')
+    if diff is not None:
+        header += (f'\nreduced-size decoding: {100 * diff["reduced_share"]:.0f}% of crops decoded reduced; mean '
+                   f'|difference| {diff["mean_abs_diff"]:.2f}/255 on those; pixel mean {diff["full_mean"]:.2f} -> '
+                   f'{diff["draft_mean"]:.2f}, std {diff["full_std"]:.2f} -> {diff["draft_std"]:.2f}')
+    if cpu:
+        header += '\nper_worker = 1000 / cpu_ms_per_image (the pipeline ran in this process; its CPU time per image)'
+    cols = ['pipeline', 'workers', 'images_per_s'] + (['cpu_ms_per_image'] if cpu else []) + \
+        ['per_worker', 'vs_timm', 'batch_dtype', 'bytes_per_image']
+    return header, rows, cols
+
+
 def main(argv=None):
     args = parse_args(argv)
-    header, rows, cols = run(args)
-    table = markdown_table(rows, cols)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        sys.exit(f'benchmark.py: --device {args.device}: CUDA is not available on this machine')
+    extra = ''
+    if args.mode == 'na2d':
+        header, rows, cols, totals = run_na2d(args)
+        extra = (f'\n\nna2d time per network forward (backward) at {args.img_size} px, batch {args.batch_size}, '
+                 f'summed over its calls, ms:\n\n' + markdown_table(totals, ['model', 'backend', 'fwd_ms', 'bwd_ms']))
+    elif args.mode == 'loader':
+        header, rows, cols = run_loader(args)
+    else:
+        header, rows, cols = run(args)
+    table = markdown_table(rows, cols) + extra
     print(header)
     print(table)
     if args.out:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The whole pipeline on real images, on the CPU, with no download (run through scripts/demo.sh).
+"""The whole pipeline on real images, on the CPU, with no download (``bash scripts/demo.sh`` or, from the
+repository root, ``python -m scripts.demo``).
 
 1. builds an ImageFolder from scikit-learn's handwritten digits (upscaled to 32 px);
 2. trains a small OverLoCK with train.py;
@@ -7,31 +8,42 @@
 4. re-parameterises it with reparam.py;
 5. validates the deploy checkpoint (as overlock_xt_reparam) and checks the top-1 is unchanged.
 """
-import argparse
-import csv
-import os
-import subprocess
-import sys
-import time
+if __name__ == '__main__' and not __package__:
+    raise SystemExit('run from the repository root as: python -m scripts.demo [OUTDIR] (or bash scripts/demo.sh)')
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # scripts/ may add the repository root (run as `python scripts/demo.py`)
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
 from utils.demo_data import build_digits_imagefolder  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A small OverLoCK (~0.3M params) that learns the digits in a few CPU minutes.
 MODEL_KWARGS = ['depth=[1,1,1,1]', 'sub_depth=[1,1]', 'embed_dim=[16,32,48,64]', 'sub_num_heads=[2,2]',
                 'projection=128']
 
 
-def run(cmd, log):
+def run(cmd, log, show=False):
+    """Run ``cmd`` from the repository root, its output into ``log``; with ``show`` also onto the terminal,
+    line by line as it comes (training: the epochs' progress)."""
     print('$', ' '.join(cmd), flush=True)
     with open(log, 'w') as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+        for line in proc.stdout:
+            f.write(line)
+            f.flush()
+            if show:
+                print('  ' + line, end='', flush=True)
+        returncode = proc.wait()
+    if returncode:
         with open(log) as f:
             tail = f.read()[-3000:]
-        sys.exit(f'demo step failed (exit {proc.returncode}); log {log}:\n{tail}')
+        sys.exit(f'demo step failed (exit {returncode}); log {log}:\n{tail}')
     with open(log) as f:
         return f.read()
 
@@ -64,7 +76,7 @@ def main():
          '--sched-on-updates', '--cooldown-epochs', '0', '--lr', '3e-3', '--min-lr', '1e-5', '--weight-decay', '0.05',
          '--smoothing', '0.1', '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--scale', '0.6', '1.0',
          '--hflip', '0', '--drop-path', '0', '--crop-pct', '1.0', '--interpolation', 'bicubic',
-         '--output', run_dir, '--overwrite'], os.path.join(out, 'train.log'))
+         '--log-interval', '15', '--output', run_dir, '--overwrite'], os.path.join(out, 'train.log'), show=True)
     best = os.path.join(run_dir, 'model_best.pth')
     results = os.path.join(out, 'results.csv')
     if os.path.exists(results):

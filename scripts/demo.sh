@@ -3,4 +3,4 @@
 # Usage: bash scripts/demo.sh [OUTDIR]   (default: output/demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python3 scripts/demo.py "$@"
+exec python3 -m scripts.demo "$@"

@@ -414,17 +414,6 @@ def test_triton_case(name: str, request) -> None:
     assert result['ok'], f'case {name} failed under TRITON_INTERPRET=1:\n{result["error"]}'
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason='triton is not installed')
-def test_check_script_interpret() -> None:
-    """scripts/check_na2d_gpu.py runs end to end on the CPU (correctness part, tiny shapes)."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
-    env.pop('TRITON_INTERPRET', None)  # the script sets it itself with --interpret
-    proc = subprocess.run([sys.executable, 'scripts/check_na2d_gpu.py', '--interpret'], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f'{proc.stdout}\n{proc.stderr}'
-    assert 'FAIL' not in proc.stdout and proc.stdout.count('PASS') >= 4, proc.stdout
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for the GPU (no device needed): catches code that only the interpreter accepts,
 # and register spills of the launch configurations the backend picks for OverLoCK's shapes.

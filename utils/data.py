@@ -75,6 +75,9 @@ class ImageFolderDataset(Dataset):
         skip_corrupt: replace unreadable images by the next readable one (logged once per file) instead of
             raising :class:`DataError`.
         class_to_idx: class name -> index (e.g. the training set's, for the validation set).
+
+    ``decode`` (set after construction, like ``transform``) replaces ``img.convert('RGB')``: it gets the opened,
+    not yet decoded image, e.g. to decode a JPEG at a reduced size (``utils.measure.loader``).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class ImageFolderDataset(Dataset):
         self.root = root
         self.transform = transform
         self.target_transform = None
+        self.decode: Optional[Callable] = None
         self.skip_corrupt = skip_corrupt
         classes = _class_dirs(root) if os.path.isdir(root) else []
         if not classes:
@@ -120,7 +124,7 @@ class ImageFolderDataset(Dataset):
         try:
             with open(path, 'rb') as f:
                 img = Image.open(f)
-                return img.convert('RGB')
+                return img.convert('RGB') if self.decode is None else self.decode(img)
         except UnidentifiedImageError:
             reason = 'not a recognised image format'
         except (OSError, ValueError, SyntaxError) as e:  # PIL raises these on damaged files
