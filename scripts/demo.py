@@ -74,8 +74,8 @@ def main():
     run([py, 'train.py', '--data-dir', data, '--model', 'overlock_xt', '--model-kwargs', *MODEL_KWARGS,
          '--img-size', '32', '-b', '32', '-j', '0', '--epochs', str(args.epochs), '--warmup-epochs', '1',
          '--sched-on-updates', '--cooldown-epochs', '0', '--lr', '3e-3', '--min-lr', '1e-5', '--weight-decay', '0.05',
-         '--smoothing', '0.1', '--mixup', '0', '--cutmix', '0', '--reprob', '0', '--scale', '0.6', '1.0',
-         '--hflip', '0', '--drop-path', '0', '--crop-pct', '1.0', '--interpolation', 'bicubic',
+         '--smoothing', '0.1', '--aa', 'none', '--mixup', '0', '--cutmix', '0', '--reprob', '0',
+         '--scale', '0.6', '1.0', '--hflip', '0', '--drop-path', '0', '--crop-pct', '1.0', '--interpolation', 'bicubic',
          '--log-interval', '15', '--output', run_dir, '--overwrite'], os.path.join(out, 'train.log'), show=True)
     best = os.path.join(run_dir, 'model_best.pth')
     results = os.path.join(out, 'results.csv')
