@@ -104,11 +104,12 @@ def test_lr_and_schedule_builders():
 
 def test_loss_builder_matches_the_options():
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    mixup, crit = build_loss(_args('--mixup', '0.8', '--num-classes', '5'))
+    mixup, crit = build_loss(_args('--num-classes', '5'))  # the defaults: mixup 0.8, cutmix 1.0
     assert mixup is not None and isinstance(crit, SoftTargetCrossEntropy)
-    mixup, crit = build_loss(_args('--smoothing', '0.1'))
+    no_mix = ('--mixup', '0', '--cutmix', '0')
+    mixup, crit = build_loss(_args(*no_mix, '--smoothing', '0.1'))
     assert mixup is None and isinstance(crit, LabelSmoothingCrossEntropy)
-    assert isinstance(build_loss(_args('--smoothing', '0'))[1], nn.CrossEntropyLoss)
+    assert isinstance(build_loss(_args(*no_mix, '--smoothing', '0'))[1], nn.CrossEntropyLoss)
 
 
 def test_training_state_round_trip(tmp_path):
