@@ -19,33 +19,71 @@ Double backward is not supported (the gradient ops have no autograd formula).
 """
 import functools
 import logging
+import math
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import torch_backend
-from ._triton_kernels import _na2d_fwd_kernel, _na2d_grad_attn_kernel, _na2d_grad_value_kernel
+from . import _triton_kernels
 
 __all__ = ['is_available', 'na2d_av', 'na2d_softmax_av', 'INTERPRET', 'MAX_KERNEL_SIZE']
 
 _logger = logging.getLogger(__name__)
 
-# Whether the kernels were built for the interpreter: triton decides when ``@triton.jit`` runs (at import).
-INTERPRET: bool = os.environ.get('TRITON_INTERPRET', '0') == '1'
 MAX_KERNEL_SIZE = 15  # K*K = 225 <= 256 entries per window row tile; larger K would need bigger tiles
 
 _ACC_DTYPES = {
     torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32, torch.float64: tl.float64,
 }
+_KERNEL_NAMES = {'fwd': '_na2d_fwd_kernel', 'grad_attn': '_na2d_grad_attn_kernel',
+                 'grad_value': '_na2d_grad_value_kernel'}
+
+
+def compiled_kernels() -> Dict[str, triton.runtime.jit.JITFunction]:
+    """The kernels as GPU (JIT-compiled) functions, whatever ``TRITON_INTERPRET`` said at import."""
+    kernels = {}
+    for name, attr in _KERNEL_NAMES.items():
+        fn = getattr(_triton_kernels, attr)
+        kernels[name] = fn if isinstance(fn, triton.runtime.jit.JITFunction) else triton.runtime.jit.JITFunction(fn.fn)
+    return kernels
+
+
+def _interpreted_kernels() -> Dict[str, Any]:
+    from triton.runtime.interpreter import InterpretedFunction
+    return {name: InterpretedFunction(fn.fn) for name, fn in compiled_kernels().items()}
+
+
+# Triton reads TRITON_INTERPRET when ``@triton.jit`` runs, i.e. when ``_triton_kernels`` is imported; the
+# launches go through this table, so :func:`use_interpreter` can switch later (tests do).
+INTERPRET: bool = os.environ.get('TRITON_INTERPRET', '0') == '1'
+_KERNELS: Dict[str, Any] = _interpreted_kernels() if INTERPRET else compiled_kernels()
+
+
+def use_interpreter(enabled: bool = True) -> None:
+    """Run the kernels under Triton's interpreter on CPU tensors (``enabled``) or compiled on CUDA tensors.
+
+    Same effect as ``TRITON_INTERPRET=1`` before the first import, without it. The dispatcher still
+    needs ``TRITON_INTERPRET=1`` in the environment to send CPU tensors to this backend.
+    """
+    global INTERPRET, _KERNELS
+    INTERPRET = bool(enabled)
+    _KERNELS = _interpreted_kernels() if INTERPRET else compiled_kernels()
+    is_available.cache_clear()
+
+
 _NUM_WARPS = 4
-# Elements of the [queries, K*K] (forward / grad attn) and [keys, C] (grad value) register tiles per program.
-# The interpreter pays per executed op, not per element, so it gets much larger tiles (fewer programs).
-_WINDOW_TILE = 4096 if not INTERPRET else 1 << 15
-_VALUE_TILE = 2048 if not INTERPRET else 1 << 13
-_MAX_BLOCK_W = 32 if not INTERPRET else 64
+
+
+def _tile_budget() -> Tuple[int, int, int]:
+    """Elements of the [queries, K*K] (forward / grad attn) and [keys, C] (grad value) register tiles per
+    program and the widest tile row. The interpreter pays per executed op, not per element, so it gets much
+    larger tiles (fewer programs)."""
+    return (1 << 15, 1 << 13, 64) if INTERPRET else (4096, 2048, 32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,7 +108,7 @@ def _pow2(n: int) -> int:
 
 def _tile_shape(height: int, width: int, num_queries: int) -> Tuple[int, int]:
     """BLOCK_H x BLOCK_W pixels per program: about ``num_queries``, whole rows of narrow maps."""
-    block_w = min(_pow2(width), _pow2(num_queries), _MAX_BLOCK_W)
+    block_w = min(_pow2(width), _pow2(num_queries), _tile_budget()[2])
     block_h = min(_pow2(height), max(1, _pow2(num_queries) // block_w))
     return block_h, block_w
 
@@ -84,13 +122,13 @@ def launch_config(kernel: str, height: int, width: int, channels: int, kernel_si
     """
     if kernel == 'window':
         kk_pad = _pow2(kernel_size * kernel_size)
-        block_h, block_w = _tile_shape(height, width, _WINDOW_TILE // kk_pad)
+        block_h, block_w = _tile_shape(height, width, _tile_budget()[0] // kk_pad)
         # [queries, K*K] tiles come with 64-bit pointer tiles of the same shape: at 4096 elements, 4 warps
         # need ~255 registers per thread on sm_90; 8 warps halve that.
         num_warps = max(_NUM_WARPS, min(8, block_h * block_w * kk_pad // 512))
         return dict(KK_PAD=kk_pad, C_PAD=_pow2(channels), BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps)
     if kernel == 'value':
-        block_h, block_w = _tile_shape(height, width, _VALUE_TILE // _pow2(channels))
+        block_h, block_w = _tile_shape(height, width, _tile_budget()[1] // _pow2(channels))
         return dict(C_PAD=_pow2(channels), BLOCK_H=block_h, BLOCK_W=block_w, num_warps=_NUM_WARPS)
     raise ValueError(f'launch_config: unknown kernel {kernel!r} (window|value)')
 
@@ -128,11 +166,56 @@ def _lse_empty(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Kernel launches (shared by the unfused and the fused ops; ``rpb``/``lse`` None means unfused).
+# Launch plans: what each kernel call is given, built without touching data (so meta tensors work too; the
+# static GPU model in ``utils/measure/static_gpu.py`` reads the same plans the ops launch).
 
 
-def _forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.Tensor,
-             kernel_size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+@dataclass
+class Launch:
+    """One kernel launch: the kernel's name in ``_triton_kernels``, its grid, arguments and compile-time
+    constants, and what the static GPU model needs besides: the tensors the launch must read and write at
+    least once, its floating-point operations and the trip counts of its loops.
+    """
+    kernel: str
+    grid: Tuple[int, ...]
+    args: Tuple[Any, ...]
+    constexprs: Dict[str, Any]
+    num_warps: int
+    reads: Tuple[torch.Tensor, ...]
+    writes: Tuple[torch.Tensor, ...]
+    flops: int
+    # Iterations of each loop of the kernel summed over all programs, outermost first (nested loops count the
+    # inner body once per inner iteration). A callable: only the static model asks.
+    loop_trips: Callable[[], Tuple[int, ...]]
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+    def min_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.reads + self.writes)
+
+    def run(self) -> None:
+        fn = _KERNELS[self.kernel]
+        fn[self.grid](*self.args, num_warps=self.num_warps, **self.constexprs)
+
+
+def _window_spans(length: int, kernel_size: int, block: int) -> List[int]:
+    """Per tile of ``block`` keys along one axis: the longest range of queries whose windows hold a key."""
+    spans = []
+    for start in range(0, length, block):
+        best = 0
+        for pos in range(start, min(start + block, length)):
+            lo = 0 if pos <= kernel_size - 1 else pos - kernel_size + 1 + kernel_size // 2
+            hi = length - 1 if pos >= length - kernel_size else pos + kernel_size // 2
+            best = max(best, hi - lo + 1)
+        spans.append(best)
+    return spans
+
+
+def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.Tensor,
+                 kernel_size: int) -> Tuple[Optional[Launch], torch.Tensor, Optional[torch.Tensor]]:
+    """The forward launch (None for empty inputs), the output and the log-sum-exp (fused only)."""
     _check_kernel_size(kernel_size)
     fused = rpb is not None
     b, g, h, w, c = value.shape
@@ -141,26 +224,31 @@ def _forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.Tenso
     out = _empty_like_layout(value, value.shape, out_dtype)
     lse = _lse_empty(attn, rpb, value) if fused else None
     if out.numel() == 0:
-        return out, lse
+        return None, out, lse
     config = launch_config('window', h, w, c, kernel_size)
-    rpb_arg = rpb if fused else attn  # unused pointer when not fused
-    lse_arg = lse if fused else out
-    _na2d_fwd_kernel[_grid(h, w, config, b * g)](
-        attn, rpb_arg, value, out, lse_arg,
+    num_warps = config.pop('num_warps')
+    grid = _grid(h, w, config, b * g)
+    k2 = kernel_size * kernel_size
+    args = (
+        attn, rpb if fused else attn, value, out, lse if fused else out,
         g, h, w, c,
         *attn.stride(),
         *(rpb.stride() if fused else (0, 0, 0)),
         *value.stride(),
         *out.stride(),
         *(lse.stride() if fused else (0, 0, 0, 0)),
-        K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config,
     )
-    return out, lse
+    queries = b * g * h * w
+    flops = queries * k2 * (2 * c + (5 if fused else 0))
+    launch = Launch('fwd', grid, args, dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config),
+                    num_warps, inputs, (out, lse) if fused else (out,), flops,
+                    lambda: (math.prod(grid) * c,))
+    return launch, out, lse
 
 
-def _grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, logits: Optional[torch.Tensor] = None,
-               rpb: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, logits: Optional[torch.Tensor] = None,
+                   rpb: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+                   out_dtype: Optional[torch.dtype] = None) -> Tuple[Optional[Launch], torch.Tensor]:
     fused = logits is not None
     b, g, h, w, c = value.shape
     k2 = kernel_size * kernel_size
@@ -169,10 +257,12 @@ def _grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, logits
         out_dtype = functools.reduce(torch.promote_types, [t.dtype for t in inputs])
     ga = torch.empty((b, g, h, w, k2), dtype=out_dtype, device=value.device)
     if ga.numel() == 0:
-        return ga
+        return None, ga
     config = launch_config('window', h, w, c, kernel_size)
+    num_warps = config.pop('num_warps')
     del config['C_PAD']
-    _na2d_grad_attn_kernel[_grid(h, w, config, b * g)](
+    grid = _grid(h, w, config, b * g)
+    args = (
         grad, value, logits if fused else grad, rpb if fused else grad, lse if fused else grad, ga,
         g, h, w, c,
         *grad.stride(),
@@ -181,22 +271,28 @@ def _grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, logits
         *(rpb.stride() if fused else (0,) * 3),
         *(lse.stride() if fused else (0,) * 4),
         *ga.stride(),
-        K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config,
     )
-    return ga
+    flops = b * g * h * w * k2 * (2 * c + (6 if fused else 0))
+    launch = Launch('grad_attn', grid, args,
+                    dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config), num_warps,
+                    inputs + ((lse,) if fused else ()), (ga,), flops, lambda: (math.prod(grid) * c,))
+    return launch, ga
 
 
-def _grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, value_like: torch.Tensor,
-                rpb: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+def plan_grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, value_like: torch.Tensor,
+                    rpb: Optional[torch.Tensor] = None,
+                    lse: Optional[torch.Tensor] = None) -> Tuple[Optional[Launch], torch.Tensor]:
     """``value_like`` gives the layout and dtype of the result (value itself in the autograd formulas)."""
     fused = rpb is not None
     b, g, h, w, c = grad.shape
     gv = _empty_like_layout(value_like, grad.shape, value_like.dtype)
     if gv.numel() == 0:
-        return gv
+        return None, gv
     config = launch_config('value', h, w, c, kernel_size)
+    num_warps = config.pop('num_warps')
+    grid = _grid(h, w, config, b * g)
     inputs = (grad, attn, rpb) if fused else (grad, attn)
-    _na2d_grad_value_kernel[_grid(h, w, config, b * g)](
+    args = (
         grad, attn, rpb if fused else grad, lse if fused else grad, gv,
         g, h, w, c,
         *grad.stride(),
@@ -204,8 +300,39 @@ def _grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, value_
         *(rpb.stride() if fused else (0,) * 3),
         *(lse.stride() if fused else (0,) * 4),
         *gv.stride(),
-        K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config,
     )
+    k2 = kernel_size * kernel_size
+    flops = b * g * h * w * k2 * (2 * c + (3 if fused else 0))
+
+    def trips() -> Tuple[int, ...]:
+        rows = _window_spans(h, kernel_size, config['BLOCK_H'])
+        cols = _window_spans(w, kernel_size, config['BLOCK_W'])
+        return b * g * sum(rows) * len(cols), b * g * sum(rows) * sum(cols)
+
+    launch = Launch('grad_value', grid, args,
+                    dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config), num_warps,
+                    inputs + ((lse,) if fused else ()), (gv,), flops, trips)
+    return launch, gv
+
+
+def _forward(attn, rpb, value, kernel_size):
+    launch, out, lse = plan_forward(attn, rpb, value, kernel_size)
+    if launch is not None:
+        launch.run()
+    return out, lse
+
+
+def _grad_attn(grad, value, kernel_size, logits=None, rpb=None, lse=None, out_dtype=None):
+    launch, ga = plan_grad_attn(grad, value, kernel_size, logits, rpb, lse, out_dtype)
+    if launch is not None:
+        launch.run()
+    return ga
+
+
+def _grad_value(grad, attn, kernel_size, value_like, rpb=None, lse=None):
+    launch, gv = plan_grad_value(grad, attn, kernel_size, value_like, rpb, lse)
+    if launch is not None:
+        launch.run()
     return gv
 
 
@@ -336,6 +463,24 @@ def _softmax_av_backward(ctx, grad, _grad_lse):
 
 
 _softmax_av_op.register_autograd(_softmax_av_backward, setup_context=_softmax_av_setup)
+
+
+def plan_softmax_av(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int,
+                    backward: bool = True) -> List[Tuple[str, Launch]]:
+    """The launches of one ``na2d_softmax_av`` call (forward, and with ``backward`` the gradient of every
+    input, as the autograd formula launches them), labelled 'fwd' / 'grad_logits' / 'grad_value'.
+
+    Builds nothing but empty outputs, so meta tensors work (the static GPU model uses it).
+    """
+    launches = []
+    fwd, out, lse = plan_forward(logits, rpb, value, kernel_size)
+    launches.append(('fwd', fwd))
+    if backward:
+        grad = torch.empty_like(out)
+        launches.append(('grad_logits', plan_grad_attn(grad, value, kernel_size, logits=logits, rpb=rpb, lse=lse,
+                                                       out_dtype=logits.dtype)[0]))
+        launches.append(('grad_value', plan_grad_value(grad, logits, kernel_size, value, rpb=rpb, lse=lse)[0]))
+    return [(label, launch) for label, launch in launches if launch is not None]
 
 
 # ---------------------------------------------------------------------------------------------------------
