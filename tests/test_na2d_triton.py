@@ -287,7 +287,7 @@ def case_opcheck(device: str) -> None:
     fake_only = [
         (tb._grad_attn_op, (grad, value.detach(), k, torch.float64)),
         (tb._grad_value_op, (grad, attn.detach(), value.detach(), k)),
-        (tb._grad_logits_op, (grad, logits.detach(), rpb.detach(), value.detach(), lse, k)),
+        (tb._grad_logits_op, (grad, logits.detach(), rpb.detach(), value.detach(), lse, grad, k)),
         (tb._softmax_grad_value_op, (grad, logits.detach(), rpb.detach(), value.detach(), lse, k)),
     ]
     for op, args in checks:

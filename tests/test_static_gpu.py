@@ -26,21 +26,26 @@ SASS = """
         /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
 .L_x_1:
         /*0020*/                   FFMA R3, R3, R4, R5 ;
-        /*0030*/                   FFMA R3, R3, R4, R5 ;
-        /*0040*/               @P1 BRA `(.L_x_1) ;
-        /*0050*/               @P0 BRA `(.L_x_0) ;
-        /*0060*/                   EXIT ;
+        /*0030*/                   IADD3 R7, R7, 0x4, RZ ;
+        /*0040*/                   ISETP.NE.U32.AND P1, PT, R7, 0xa8, PT ;
+        /*0050*/               @P1 BRA `(.L_x_1) ;
+        /*0060*/                   ISETP.GE.AND P0, PT, R2, R9, PT ;
+        /*0070*/              @!P0 BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
 .L_x_2:
-        /*0070*/                   BRA `(.L_x_2);
-        /*0080*/                   NOP;
+        /*0090*/                   BRA `(.L_x_2);
+        /*00a0*/                   NOP;
 """
 
 
 def test_sass_loops():
-    """Nested loops: the outer body counts its own instructions only; the trap loop and NOPs are ignored."""
-    outside, bodies = static_gpu._loops(SASS)
-    assert bodies == (2, 3)  # outer: IADD3 + BRA; inner: 2 FFMA + BRA
+    """Nested loops: each body counts its own instructions; a constant exit test gives the passes (bound over
+    the counter's step, the unroll factor); a runtime one gives none; the trap loop and NOPs are ignored."""
+    outside, loops = static_gpu._loops(SASS)
     assert outside == 2  # MOV, EXIT
+    outer, inner = loops
+    assert (outer.body, outer.passes, outer.unroll) == (3, None, 1)  # IADD3, ISETP, BRA
+    assert (inner.body, inner.passes, inner.unroll) == (4, 0xa8 / 4, 4)
 
 
 def test_small_model_rows(tiny_kwargs):

@@ -46,99 +46,168 @@ def _program_tile(G, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def _query_block(N, G, H, W, BLOCK_Q: tl.constexpr):
+    """BLOCK_Q consecutive queries of the flattened [B, G, H, W] grid: batch and group (int64, for the base
+    offsets), row, column and whether the query exists. Queries past the end repeat the last one, so all
+    their loads are in bounds without masks; only their stores are masked. Consecutive queries are neighbours
+    in a row: their windows overlap and share cache lines. No query of a tile idles at a map's edge."""
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = q < N
+    q = tl.minimum(q, N - 1)
+    j = q % W
+    i = (q // W) % H
+    bg = q // (W * H)
+    return (bg // G).to(tl.int64), (bg % G).to(tl.int64), i, j, qmask
+
+
+@triton.jit
+def _chunk(base, k: tl.constexpr, stride, C: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Columns [k*VEC, (k+1)*VEC) of the rows starting at ``base`` [Q] (pointers), as [Q, VEC]; zero past C.
+
+    Channels are split into at most 4 chunks of VEC, each its own [Q, VEC] tensor: Triton then gives every
+    thread whole query rows (one vector load per chunk, e.g. 16 bytes), so per-query work (weights,
+    softmax) runs once per query instead of once per lane of a row split across lanes.
+    """
+    cols = k * VEC + tl.arange(0, VEC)
+    ptrs = base[:, None] + cols[None, :] * stride
+    if (k + 1) * VEC <= C:  # the whole chunk is inside the row: no mask
+        return tl.load(ptrs).to(ACC_DTYPE)
+    return tl.load(ptrs, mask=(cols < C)[None, :], other=0.).to(ACC_DTYPE)
+
+
+@triton.jit
+def _store_chunk(base, k: tl.constexpr, stride, x, qmask, C: tl.constexpr, VEC: tl.constexpr):
+    cols = k * VEC + tl.arange(0, VEC)
+    tl.store(base[:, None] + cols[None, :] * stride, x.to(base.dtype.element_ty),
+             mask=qmask[:, None] & (cols < C)[None, :])
+
+
+@triton.jit
 def _na2d_fwd_kernel(
         A, RPB, V, O, LSE,
-        G, H, W, C,
+        N, G, H, W,
         sa_b, sa_g, sa_h, sa_w, sa_n,
         sr_g, sr_h, sr_w,
         sv_b, sv_g, sv_h, sv_w, sv_c,
         so_b, so_g, so_h, so_w, so_c,
         sl_b, sl_g, sl_h, sl_w,
-        K: tl.constexpr, KK_PAD: tl.constexpr, C_PAD: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+        K: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr, NCH: tl.constexpr, BLOCK_Q: tl.constexpr,
         FUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """out = na2d_av(attn, value), or with FUSED: na2d_av(softmax(logits + bias(rpb)), value), lse stored."""
-    b, g, i, j, qmask = _program_tile(G, H, W, BLOCK_H, BLOCK_W)
+    """out = na2d_av(attn, value), or with FUSED: na2d_av(softmax(logits + bias(rpb)), value), lse stored.
+
+    BLOCK_Q queries, their C channels in NCH <= 4 chunks of VEC; the loop runs over the K*K window positions,
+    each step reading one weight per query and one value row per query (contiguous when value is
+    channel-last). With FUSED a first loop finds each row's maximum (logits and bias only), the second
+    accumulates exp2(x - max) * value and the sum of the weights: no [queries, K*K] tile, no reduction across
+    threads, no rescaling of the accumulator.
+    """
+    b, g, i, j, qmask = _query_block(N, G, H, W, BLOCK_Q)
     si = _window_start(i, H, K)
     sj = _window_start(j, W, K)
-    n = tl.arange(0, KK_PAD)
-    ki = n // K
-    kj = n % K
-    mask = qmask[:, None] & (n < K * K)[None, :]
-
-    a_ptrs = A + b * sa_b + g * sa_g + i[:, None] * sa_h + j[:, None] * sa_w + n[None, :] * sa_n
-    a = tl.load(a_ptrs, mask=mask, other=0.).to(ACC_DTYPE)
+    a_row = A + b * sa_b + g * sa_g + i * sa_h + j * sa_w
+    v_row = V + b * sv_b + g * sv_g + si * sv_h + sj * sv_w
+    acc0 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
+    acc1 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
+    acc2 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
+    acc3 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
     if FUSED:
-        rh = si[:, None] + ki[None, :] - i[:, None] + (K - 1)
-        rw = sj[:, None] + kj[None, :] - j[:, None] + (K - 1)
-        bias = tl.load(RPB + g * sr_g + rh * sr_h + rw * sr_w, mask=mask, other=0.).to(ACC_DTYPE)
-        x = tl.where(mask, a + bias, float('-inf'))
-        m = tl.max(x, axis=1)
-        m = tl.where(qmask, m, 0.)  # rows outside the map are all -inf; keep them finite
-        p = tl.exp(x - m[:, None])
-        denom = tl.sum(p, axis=1)
-        denom = tl.where(qmask, denom, 1.)
-        a = p / denom[:, None]
-        lse = m + tl.log(denom)
-        tl.store(LSE + b * sl_b + g * sl_g + i * sl_h + j * sl_w, lse, mask=qmask)
-
-    v_ptrs = (V + b * sv_b + g * sv_g + (si[:, None] + ki[None, :]) * sv_h
-              + (sj[:, None] + kj[None, :]) * sv_w)
-    cols = tl.arange(0, C_PAD)
-    acc = tl.zeros([BLOCK_H * BLOCK_W, C_PAD], dtype=ACC_DTYPE)
-    for c in range(0, C):
-        v = tl.load(v_ptrs + c * sv_c, mask=mask, other=0.).to(ACC_DTYPE)
-        s = tl.sum(a * v, axis=1)
-        acc += tl.where(cols[None, :] == c, s[:, None], 0.)
-    o_ptrs = O + b * so_b + g * so_g + i[:, None] * so_h + j[:, None] * so_w + cols[None, :] * so_c
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=qmask[:, None] & (cols < C)[None, :])
+        r_row = RPB + g * sr_g + (si - i + K - 1) * sr_h + (sj - j + K - 1) * sr_w
+        m = tl.full([BLOCK_Q], float('-inf'), ACC_DTYPE)
+        for n in range(0, K * K):
+            ki = n // K
+            kj = n - ki * K
+            x = tl.load(a_row + n * sa_n).to(ACC_DTYPE) + tl.load(r_row + ki * sr_h + kj * sr_w).to(ACC_DTYPE)
+            m = tl.maximum(m, x)
+        m = m * 1.4426950408889634
+        l = tl.zeros([BLOCK_Q], dtype=ACC_DTYPE)
+    for n in range(0, K * K):
+        ki = n // K
+        kj = n - ki * K
+        a = tl.load(a_row + n * sa_n).to(ACC_DTYPE)
+        if FUSED:
+            a = tl.exp2((a + tl.load(r_row + ki * sr_h + kj * sr_w).to(ACC_DTYPE)) * 1.4426950408889634 - m)
+            l += a
+        v = v_row + (ki * sv_h + kj * sv_w)
+        acc0 += a[:, None] * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE)
+        if NCH > 1:
+            acc1 += a[:, None] * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE)
+        if NCH > 2:
+            acc2 += a[:, None] * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE)
+            acc3 += a[:, None] * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE)
+    if FUSED:
+        inv = 1. / l
+        acc0 *= inv[:, None]
+        acc1 *= inv[:, None]
+        acc2 *= inv[:, None]
+        acc3 *= inv[:, None]
+        tl.store(LSE + b * sl_b + g * sl_g + i * sl_h + j * sl_w, (m + tl.log2(l)) * 0.6931471805599453, mask=qmask)
+    o_row = O + b * so_b + g * so_g + i * so_h + j * so_w
+    _store_chunk(o_row, 0, so_c, acc0, qmask, C, VEC)
+    if NCH > 1:
+        _store_chunk(o_row, 1, so_c, acc1, qmask, C, VEC)
+    if NCH > 2:
+        _store_chunk(o_row, 2, so_c, acc2, qmask, C, VEC)
+        _store_chunk(o_row, 3, so_c, acc3, qmask, C, VEC)
 
 
 @triton.jit
 def _na2d_grad_attn_kernel(
-        GO, V, A, RPB, LSE, GA,
-        G, H, W, C,
+        GO, V, A, RPB, LSE, O, GA,
+        N, G, H, W,
         sg_b, sg_g, sg_h, sg_w, sg_c,
         sv_b, sv_g, sv_h, sv_w, sv_c,
         sa_b, sa_g, sa_h, sa_w, sa_n,
         sr_g, sr_h, sr_w,
         sl_b, sl_g, sl_h, sl_w,
+        so_b, so_g, so_h, so_w, so_c,
         sga_b, sga_g, sga_h, sga_w, sga_n,
-        K: tl.constexpr, KK_PAD: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+        K: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr, NCH: tl.constexpr, BLOCK_Q: tl.constexpr,
         FUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """grad_attn[q, n] = <grad_out[q], value[nbr(q, n)]>; with FUSED the softmax backward on top of it:
-    grad_logits = p * (grad_attn - sum_n p * grad_attn), p recomputed from logits, rpb and the saved lse."""
-    b, g, i, j, qmask = _program_tile(G, H, W, BLOCK_H, BLOCK_W)
+    grad_logits = p * (grad_attn - D) with D = sum_n p * grad_attn = <grad_out[q], out[q]> (the forward's
+    output) and p recomputed from logits, rpb and the saved lse.
+
+    Tiled like the forward: grad_out rows of BLOCK_Q queries in registers, a loop over the K*K window
+    positions reading one value row per query and writing one gradient per query; the channel sum stays
+    inside each thread.
+    """
+    b, g, i, j, qmask = _query_block(N, G, H, W, BLOCK_Q)
     si = _window_start(i, H, K)
     sj = _window_start(j, W, K)
-    n = tl.arange(0, KK_PAD)
-    ki = n // K
-    kj = n % K
-    mask = qmask[:, None] & (n < K * K)[None, :]
-
-    go_ptrs = GO + b * sg_b + g * sg_g + i * sg_h + j * sg_w
-    v_ptrs = (V + b * sv_b + g * sv_g + (si[:, None] + ki[None, :]) * sv_h
-              + (sj[:, None] + kj[None, :]) * sv_w)
-    dp = tl.zeros([BLOCK_H * BLOCK_W, KK_PAD], dtype=ACC_DTYPE)
-    for c in range(0, C):
-        go = tl.load(go_ptrs + c * sg_c, mask=qmask, other=0.).to(ACC_DTYPE)
-        v = tl.load(v_ptrs + c * sv_c, mask=mask, other=0.).to(ACC_DTYPE)
-        dp += go[:, None] * v
+    go_row = GO + b * sg_b + g * sg_g + i * sg_h + j * sg_w
+    go0 = _chunk(go_row, 0, sg_c, C, VEC, ACC_DTYPE)
+    go1 = _chunk(go_row, 1, sg_c, C, VEC, ACC_DTYPE) if NCH > 1 else go0
+    go2 = _chunk(go_row, 2, sg_c, C, VEC, ACC_DTYPE) if NCH > 2 else go0
+    go3 = _chunk(go_row, 3, sg_c, C, VEC, ACC_DTYPE) if NCH > 2 else go0
+    v_row = V + b * sv_b + g * sv_g + si * sv_h + sj * sv_w
+    ga_row = GA + b * sga_b + g * sga_g + i * sga_h + j * sga_w
     if FUSED:
-        x = tl.load(A + b * sa_b + g * sa_g + i[:, None] * sa_h + j[:, None] * sa_w + n[None, :] * sa_n,
-                    mask=mask, other=0.).to(ACC_DTYPE)
-        rh = si[:, None] + ki[None, :] - i[:, None] + (K - 1)
-        rw = sj[:, None] + kj[None, :] - j[:, None] + (K - 1)
-        x += tl.load(RPB + g * sr_g + rh * sr_h + rw * sr_w, mask=mask, other=0.).to(ACC_DTYPE)
-        lse = tl.load(LSE + b * sl_b + g * sl_g + i * sl_h + j * sl_w, mask=qmask, other=0.).to(ACC_DTYPE)
-        p = tl.where(mask, tl.exp(x - lse[:, None]), 0.)
-        dot = tl.sum(p * dp, axis=1)
-        dp = p * (dp - dot[:, None])
-    ga_ptrs = GA + b * sga_b + g * sga_g + i[:, None] * sga_h + j[:, None] * sga_w + n[None, :] * sga_n
-    tl.store(ga_ptrs, dp.to(GA.dtype.element_ty), mask=mask)
+        o_row = O + b * so_b + g * so_g + i * so_h + j * so_w
+        d = tl.sum(go0 * _chunk(o_row, 0, so_c, C, VEC, ACC_DTYPE), axis=1)
+        if NCH > 1:
+            d += tl.sum(go1 * _chunk(o_row, 1, so_c, C, VEC, ACC_DTYPE), axis=1)
+        if NCH > 2:
+            d += tl.sum(go2 * _chunk(o_row, 2, so_c, C, VEC, ACC_DTYPE), axis=1)
+            d += tl.sum(go3 * _chunk(o_row, 3, so_c, C, VEC, ACC_DTYPE), axis=1)
+        lse2 = tl.load(LSE + b * sl_b + g * sl_g + i * sl_h + j * sl_w).to(ACC_DTYPE) * 1.4426950408889634
+        a_row = A + b * sa_b + g * sa_g + i * sa_h + j * sa_w
+        r_row = RPB + g * sr_g + (si - i + K - 1) * sr_h + (sj - j + K - 1) * sr_w
+    for n in range(0, K * K):
+        ki = n // K
+        kj = n - ki * K
+        v = v_row + (ki * sv_h + kj * sv_w)
+        dp = tl.sum(go0 * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE), axis=1)
+        if NCH > 1:
+            dp += tl.sum(go1 * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE), axis=1)
+        if NCH > 2:
+            dp += tl.sum(go2 * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE), axis=1)
+            dp += tl.sum(go3 * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE), axis=1)
+        if FUSED:
+            x = tl.load(a_row + n * sa_n).to(ACC_DTYPE) + tl.load(r_row + ki * sr_h + kj * sr_w).to(ACC_DTYPE)
+            dp = tl.exp2(x * 1.4426950408889634 - lse2) * (dp - d)
+        tl.store(ga_row + n * sga_n, dp.to(GA.dtype.element_ty), mask=qmask)
 
 
 @triton.jit

@@ -83,7 +83,7 @@ def _tile_budget() -> Tuple[int, int, int]:
     """Elements of the [queries, K*K] (forward / grad attn) and [keys, C] (grad value) register tiles per
     program and the widest tile row. The interpreter pays per executed op, not per element, so it gets much
     larger tiles (fewer programs)."""
-    return (1 << 15, 1 << 13, 64) if INTERPRET else (4096, 2048, 32)
+    return (1 << 11, 1 << 13, 64) if INTERPRET else (32 * _NUM_WARPS, 2048, 32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,20 +120,22 @@ def launch_config(kernel: str, height: int, width: int, channels: int, kernel_si
         kernel: 'window' (forward and grad attn/logits kernels) or 'value' (grad value kernel).
         height, width, channels, kernel_size: H, W, C and K of the call.
     """
+    window_tile, value_tile, _ = _tile_budget()
+    c_pad = _pow2(channels)
     if kernel == 'window':
-        kk_pad = _pow2(kernel_size * kernel_size)
-        block_h, block_w = _tile_shape(height, width, _tile_budget()[0] // kk_pad)
-        # [queries, K*K] tiles come with 64-bit pointer tiles of the same shape: at 4096 elements, 4 warps
-        # need ~255 registers per thread on sm_90; 8 warps halve that.
-        num_warps = max(_NUM_WARPS, min(8, block_h * block_w * kk_pad // 512))
-        return dict(KK_PAD=kk_pad, C_PAD=_pow2(channels), BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps)
+        # Channels in at most 4 chunks of VEC (16 bytes of float32 for C <= 16); one query row per thread:
+        # BLOCK_Q = 32 * num_warps queries per program, flattened over [B, G, H, W].
+        vec = min(c_pad, max(4, c_pad // 4))
+        return dict(C=channels, VEC=vec, NCH=c_pad // vec, BLOCK_Q=window_tile, num_warps=_NUM_WARPS)
     if kernel == 'value':
-        block_h, block_w = _tile_shape(height, width, _tile_budget()[1] // _pow2(channels))
-        return dict(C_PAD=_pow2(channels), BLOCK_H=block_h, BLOCK_W=block_w, num_warps=_NUM_WARPS)
+        block_h, block_w = _tile_shape(height, width, value_tile // c_pad)
+        return dict(C_PAD=c_pad, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=_NUM_WARPS)
     raise ValueError(f'launch_config: unknown kernel {kernel!r} (window|value)')
 
 
 def _grid(height: int, width: int, config: Dict[str, int], bg: int) -> Tuple[int]:
+    if 'BLOCK_Q' in config:
+        return (triton.cdiv(bg * height * width, config['BLOCK_Q']),)
     return (triton.cdiv(height, config['BLOCK_H']) * triton.cdiv(width, config['BLOCK_W']) * bg,)
 
 
@@ -184,8 +186,9 @@ class Launch:
     reads: Tuple[torch.Tensor, ...]
     writes: Tuple[torch.Tensor, ...]
     flops: int
-    # Iterations of each loop of the kernel summed over all programs, outermost first (nested loops count the
-    # inner body once per inner iteration). A callable: only the static model asks.
+    # Iterations of each loop of the kernel whose trip count is not a compile-time constant, summed over all
+    # programs, outermost first (an inner loop counts every iteration of its body). Loops with a constant trip
+    # count (K*K) are read off the compiled code. A callable: only the static model asks.
     loop_trips: Callable[[], Tuple[int, ...]]
 
     @property
@@ -231,7 +234,7 @@ def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.T
     k2 = kernel_size * kernel_size
     args = (
         attn, rpb if fused else attn, value, out, lse if fused else out,
-        g, h, w, c,
+        b * g * h * w, g, h, w,
         *attn.stride(),
         *(rpb.stride() if fused else (0, 0, 0)),
         *value.stride(),
@@ -242,13 +245,16 @@ def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.T
     flops = queries * k2 * (2 * c + (5 if fused else 0))
     launch = Launch('fwd', grid, args, dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config),
                     num_warps, inputs, (out, lse) if fused else (out,), flops,
-                    lambda: (math.prod(grid) * c,))
+                    lambda: ())
     return launch, out, lse
 
 
 def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, logits: Optional[torch.Tensor] = None,
                    rpb: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+                   out: Optional[torch.Tensor] = None,
                    out_dtype: Optional[torch.dtype] = None) -> Tuple[Optional[Launch], torch.Tensor]:
+    """Gradient w.r.t. attn, or with ``logits`` (and the forward's ``rpb``, ``lse`` and output ``out``) the
+    gradient w.r.t. the logits of the fused op."""
     fused = logits is not None
     b, g, h, w, c = value.shape
     k2 = kernel_size * kernel_size
@@ -260,22 +266,23 @@ def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, lo
         return None, ga
     config = launch_config('window', h, w, c, kernel_size)
     num_warps = config.pop('num_warps')
-    del config['C_PAD']
     grid = _grid(h, w, config, b * g)
     args = (
-        grad, value, logits if fused else grad, rpb if fused else grad, lse if fused else grad, ga,
-        g, h, w, c,
+        grad, value, logits if fused else grad, rpb if fused else grad, lse if fused else grad,
+        out if fused else grad, ga,
+        b * g * h * w, g, h, w,
         *grad.stride(),
         *value.stride(),
         *(logits.stride() if fused else (0,) * 5),
         *(rpb.stride() if fused else (0,) * 3),
         *(lse.stride() if fused else (0,) * 4),
+        *(out.stride() if fused else (0,) * 5),
         *ga.stride(),
     )
     flops = b * g * h * w * k2 * (2 * c + (6 if fused else 0))
     launch = Launch('grad_attn', grid, args,
                     dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config), num_warps,
-                    inputs + ((lse,) if fused else ()), (ga,), flops, lambda: (math.prod(grid) * c,))
+                    inputs + ((lse, out) if fused else ()), (ga,), flops, lambda: ())
     return launch, ga
 
 
@@ -322,8 +329,8 @@ def _forward(attn, rpb, value, kernel_size):
     return out, lse
 
 
-def _grad_attn(grad, value, kernel_size, logits=None, rpb=None, lse=None, out_dtype=None):
-    launch, ga = plan_grad_attn(grad, value, kernel_size, logits, rpb, lse, out_dtype)
+def _grad_attn(grad, value, kernel_size, logits=None, rpb=None, lse=None, out=None, out_dtype=None):
+    launch, ga = plan_grad_attn(grad, value, kernel_size, logits, rpb, lse, out, out_dtype)
     if launch is not None:
         launch.run()
     return ga
@@ -420,12 +427,12 @@ def _(logits, rpb, value, kernel_size):
 
 @torch.library.custom_op('overlock::na2d_softmax_av_triton_grad_logits', mutates_args=())
 def _grad_logits_op(grad: torch.Tensor, logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor,
-                    lse: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    return _grad_attn(grad, value, kernel_size, logits=logits, rpb=rpb, lse=lse, out_dtype=logits.dtype)
+                    lse: torch.Tensor, out: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    return _grad_attn(grad, value, kernel_size, logits=logits, rpb=rpb, lse=lse, out=out, out_dtype=logits.dtype)
 
 
 @_grad_logits_op.register_fake
-def _(grad, logits, rpb, value, lse, kernel_size):
+def _(grad, logits, rpb, value, lse, out, kernel_size):
     return logits.new_empty((*value.shape[:4], kernel_size * kernel_size))
 
 
@@ -442,19 +449,20 @@ def _(grad, logits, rpb, value, lse, kernel_size):
 
 def _softmax_av_setup(ctx, inputs, output):
     logits, rpb, value, kernel_size = inputs
-    _, lse = output
+    out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(logits, rpb, value, lse)
+    # out is kept for the softmax backward's D = <grad_out, out> (one [B, G, H, W, C] tensor, 1/K^2 of logits)
+    ctx.save_for_backward(logits, rpb, value, lse, out)
     ctx.kernel_size = kernel_size
 
 
 def _softmax_av_backward(ctx, grad, _grad_lse):
-    logits, rpb, value, lse = ctx.saved_tensors
+    logits, rpb, value, lse, out = ctx.saved_tensors
     k = ctx.kernel_size
     need_logits, need_rpb, need_value = ctx.needs_input_grad[:3]
     g_logits = g_rpb = g_value = None
     if need_logits or need_rpb:
-        g_logits = _grad_logits_op(grad, logits, rpb, value, lse, k)
+        g_logits = _grad_logits_op(grad, logits, rpb, value, lse, out, k)
         if need_rpb:
             g_rpb = _grad_rpb(g_logits, rpb, k)
     if need_value:
@@ -478,7 +486,7 @@ def plan_softmax_av(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor
     if backward:
         grad = torch.empty_like(out)
         launches.append(('grad_logits', plan_grad_attn(grad, value, kernel_size, logits=logits, rpb=rpb, lse=lse,
-                                                       out_dtype=logits.dtype)[0]))
+                                                       out=out, out_dtype=logits.dtype)[0]))
         launches.append(('grad_value', plan_grad_value(grad, logits, kernel_size, value, rpb=rpb, lse=lse)[0]))
     return [(label, launch) for label, launch in launches if launch is not None]
 

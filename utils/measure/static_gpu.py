@@ -83,7 +83,7 @@ class KernelCode:
     shared_bytes: int
     num_warps: int
     outside_loops: int  # SASS instructions executed once per program (NOPs and the trap loop not counted)
-    loop_bodies: Tuple[int, ...]  # instructions of each loop's own body (inner loops excluded), outermost first
+    loops: Tuple['SassLoop', ...]  # outermost first
 
 
 def _specialise(launch) -> Tuple[Dict[str, str], Dict[tuple, object], Dict[tuple, list]]:
@@ -114,8 +114,44 @@ def _specialise(launch) -> Tuple[Dict[str, str], Dict[tuple, object], Dict[tuple
     return signature, constants, attrs
 
 
-def _loops(sass: str) -> Tuple[int, Tuple[int, ...]]:
-    """Instructions outside loops and each loop's own body, from nvdisasm output (loops = backward branches)."""
+@dataclass(frozen=True)
+class SassLoop:
+    """One SASS loop: its own instructions (inner loops excluded) and, when the exit test compares the counter
+    with a constant, the passes per program (the source trip count over ptxas' unroll factor)."""
+    body: int
+    passes: Optional[float]
+    unroll: int
+
+
+_BRANCH = re.compile(r'^(@!?P\d)?\s*BRA\s+`?\(?(\.L_x_\d+)\)?')
+
+
+def _loop_bound(body: Sequence[str]) -> Tuple[Optional[float], int]:
+    """(passes, unroll) of a loop from its exit test ``ISETP .. P, PT, Rc, imm`` and counter step ``Rc += u``."""
+    branch = _BRANCH.match(body[-1])
+    if not branch or not branch.group(1):
+        return None, 1
+    pred = branch.group(1).lstrip('@!')
+    counter = bound = None
+    for text in body:
+        test = re.match(rf'^ISETP\.\S+\s+{pred},\s*PT,\s*(R\d+),\s*(0x[0-9a-f]+|R\d+|c\[.*?\]|UR\d+)', text)
+        if test and not text.split()[0].endswith('.EX'):
+            counter, bound = test.group(1), test.group(2)
+    if counter is None:
+        return None, 1
+    unroll = 1
+    for text in body:
+        step = re.match(rf'^(?:IADD3|VIADD|IADD|IMAD\.IADD)\S*\s+{counter},\s*(?:!?P\d+,\s*)*{counter},\s*'
+                        rf'(0x[0-9a-f]+)', text)
+        if step:
+            unroll = int(step.group(1), 16)
+    passes = int(bound, 16) / unroll if bound.startswith('0x') else None
+    return passes, max(unroll, 1)
+
+
+def _loops(sass: str) -> Tuple[int, Tuple[SassLoop, ...]]:
+    """Instructions outside loops and the loops, outermost first, from nvdisasm output (loop = backward branch).
+    NOPs and the trap loop after EXIT are not counted."""
     instructions, labels = [], {}
     for line in sass.splitlines():
         label = re.match(r'^\s*(\.L_x_\d+):', line)
@@ -125,30 +161,31 @@ def _loops(sass: str) -> Tuple[int, Tuple[int, ...]]:
         op = re.match(r'^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;', line)
         if op:
             instructions.append(op.group(1))
-    spans = []
+    spans, trap = [], 0
     for pos, text in enumerate(instructions):
-        target = re.search(r'BRA\s+`?\(?(\.L_x_\d+)\)?', text)
-        if target and target.group(1) in labels and labels[target.group(1)] < pos:
-            start = labels[target.group(1)]
-            if pos - start >= 1:  # a branch to itself is the trap after EXIT
-                spans.append((start, pos))
+        branch = _BRANCH.match(text)
+        if branch and labels.get(branch.group(2), pos + 1) <= pos:
+            if labels[branch.group(2)] == pos:
+                trap += 1  # a branch to itself is the trap after EXIT
+            else:
+                spans.append((labels[branch.group(2)], pos))
     spans.sort(key=lambda s: (s[0], -s[1]))
 
     def count(lo, hi):
         return sum(1 for t in instructions[lo:hi + 1] if not t.startswith('NOP'))
 
-    own = []
-    for start, end in spans:
-        inner = [(s, e) for s, e in spans if start <= s and e <= end and (s, e) != (start, end)]
-        # direct children only: those not inside another inner loop
-        direct = [(s, e) for s, e in inner if not any(a <= s and e <= b and (a, b) != (s, e) for a, b in inner)]
-        own.append(count(start, end) - sum(count(s, e) for s, e in direct))
-    trap = sum(1 for pos, t in enumerate(instructions) if re.search(r'BRA\s+`?\(?(\.L_x_\d+)\)?', t)
-               and labels.get(re.search(r'(\.L_x_\d+)', t).group(1)) == pos)
+    def inside(inner, outer):
+        return outer[0] <= inner[0] and inner[1] <= outer[1] and inner != outer
+
+    loops = []
+    for span in spans:
+        inner = [s for s in spans if inside(s, span)]
+        direct = [s for s in inner if not any(inside(s, o) for o in inner)]
+        passes, unroll = _loop_bound(instructions[span[0]:span[1] + 1])
+        loops.append(SassLoop(count(*span) - sum(count(*s) for s in direct), passes, unroll))
     total = sum(1 for t in instructions if not t.startswith('NOP')) - trap
-    in_loops = sum(count(s, e) for s, e in spans
-                   if not any(a <= s and e <= b and (a, b) != (s, e) for a, b in spans))
-    return total - in_loops, tuple(own)
+    in_loops = sum(count(*s) for s in spans if not any(inside(s, o) for o in spans))
+    return total - in_loops, tuple(loops)
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,8 +207,8 @@ def _compile(kernel: str, signature: tuple, constants: tuple, attrs: tuple, num_
                               capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r'REG:(\d+)', usage).group(1))
     spills = int(re.search(r'LOCAL:(\d+)', usage).group(1))
-    outside, bodies = _loops(sass)
-    return KernelCode(registers, spills, compiled.metadata.shared, num_warps, outside, bodies)
+    outside, loops = _loops(sass)
+    return KernelCode(registers, spills, compiled.metadata.shared, num_warps, outside, loops)
 
 
 def kernel_code(launch, device: 'Device' = H100_SXM) -> KernelCode:
@@ -224,15 +261,23 @@ def occupancy(code: KernelCode, device: Device = H100_SXM) -> float:
 
 def analyse_launch(label: str, launch, device: Device = H100_SXM) -> Row:
     code = kernel_code(launch, device)
-    trips = launch.loop_trips()
+    # Loops with a constant trip count carry it in their exit test; the others take the plan's trip counts
+    # (summed over programs), in order, divided by ptxas' unroll factor.
+    runtime = list(launch.loop_trips())
+    per_warp = launch.programs * code.outside_loops
     note = ''
-    if len(trips) != len(code.loop_bodies):
-        # ptxas unrolled or split a loop: charge the largest SASS bodies with the source trip counts
-        note = f'{len(code.loop_bodies)} SASS loops for {len(trips)} source loops'
-    bodies = sorted(code.loop_bodies, reverse=True)[:len(trips)] if note else code.loop_bodies
-    per_warp = launch.programs * code.outside_loops + sum(b * t for b, t in zip(bodies, trips))
+    for loop in code.loops:
+        if loop.passes is not None:
+            per_warp += loop.body * loop.passes * launch.programs
+        elif runtime:
+            per_warp += loop.body * runtime.pop(0) / loop.unroll
+        else:
+            note = 'a SASS loop without a known trip count (counted once)'
+            per_warp += loop.body * launch.programs
+    if runtime:
+        note = f'{len(runtime)} runtime loop(s) of the plan not found in the SASS'
     instructions = per_warp * code.num_warps
-    config = ' '.join(f'{k}={v}' for k, v in launch.constexprs.items() if k.startswith(('BLOCK', 'C_PAD')))
+    config = ' '.join(f'{k}={v}' for k, v in launch.constexprs.items() if k.startswith(('BLOCK', 'C_PAD', 'VEC', 'NCH')))
     return Row(label, launch.kernel, f'{config} w={code.num_warps}', launch.programs, code.registers,
                code.spill_bytes, occupancy(code, device), launch.min_bytes(), launch.flops, instructions,
                instructions / device.issue_rate, launch.min_bytes() / device.dram_bytes_per_s, note)
