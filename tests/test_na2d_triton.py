@@ -252,8 +252,8 @@ def case_layouts(device: str) -> None:
 def case_multi_tile(device: str) -> None:
     """Small program tiles (as on the GPU, many tiles per map, partial tiles at the edges)."""
     tb = _tb()
-    saved = tb._tile_budget
-    tb._tile_budget = lambda: (512, 32, 4)
+    saved = tb._block_queries
+    tb._block_queries = lambda: 16
     try:
         k, shape = 5, (1, 1, 9, 10, 2)
         logits, rpb, value = _fused_inputs(k, shape, torch.float64, device)
@@ -269,7 +269,7 @@ def case_multi_tile(device: str) -> None:
         for name, x, r in zip(('out', 'grad_attn', 'grad_value'), (out, *grads), (ref, *ref_grads)):
             assert rel_err(x, r) < 1e-12, f'multi-tile unfused {name}: rel err {rel_err(x, r):.2e}'
     finally:
-        tb._tile_budget = saved
+        tb._block_queries = saved
 
 
 def case_opcheck(device: str) -> None:

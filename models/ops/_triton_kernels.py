@@ -30,22 +30,6 @@ def _window_start(pos, length, K: tl.constexpr):
 
 
 @triton.jit
-def _program_tile(G, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """This program's batch and group (int64, for the base offsets) and the rows, columns and in-map mask of
-    its BLOCK_H * BLOCK_W pixels. A 1-D grid (tiles of one (b, g) slice are consecutive programs, so they
-    share that slice in L2; and no 65535 limit as on the second grid axis)."""
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    num_tiles = tl.cdiv(H, BLOCK_H) * tiles_w
-    pid = tl.program_id(0)
-    bg = pid // num_tiles
-    tile = pid % num_tiles
-    offs = tl.arange(0, BLOCK_H * BLOCK_W)
-    i = (tile // tiles_w) * BLOCK_H + offs // BLOCK_W
-    j = (tile % tiles_w) * BLOCK_W + offs % BLOCK_W
-    return (bg // G).to(tl.int64), (bg % G).to(tl.int64), i, j, (i < H) & (j < W)
-
-
-@triton.jit
 def _query_block(N, G, H, W, BLOCK_Q: tl.constexpr):
     """BLOCK_Q consecutive queries of the flattened [B, G, H, W] grid: batch and group (int64, for the base
     offsets), row, column and whether the query exists. Queries past the end repeat the last one, so all
@@ -223,51 +207,66 @@ def _inverse_range(pos, length, K: tl.constexpr):
 @triton.jit
 def _na2d_grad_value_kernel(
         GO, A, RPB, LSE, GV,
-        G, H, W, C,
+        N, G, H, W, NH, NW,
         sg_b, sg_g, sg_h, sg_w, sg_c,
         sa_b, sa_g, sa_h, sa_w, sa_n,
         sr_g, sr_h, sr_w,
         sl_b, sl_g, sl_h, sl_w,
         sgv_b, sgv_g, sgv_h, sgv_w, sgv_c,
-        K: tl.constexpr, C_PAD: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+        K: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr, NCH: tl.constexpr, BLOCK_Q: tl.constexpr,
         FUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """grad_value[k] = sum over queries q whose window holds key k of attn[q, n(q, k)] * grad_out[q].
 
-    With FUSED, attn[q, n] = exp(logits[q, n] + bias - lse[q]) is recomputed on the fly.
+    With FUSED, attn[q, n] = exp(logits[q, n] + bias - lse[q]) is recomputed on the fly. BLOCK_Q keys of the
+    flattened [B, G, H, W] grid, one key row per thread (channels in NCH chunks of VEC, like the forward);
+    the loops run over the NH x NW queries of the largest inverse window of the map (NH = K inside the map,
+    more near the borders); a query outside a key's range is clamped to a valid one and weighted by zero,
+    so no load needs a mask.
     """
-    b, g, y, x, kmask = _program_tile(G, H, W, BLOCK_H, BLOCK_W)
+    b, g, y, x, kmask = _query_block(N, G, H, W, BLOCK_Q)
     lo_h, hi_h = _inverse_range(y, H, K)
     lo_w, hi_w = _inverse_range(x, W, K)
-    # Loop bounds are the largest ranges in the tile (K everywhere but near the borders); masks do the rest.
-    num_h = tl.max(tl.where(kmask, hi_h - lo_h + 1, 0), axis=0)
-    num_w = tl.max(tl.where(kmask, hi_w - lo_w + 1, 0), axis=0)
-
-    cols = tl.arange(0, C_PAD)
-    cmask = cols < C
-    go_base = GO + b * sg_b + g * sg_g + cols[None, :] * sg_c
-    lse_base = LSE + b * sl_b + g * sl_g
-    acc = tl.zeros([BLOCK_H * BLOCK_W, C_PAD], dtype=ACC_DTYPE)
-    for dh in range(0, num_h):
+    go_base = GO + b * sg_b + g * sg_g
+    a_base = A + b * sa_b + g * sa_g + x * sa_n
+    if FUSED:
+        r_base = RPB + g * sr_g + (y + K - 1) * sr_h + (x + K - 1) * sr_w
+        l_base = LSE + b * sl_b + g * sl_g
+    acc0 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
+    acc1 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
+    acc2 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
+    acc3 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
+    for dh in range(0, NH):
         # Everything that depends on the query row only is hoisted out of the inner loop.
         qi = lo_h + dh
-        mask_h = kmask & (qi <= hi_h)
-        ni = y - _window_start(qi, H, K)  # window row of key k in query q's window
-        a_row = A + b * sa_b + g * sa_g + qi * sa_h + (ni * K + x) * sa_n
-        go_row = go_base + qi[:, None] * sg_h
+        ok_h = qi <= hi_h
+        qi = tl.minimum(qi, hi_h)
+        a_row = a_base + qi * sa_h + (y - _window_start(qi, H, K)) * K * sa_n  # key's window row in q's window
+        go_row = go_base + qi * sg_h
         if FUSED:
-            rpb_row = RPB + g * sr_g + (y - qi + K - 1) * sr_h + (x + K - 1) * sr_w
-            lse_row = lse_base + qi * sl_h
-        for dw in range(0, num_w):
+            r_row = r_base - qi * sr_h
+            l_row = l_base + qi * sl_h
+        for dw in range(0, NW):
             qj = lo_w + dw
-            m = mask_h & (qj <= hi_w)
-            # window column of key k in query q's window: x - sj(qj) (x is folded into a_row)
-            a = tl.load(a_row + qj * sa_w - _window_start(qj, W, K) * sa_n, mask=m, other=0.).to(ACC_DTYPE)
+            ok = ok_h & (qj <= hi_w)
+            qj = tl.minimum(qj, hi_w)
+            # window column of key k in query q's window: x - sj(qj) (x is folded into a_base)
+            a = tl.load(a_row + qj * sa_w - _window_start(qj, W, K) * sa_n).to(ACC_DTYPE)
             if FUSED:
-                a += tl.load(rpb_row - qj * sr_w, mask=m, other=0.).to(ACC_DTYPE)
-                a = tl.where(m, tl.exp(a - tl.load(lse_row + qj * sl_w, mask=m, other=0.).to(ACC_DTYPE)), 0.)
-            go = tl.load(go_row + qj[:, None] * sg_w, mask=m[:, None] & cmask[None, :], other=0.).to(ACC_DTYPE)
-            acc += a[:, None] * go
-    gv_ptrs = GV + b * sgv_b + g * sgv_g + y[:, None] * sgv_h + x[:, None] * sgv_w + cols[None, :] * sgv_c
-    tl.store(gv_ptrs, acc.to(GV.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
+                a = tl.exp2((a + tl.load(r_row - qj * sr_w).to(ACC_DTYPE)
+                             - tl.load(l_row + qj * sl_w).to(ACC_DTYPE)) * 1.4426950408889634)
+            a = tl.where(ok, a, 0.)
+            go = go_row + qj * sg_w
+            acc0 += a[:, None] * _chunk(go, 0, sg_c, C, VEC, ACC_DTYPE)
+            if NCH > 1:
+                acc1 += a[:, None] * _chunk(go, 1, sg_c, C, VEC, ACC_DTYPE)
+            if NCH > 2:
+                acc2 += a[:, None] * _chunk(go, 2, sg_c, C, VEC, ACC_DTYPE)
+                acc3 += a[:, None] * _chunk(go, 3, sg_c, C, VEC, ACC_DTYPE)
+    gv_row = GV + b * sgv_b + g * sgv_g + y * sgv_h + x * sgv_w
+    _store_chunk(gv_row, 0, sgv_c, acc0, kmask, C, VEC)
+    if NCH > 1:
+        _store_chunk(gv_row, 1, sgv_c, acc1, kmask, C, VEC)
+    if NCH > 2:
+        _store_chunk(gv_row, 2, sgv_c, acc2, kmask, C, VEC)
+        _store_chunk(gv_row, 3, sgv_c, acc3, kmask, C, VEC)

@@ -79,11 +79,10 @@ def use_interpreter(enabled: bool = True) -> None:
 _NUM_WARPS = 4
 
 
-def _tile_budget() -> Tuple[int, int, int]:
-    """Elements of the [queries, K*K] (forward / grad attn) and [keys, C] (grad value) register tiles per
-    program and the widest tile row. The interpreter pays per executed op, not per element, so it gets much
-    larger tiles (fewer programs)."""
-    return (1 << 11, 1 << 13, 64) if INTERPRET else (32 * _NUM_WARPS, 2048, 32)
+def _block_queries() -> int:
+    """Queries (or keys) per program: one per thread on the GPU. The interpreter pays per executed op, not
+    per element, so it gets much larger blocks (fewer programs)."""
+    return 1 << 11 if INTERPRET else 32 * _NUM_WARPS
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,37 +105,20 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def _tile_shape(height: int, width: int, num_queries: int) -> Tuple[int, int]:
-    """BLOCK_H x BLOCK_W pixels per program: about ``num_queries``, whole rows of narrow maps."""
-    block_w = min(_pow2(width), _pow2(num_queries), _tile_budget()[2])
-    block_h = min(_pow2(height), max(1, _pow2(num_queries) // block_w))
-    return block_h, block_w
+def launch_config(height: int, width: int, channels: int, kernel_size: int) -> Dict[str, int]:
+    """Tile constants and num_warps of a launch (the same for all three kernels).
 
-
-def launch_config(kernel: str, height: int, width: int, channels: int, kernel_size: int) -> Dict[str, int]:
-    """Tile sizes (the kernels' constexprs) and num_warps of one launch.
-
-    Args:
-        kernel: 'window' (forward and grad attn/logits kernels) or 'value' (grad value kernel).
-        height, width, channels, kernel_size: H, W, C and K of the call.
+    Every kernel works on BLOCK_Q pixels of the flattened [B, G, H, W] grid, one pixel row of C channels
+    per thread, the channels in NCH <= 4 chunks of VEC (16 bytes of float32 for C <= 16; each chunk is
+    one vector load when the channels are contiguous).
     """
-    window_tile, value_tile, _ = _tile_budget()
     c_pad = _pow2(channels)
-    if kernel == 'window':
-        # Channels in at most 4 chunks of VEC (16 bytes of float32 for C <= 16); one query row per thread:
-        # BLOCK_Q = 32 * num_warps queries per program, flattened over [B, G, H, W].
-        vec = min(c_pad, max(4, c_pad // 4))
-        return dict(C=channels, VEC=vec, NCH=c_pad // vec, BLOCK_Q=window_tile, num_warps=_NUM_WARPS)
-    if kernel == 'value':
-        block_h, block_w = _tile_shape(height, width, value_tile // c_pad)
-        return dict(C_PAD=c_pad, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=_NUM_WARPS)
-    raise ValueError(f'launch_config: unknown kernel {kernel!r} (window|value)')
+    vec = min(c_pad, max(4, c_pad // 4))
+    return dict(C=channels, VEC=vec, NCH=c_pad // vec, BLOCK_Q=_block_queries(), num_warps=_NUM_WARPS)
 
 
-def _grid(height: int, width: int, config: Dict[str, int], bg: int) -> Tuple[int]:
-    if 'BLOCK_Q' in config:
-        return (triton.cdiv(bg * height * width, config['BLOCK_Q']),)
-    return (triton.cdiv(height, config['BLOCK_H']) * triton.cdiv(width, config['BLOCK_W']) * bg,)
+def _grid(config: Dict[str, int], num_pixels: int) -> Tuple[int]:
+    return (triton.cdiv(num_pixels, config['BLOCK_Q']),)
 
 
 def _acc_dtype(*tensors: torch.Tensor):
@@ -228,9 +210,9 @@ def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.T
     lse = _lse_empty(attn, rpb, value) if fused else None
     if out.numel() == 0:
         return None, out, lse
-    config = launch_config('window', h, w, c, kernel_size)
+    config = launch_config(h, w, c, kernel_size)
     num_warps = config.pop('num_warps')
-    grid = _grid(h, w, config, b * g)
+    grid = _grid(config, b * g * h * w)
     k2 = kernel_size * kernel_size
     args = (
         attn, rpb if fused else attn, value, out, lse if fused else out,
@@ -264,9 +246,9 @@ def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, lo
     ga = torch.empty((b, g, h, w, k2), dtype=out_dtype, device=value.device)
     if ga.numel() == 0:
         return None, ga
-    config = launch_config('window', h, w, c, kernel_size)
+    config = launch_config(h, w, c, kernel_size)
     num_warps = config.pop('num_warps')
-    grid = _grid(h, w, config, b * g)
+    grid = _grid(config, b * g * h * w)
     args = (
         grad, value, logits if fused else grad, rpb if fused else grad, lse if fused else grad,
         out if fused else grad, ga,
@@ -295,13 +277,15 @@ def plan_grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, va
     gv = _empty_like_layout(value_like, grad.shape, value_like.dtype)
     if gv.numel() == 0:
         return None, gv
-    config = launch_config('value', h, w, c, kernel_size)
+    config = launch_config(h, w, c, kernel_size)
     num_warps = config.pop('num_warps')
-    grid = _grid(h, w, config, b * g)
+    grid = _grid(config, b * g * h * w)
+    num_h = max(_window_spans(h, kernel_size, h))
+    num_w = max(_window_spans(w, kernel_size, w))
     inputs = (grad, attn, rpb) if fused else (grad, attn)
     args = (
         grad, attn, rpb if fused else grad, lse if fused else grad, gv,
-        g, h, w, c,
+        b * g * h * w, g, h, w, num_h, num_w,
         *grad.stride(),
         *attn.stride(),
         *(rpb.stride() if fused else (0,) * 3),
@@ -310,11 +294,10 @@ def plan_grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, va
     )
     k2 = kernel_size * kernel_size
     flops = b * g * h * w * k2 * (2 * c + (3 if fused else 0))
+    programs = math.prod(grid)
 
     def trips() -> Tuple[int, ...]:
-        rows = _window_spans(h, kernel_size, config['BLOCK_H'])
-        cols = _window_spans(w, kernel_size, config['BLOCK_W'])
-        return b * g * sum(rows) * len(cols), b * g * sum(rows) * sum(cols)
+        return programs * num_h, programs * num_h * num_w
 
     launch = Launch('grad_value', grid, args,
                     dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config), num_warps,
