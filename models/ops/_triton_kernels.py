@@ -45,6 +45,26 @@ def _query_block(N, G, H, W, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+# The kernels call only builtins and functions of this file (no ``tl.zeros``/``tl.sum``, which are jit
+# functions of triton's library, built in the mode triton was imported in), so a copy of this module can be
+# built for Triton's interpreter after triton was imported for the GPU, or the other way round (see
+# ``triton_backend._kernels``). Row sums reduce with triton's own sum combine function wherever it can be
+# called (the interpreter recognises it and sums with numpy), else with ``_add``.
+_SUM_COMBINE = (tl.standard._sum_combine if triton.knobs.runtime.interpret
+                or isinstance(tl.standard._sum_combine, triton.runtime.jit.JITFunction) else _add)
+
+
+@triton.jit
+def _row_sum(x):
+    """Sum over the last axis of a 2-D tensor."""
+    return tl.reduce(x, 1, _SUM_COMBINE)
+
+
+@triton.jit
 def _chunk(base, k: tl.constexpr, stride, C: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Columns [k*VEC, (k+1)*VEC) of the rows starting at ``base`` [Q] (pointers), as [Q, VEC]; zero past C.
 
@@ -91,10 +111,10 @@ def _na2d_fwd_kernel(
     sj = _window_start(j, W, K)
     a_row = A + b * sa_b + g * sa_g + i * sa_h + j * sa_w
     v_row = V + b * sv_b + g * sv_g + si * sv_h + sj * sv_w
-    acc0 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
-    acc1 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
-    acc2 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
-    acc3 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
+    acc0 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc1 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc2 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc3 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
     if FUSED:
         r_row = RPB + g * sr_g + (si - i + K - 1) * sr_h + (sj - j + K - 1) * sr_w
         m = tl.full([BLOCK_Q], float('-inf'), ACC_DTYPE)
@@ -104,7 +124,7 @@ def _na2d_fwd_kernel(
             x = tl.load(a_row + n * sa_n).to(ACC_DTYPE) + tl.load(r_row + ki * sr_h + kj * sr_w).to(ACC_DTYPE)
             m = tl.maximum(m, x)
         m = m * 1.4426950408889634
-        l = tl.zeros([BLOCK_Q], dtype=ACC_DTYPE)
+        l = tl.full([BLOCK_Q], 0., ACC_DTYPE)
     for n in range(0, K * K):
         ki = n // K
         kj = n - ki * K
@@ -169,12 +189,12 @@ def _na2d_grad_attn_kernel(
     ga_row = GA + b * sga_b + g * sga_g + i * sga_h + j * sga_w
     if FUSED:
         o_row = O + b * so_b + g * so_g + i * so_h + j * so_w
-        d = tl.sum(go0 * _chunk(o_row, 0, so_c, C, VEC, ACC_DTYPE), axis=1)
+        d = _row_sum(go0 * _chunk(o_row, 0, so_c, C, VEC, ACC_DTYPE))
         if NCH > 1:
-            d += tl.sum(go1 * _chunk(o_row, 1, so_c, C, VEC, ACC_DTYPE), axis=1)
+            d += _row_sum(go1 * _chunk(o_row, 1, so_c, C, VEC, ACC_DTYPE))
         if NCH > 2:
-            d += tl.sum(go2 * _chunk(o_row, 2, so_c, C, VEC, ACC_DTYPE), axis=1)
-            d += tl.sum(go3 * _chunk(o_row, 3, so_c, C, VEC, ACC_DTYPE), axis=1)
+            d += _row_sum(go2 * _chunk(o_row, 2, so_c, C, VEC, ACC_DTYPE))
+            d += _row_sum(go3 * _chunk(o_row, 3, so_c, C, VEC, ACC_DTYPE))
         lse2 = tl.load(LSE + b * sl_b + g * sl_g + i * sl_h + j * sl_w).to(ACC_DTYPE) * 1.4426950408889634
         a_row = A + b * sa_b + g * sa_g + i * sa_h + j * sa_w
         r_row = RPB + g * sr_g + (si - i + K - 1) * sr_h + (sj - j + K - 1) * sr_w
@@ -182,12 +202,12 @@ def _na2d_grad_attn_kernel(
         ki = n // K
         kj = n - ki * K
         v = v_row + (ki * sv_h + kj * sv_w)
-        dp = tl.sum(go0 * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE), axis=1)
+        dp = _row_sum(go0 * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE))
         if NCH > 1:
-            dp += tl.sum(go1 * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE), axis=1)
+            dp += _row_sum(go1 * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE))
         if NCH > 2:
-            dp += tl.sum(go2 * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE), axis=1)
-            dp += tl.sum(go3 * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE), axis=1)
+            dp += _row_sum(go2 * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE))
+            dp += _row_sum(go3 * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE))
         if FUSED:
             x = tl.load(a_row + n * sa_n).to(ACC_DTYPE) + tl.load(r_row + ki * sr_h + kj * sr_w).to(ACC_DTYPE)
             dp = tl.exp2(x * 1.4426950408889634 - lse2) * (dp - d)
@@ -232,10 +252,10 @@ def _na2d_grad_value_kernel(
     if FUSED:
         r_base = RPB + g * sr_g + (y + K - 1) * sr_h + (x + K - 1) * sr_w
         l_base = LSE + b * sl_b + g * sl_g
-    acc0 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
-    acc1 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
-    acc2 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
-    acc3 = tl.zeros([BLOCK_Q, VEC], dtype=ACC_DTYPE)
+    acc0 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc1 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc2 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc3 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
     for dh in range(0, NH):
         # Everything that depends on the query row only is hoisted out of the inner loop.
         qi = lo_h + dh

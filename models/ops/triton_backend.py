@@ -18,6 +18,7 @@ are laid out in value's dimension order (ContMix passes channel-first views); th
 Double backward is not supported (the gradient ops have no autograd formula).
 """
 import functools
+import importlib.util
 import logging
 import math
 import os
@@ -44,24 +45,37 @@ _KERNEL_NAMES = {'fwd': '_na2d_fwd_kernel', 'grad_attn': '_na2d_grad_attn_kernel
                  'grad_value': '_na2d_grad_value_kernel'}
 
 
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool) -> Dict[str, Any]:
+    """The kernels compiled for the GPU (``interpret=False``) or run by Triton's interpreter.
+
+    ``@triton.jit`` decides between the two when it runs (it reads ``triton.knobs.runtime.interpret``, i.e.
+    TRITON_INTERPRET), for the kernels and for the helpers they call. So the mode ``_triton_kernels`` was
+    imported in is used as it is, and the other mode gets a second copy of that module executed under
+    ``knobs.runtime.scope()`` (which restores the knob and the environment afterwards).
+    """
+    imported = not isinstance(_triton_kernels._na2d_fwd_kernel, triton.runtime.jit.JITFunction)
+    module = _triton_kernels
+    if interpret != imported:
+        from triton import knobs
+        spec = importlib.util.spec_from_file_location(
+            f'{_triton_kernels.__name__}_{"interpreted" if interpret else "compiled"}', _triton_kernels.__file__)
+        module = importlib.util.module_from_spec(spec)
+        with knobs.runtime.scope():
+            knobs.runtime.interpret = interpret
+            spec.loader.exec_module(module)
+    return {name: getattr(module, attr) for name, attr in _KERNEL_NAMES.items()}
+
+
 def compiled_kernels() -> Dict[str, triton.runtime.jit.JITFunction]:
-    """The kernels as GPU (JIT-compiled) functions, whatever ``TRITON_INTERPRET`` said at import."""
-    kernels = {}
-    for name, attr in _KERNEL_NAMES.items():
-        fn = getattr(_triton_kernels, attr)
-        kernels[name] = fn if isinstance(fn, triton.runtime.jit.JITFunction) else triton.runtime.jit.JITFunction(fn.fn)
-    return kernels
-
-
-def _interpreted_kernels() -> Dict[str, Any]:
-    from triton.runtime.interpreter import InterpretedFunction
-    return {name: InterpretedFunction(fn.fn) for name, fn in compiled_kernels().items()}
+    """The kernels as GPU (JIT-compiled) functions, whatever TRITON_INTERPRET said at import."""
+    return _kernels(False)
 
 
 # Triton reads TRITON_INTERPRET when ``@triton.jit`` runs, i.e. when ``_triton_kernels`` is imported; the
 # launches go through this table, so :func:`use_interpreter` can switch later (tests do).
 INTERPRET: bool = os.environ.get('TRITON_INTERPRET', '0') == '1'
-_KERNELS: Dict[str, Any] = _interpreted_kernels() if INTERPRET else compiled_kernels()
+_KERNELS: Dict[str, Any] = _kernels(INTERPRET)
 
 
 def use_interpreter(enabled: bool = True) -> None:
@@ -72,17 +86,17 @@ def use_interpreter(enabled: bool = True) -> None:
     """
     global INTERPRET, _KERNELS
     INTERPRET = bool(enabled)
-    _KERNELS = _interpreted_kernels() if INTERPRET else compiled_kernels()
+    _KERNELS = _kernels(INTERPRET)
     is_available.cache_clear()
 
 
 _NUM_WARPS = 4
 
 
-def _block_queries() -> int:
+def _block_queries(gpu: bool = False) -> int:
     """Queries (or keys) per program: one per thread on the GPU. The interpreter pays per executed op, not
-    per element, so it gets much larger blocks (fewer programs)."""
-    return 1 << 11 if INTERPRET else 32 * _NUM_WARPS
+    per element, so it gets much larger blocks (fewer programs) unless ``gpu`` asks for the GPU's."""
+    return 1 << 11 if INTERPRET and not gpu else 32 * _NUM_WARPS
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,8 +119,9 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def launch_config(height: int, width: int, channels: int, kernel_size: int) -> Dict[str, int]:
-    """Tile constants and num_warps of a launch (the same for all three kernels).
+def launch_config(height: int, width: int, channels: int, kernel_size: int, gpu: bool = False) -> Dict[str, int]:
+    """Tile constants and num_warps of a launch (the same for all three kernels); ``gpu``: the GPU's even
+    while the kernels run under the interpreter (the static GPU model asks for those).
 
     Every kernel works on BLOCK_Q pixels of the flattened [B, G, H, W] grid, one pixel row of C channels
     per thread, the channels in NCH <= 4 chunks of VEC (16 bytes of float32 for C <= 16; each chunk is
@@ -114,7 +129,7 @@ def launch_config(height: int, width: int, channels: int, kernel_size: int) -> D
     """
     c_pad = _pow2(channels)
     vec = min(c_pad, max(4, c_pad // 4))
-    return dict(C=channels, VEC=vec, NCH=c_pad // vec, BLOCK_Q=_block_queries(), num_warps=_NUM_WARPS)
+    return dict(C=channels, VEC=vec, NCH=c_pad // vec, BLOCK_Q=_block_queries(gpu), num_warps=_NUM_WARPS)
 
 
 def _grid(config: Dict[str, int], num_pixels: int) -> Tuple[int]:
@@ -198,8 +213,8 @@ def _window_spans(length: int, kernel_size: int, block: int) -> List[int]:
     return spans
 
 
-def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.Tensor,
-                 kernel_size: int) -> Tuple[Optional[Launch], torch.Tensor, Optional[torch.Tensor]]:
+def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.Tensor, kernel_size: int,
+                 gpu: bool = False) -> Tuple[Optional[Launch], torch.Tensor, Optional[torch.Tensor]]:
     """The forward launch (None for empty inputs), the output and the log-sum-exp (fused only)."""
     _check_kernel_size(kernel_size)
     fused = rpb is not None
@@ -210,7 +225,7 @@ def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.T
     lse = _lse_empty(attn, rpb, value) if fused else None
     if out.numel() == 0:
         return None, out, lse
-    config = launch_config(h, w, c, kernel_size)
+    config = launch_config(h, w, c, kernel_size, gpu)
     num_warps = config.pop('num_warps')
     grid = _grid(config, b * g * h * w)
     k2 = kernel_size * kernel_size
@@ -233,8 +248,8 @@ def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.T
 
 def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, logits: Optional[torch.Tensor] = None,
                    rpb: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-                   out: Optional[torch.Tensor] = None,
-                   out_dtype: Optional[torch.dtype] = None) -> Tuple[Optional[Launch], torch.Tensor]:
+                   out: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                   gpu: bool = False) -> Tuple[Optional[Launch], torch.Tensor]:
     """Gradient w.r.t. attn, or with ``logits`` (and the forward's ``rpb``, ``lse`` and output ``out``) the
     gradient w.r.t. the logits of the fused op."""
     fused = logits is not None
@@ -246,7 +261,7 @@ def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, lo
     ga = torch.empty((b, g, h, w, k2), dtype=out_dtype, device=value.device)
     if ga.numel() == 0:
         return None, ga
-    config = launch_config(h, w, c, kernel_size)
+    config = launch_config(h, w, c, kernel_size, gpu)
     num_warps = config.pop('num_warps')
     grid = _grid(config, b * g * h * w)
     args = (
@@ -269,15 +284,15 @@ def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, lo
 
 
 def plan_grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, value_like: torch.Tensor,
-                    rpb: Optional[torch.Tensor] = None,
-                    lse: Optional[torch.Tensor] = None) -> Tuple[Optional[Launch], torch.Tensor]:
+                    rpb: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+                    gpu: bool = False) -> Tuple[Optional[Launch], torch.Tensor]:
     """``value_like`` gives the layout and dtype of the result (value itself in the autograd formulas)."""
     fused = rpb is not None
     b, g, h, w, c = grad.shape
     gv = _empty_like_layout(value_like, grad.shape, value_like.dtype)
     if gv.numel() == 0:
         return None, gv
-    config = launch_config(h, w, c, kernel_size)
+    config = launch_config(h, w, c, kernel_size, gpu)
     num_warps = config.pop('num_warps')
     grid = _grid(config, b * g * h * w)
     num_h = max(_window_spans(h, kernel_size, h))
@@ -457,20 +472,22 @@ _softmax_av_op.register_autograd(_softmax_av_backward, setup_context=_softmax_av
 
 
 def plan_softmax_av(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor, kernel_size: int,
-                    backward: bool = True) -> List[Tuple[str, Launch]]:
+                    backward: bool = True, gpu: bool = False) -> List[Tuple[str, Launch]]:
     """The launches of one ``na2d_softmax_av`` call (forward, and with ``backward`` the gradient of every
     input, as the autograd formula launches them), labelled 'fwd' / 'grad_logits' / 'grad_value'.
 
-    Builds nothing but empty outputs, so meta tensors work (the static GPU model uses it).
+    Builds nothing but empty outputs, so meta tensors work (the static GPU model uses it, with ``gpu=True``:
+    the GPU's tile sizes even while the kernels run under the interpreter).
     """
     launches = []
-    fwd, out, lse = plan_forward(logits, rpb, value, kernel_size)
+    fwd, out, lse = plan_forward(logits, rpb, value, kernel_size, gpu)
     launches.append(('fwd', fwd))
     if backward:
         grad = torch.empty_like(out)
         launches.append(('grad_logits', plan_grad_attn(grad, value, kernel_size, logits=logits, rpb=rpb, lse=lse,
-                                                       out=out, out_dtype=logits.dtype)[0]))
-        launches.append(('grad_value', plan_grad_value(grad, logits, kernel_size, value, rpb=rpb, lse=lse)[0]))
+                                                       out=out, out_dtype=logits.dtype, gpu=gpu)[0]))
+        launches.append(('grad_value', plan_grad_value(grad, logits, kernel_size, value, rpb=rpb, lse=lse,
+                                                       gpu=gpu)[0]))
     return [(label, launch) for label, launch in launches if launch is not None]
 
 

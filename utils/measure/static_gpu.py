@@ -373,7 +373,7 @@ def step_rows(calls: Sequence[ContMixCall], backward: bool, device: Device = H10
     rows = []
     for call in calls:
         for label, launch in triton_backend.plan_softmax_av(call.logits, call.rpb, call.value, call.kernel_size,
-                                                            backward=backward):
+                                                            backward=backward, gpu=True):
             rows.append(analyse_launch(f'{call.name} {label}', launch, device))
         if around:
             rows.extend(_around_rows(call, backward, device))
