@@ -12,7 +12,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .layers import GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule
-from .ops import na2d_softmax_av
+from .ops import contmix_softmax_av
 
 __all__ = ['DynamicConvBlock']
 
@@ -150,12 +150,8 @@ class DynamicConvBlock(nn.Module):
         logits = torch.matmul(query.transpose(-2, -1), key) + self.weight_proj.bias  # [B, G, HW, L]
         logits = logits.reshape(B, G, H, W, -1)
 
-        # value channel = m * C/2 + g * c + j: half m=0 is mixed with the small kernel, m=1 with the large one
-        value = x.reshape(B, 2, G, C // (2 * G), H, W).permute(1, 0, 2, 4, 5, 3)
-        out_small = na2d_softmax_av(logits[..., :s * s], self.rpb1, value[0], s)
-        out_large = na2d_softmax_av(logits[..., s * s:], self.rpb2, value[1], K)
-        out = torch.cat([out_small, out_large], dim=1)  # [B, 2G, H, W, c]
-        out = out.permute(0, 1, 4, 2, 3).reshape(B, C, H, W)
+        # channel m * C/2 + g * c + j of x: half m=0 is mixed with the small kernel, m=1 with the large one
+        out = contmix_softmax_av(x, logits, self.rpb1, self.rpb2, s, K)  # [B, C, H, W]
         if (H, W) != in_size:
             out = F.adaptive_avg_pool2d(out, in_size)
         return out

@@ -362,3 +362,53 @@ def test_kernels_compile_for_sm90(h, k, dtype):
         code = static_gpu.kernel_code(launch)
         assert code.spill_bytes == 0, f'{label}: {code.spill_bytes} bytes of local memory per thread'
         assert code.registers <= 96, f'{label}: {code.registers} registers per thread'
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Both windows of a ContMix block in one op
+
+
+@pytest.mark.parametrize('layout', ['channel_first', 'channel_last'])
+def test_contmix_two_windows(layout):
+    """One op for both windows equals the per-window composition (float64 brute force): output in x's
+    layout, and the gradients of x, the whole logits tensor and both rpb tables."""
+    s, k, (b, g, h, w, c) = 3, 5, (2, 2, 6, 7, 3)
+    x = torch.randn(b, 2 * g * c, h, w, dtype=torch.float64, device=DEVICE)
+    if layout == 'channel_last':
+        x = x.to(memory_format=torch.channels_last)
+    logits = torch.randn(b, g, h, w, s * s + k * k, dtype=torch.float64, device=DEVICE)
+    rpb_s = torch.randn(g, 2 * s - 1, 2 * s - 1, dtype=torch.float64, device=DEVICE)
+    rpb_k = torch.randn(g, 2 * k - 1, 2 * k - 1, dtype=torch.float64, device=DEVICE)
+    grad_out = torch.randn(x.shape, dtype=torch.float64, device=DEVICE)
+
+    def reference(x_, lg, rs, rk):
+        v = x_.reshape(b, 2, g, c, h, w).permute(1, 0, 2, 4, 5, 3)
+        out = torch.cat([ref_softmax_av(lg[..., :s * s], rs, v[0], s), ref_softmax_av(lg[..., s * s:], rk, v[1], k)],
+                        1)
+        return out.permute(0, 1, 4, 2, 3).reshape(b, 2 * g * c, h, w)
+
+    inputs = [x, logits, rpb_s, rpb_k]
+    got = grads_of(lambda *t: tb.contmix_softmax_av(*t, s, k), inputs, grad_out)
+    ref = grads_of(reference, [t.cpu() for t in inputs], grad_out.cpu())
+    assert got[0].stride() == x.stride()
+    _check(('out', 'grad_x', 'grad_logits', 'grad_rpb_small', 'grad_rpb_large'), (got[0], *got[1]),
+           (ref[0], *ref[1]), 1e-12)
+
+
+def test_contmix_dispatch_and_opcheck(monkeypatch):
+    """models.ops.contmix_softmax_av: the triton op when the backend is triton, the per-window composition
+    otherwise (equal results); the op's fake implementations and autograd registration pass opcheck."""
+    import models.ops as ops
+    s, k, (b, g, h, w, c) = 3, 5, (1, 2, 5, 6, 2)
+    x = torch.randn(b, 2 * g * c, h, w, device=DEVICE)
+    logits = torch.randn(b, g, h, w, s * s + k * k, device=DEVICE)
+    rpb_s, rpb_k = torch.randn(g, 5, 5, device=DEVICE), torch.randn(g, 9, 9, device=DEVICE)
+    ref = ops.contmix_softmax_av(x, logits, rpb_s, rpb_k, s, k, backend='torch')
+    monkeypatch.setenv(ops.ENV_VAR, 'triton')
+    got = ops.contmix_softmax_av(x, logits, rpb_s, rpb_k, s, k)
+    assert rel_err(got.cpu(), ref.cpu()) < 1e-5
+    with pytest.raises(ValueError, match='contmix_softmax_av'):
+        ops.contmix_softmax_av(x, logits[..., 1:], rpb_s, rpb_k, s, k)
+    args = (x.double().requires_grad_(), logits.double().requires_grad_(), rpb_s.double().requires_grad_(),
+            rpb_k.double().requires_grad_(), s, k)
+    torch.library.opcheck(tb._contmix_op, args)

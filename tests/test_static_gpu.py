@@ -52,21 +52,23 @@ def test_small_model_rows(tiny_kwargs):
     """A tiny OverLoCK, training step: every launch compiles, counts add up, the estimate is a max of bounds."""
     calls = static_gpu.contmix_calls('overlock_xt', 2, 64, torch.float32, **tiny_kwargs)
     assert calls and all(c.logits.device.type == 'meta' for c in calls)
-    # as ContMix passes them: logits slices of one projection, value channel-last views
-    assert calls[1].logits.storage_offset() == calls[0].extra['s'] ** 2
-    assert calls[0].value.stride(-1) == 1
-    rows = static_gpu.step_rows(calls[:2], backward=True)
+    call = calls[0]
+    assert call.x.is_contiguous(memory_format=torch.channels_last)  # value channel-last, as under AMP
+    assert call.logits.shape[-1] == call.small ** 2 + call.large ** 2
+    rows = static_gpu.step_rows(calls[:1], backward=True)
     kernels = [r for r in rows if not r.kernel.startswith('torch')]
-    assert [r.label.split()[-1] for r in kernels] == ['fwd', 'grad_logits', 'grad_value'] * 2
+    k, s = call.large, call.small
+    assert [r.label.split(' ', 3)[-1] for r in kernels] == [
+        f'fwd K{s}', f'fwd K{k}', f'grad_logits K{s}', f'grad_value K{s}', f'grad_logits K{k}', f'grad_value K{k}']
     for r in kernels:
         assert r.registers > 0 and r.spill_bytes == 0 and 0 < r.occupancy <= 1
         assert r.warp_instructions > r.programs  # at least one instruction per program
         assert r.estimate_s == max(r.issue_s, r.memory_s) and 0 < r.roofline_share <= 1
-    fwd = kernels[0]
-    value = calls[0].value
-    # forward moves logits, rpb, value in and out + lse out, nothing more counted
-    expected = (calls[0].logits.numel() + calls[0].rpb.numel() + 2 * value.numel() + value[..., 0].numel()) * 4
-    assert fwd.min_bytes == expected
+    # the small window's forward moves its logits, rpb, value half in, out half and lse out, nothing more
+    b, c, h, w = call.x.shape
+    g = call.logits.shape[1]
+    expected = (b * g * h * w * s * s + call.rpb_small.numel() + 2 * b * c // 2 * h * w + b * g * h * w) * 4
+    assert kernels[0].min_bytes == expected
     table = static_gpu.format_table(rows)
     assert 'Per step' in table and table.count('\n| ') >= len(kernels)
 

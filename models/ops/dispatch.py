@@ -17,7 +17,7 @@ import torch
 from . import natten_backend, torch_backend
 
 __all__ = [
-    'na2d_av', 'na2d_softmax_av', 'relative_position_bias', 'available_backends', 'get_backend', 'set_backend',
+    'na2d_av', 'na2d_softmax_av', 'contmix_softmax_av', 'relative_position_bias', 'available_backends', 'get_backend', 'set_backend',
     'BACKENDS', 'ENV_VAR',
 ]
 
@@ -257,3 +257,38 @@ def na2d_softmax_av(
     if name == 'natten':
         return natten_backend.na2d_av(attn, value, k)
     return torch_backend.na2d_av(attn, value, k)
+
+
+def contmix_softmax_av(
+        x: torch.Tensor, logits: torch.Tensor, rpb_small: torch.Tensor, rpb_large: torch.Tensor, small: int,
+        large: int, backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Both windows of a ContMix block: the first half of the channels of ``x`` aggregated with the small
+    window (the first ``small**2`` logits, ``rpb_small``), the second half with the large one.
+
+    The triton backend does it in one op that reads the logits in place and writes ``[B, C, H, W]``
+    directly; the other backends run :func:`na2d_softmax_av` per window and concatenate.
+
+    Args:
+        x: [B, C, H, W]; channel ``m*C/2 + g*c + j`` is channel j of group g of window m (c = C / (2G)).
+        logits: [B, G, H, W, small**2 + large**2].
+        rpb_small, rpb_large: [G, 2s-1, 2s-1] and [G, 2K-1, 2K-1].
+        small, large: the odd window sizes s and K.
+    Returns:
+        [B, C, H, W].
+    """
+    b, c, h, w = x.shape
+    g = logits.shape[1]
+    if logits.dim() != 5 or c % (2 * g) or logits.shape[-1] != small * small + large * large:
+        raise ValueError(f'contmix_softmax_av: expected logits [B, G, H, W, {small * small + large * large}] with C '
+                         f'divisible by 2G, got x {list(x.shape)} and logits {list(logits.shape)}')
+    value = x.reshape(b, 2, g, c // (2 * g), h, w).permute(1, 0, 2, 4, 5, 3)
+    name = _resolve(backend, x.device.type, large)
+    if name == 'triton':
+        _check('contmix_softmax_av', logits[..., :small * small], value[0], small, what='logits')
+        _check('contmix_softmax_av', logits[..., small * small:], value[1], large, what='logits')
+        return _triton_module().contmix_softmax_av(x, logits, rpb_small, rpb_large, small, large)
+    out_small = na2d_softmax_av(logits[..., :small * small], rpb_small, value[0], small, backend=name)
+    out_large = na2d_softmax_av(logits[..., small * small:], rpb_large, value[1], large, backend=name)
+    out = torch.cat([out_small, out_large], dim=1)  # [B, 2G, H, W, c]
+    return out.permute(0, 1, 4, 2, 3).reshape(b, c, h, w)

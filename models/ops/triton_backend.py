@@ -32,7 +32,7 @@ import triton.language as tl
 from . import torch_backend
 from . import _triton_kernels
 
-__all__ = ['is_available', 'na2d_av', 'na2d_softmax_av', 'INTERPRET', 'MAX_KERNEL_SIZE']
+__all__ = ['is_available', 'na2d_av', 'na2d_softmax_av', 'contmix_softmax_av', 'INTERPRET', 'MAX_KERNEL_SIZE']
 
 _logger = logging.getLogger(__name__)
 
@@ -119,16 +119,18 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def launch_config(height: int, width: int, channels: int, kernel_size: int, gpu: bool = False) -> Dict[str, int]:
+def launch_config(height: int, width: int, channels: int, kernel_size: int, gpu: bool = False,
+                  element_size: int = 4) -> Dict[str, int]:
     """Tile constants and num_warps of a launch (the same for all three kernels); ``gpu``: the GPU's even
     while the kernels run under the interpreter (the static GPU model asks for those).
 
     Every kernel works on BLOCK_Q pixels of the flattened [B, G, H, W] grid, one pixel row of C channels
-    per thread, the channels in NCH <= 4 chunks of VEC (16 bytes of float32 for C <= 16; each chunk is
-    one vector load when the channels are contiguous).
+    per thread, the channels in NCH <= 4 chunks of VEC: 16 bytes (4 float32 or 8 bf16/fp16 channels) when
+    that gives at most 4 chunks, so each chunk is one 16-byte load when the channels are contiguous.
+    ``element_size``: bytes per element of the channel rows read in the loop (value or grad_out).
     """
     c_pad = _pow2(channels)
-    vec = min(c_pad, max(4, c_pad // 4))
+    vec = min(c_pad, max(16 // max(1, min(element_size, 16)), c_pad // 4))
     return dict(C=channels, VEC=vec, NCH=c_pad // vec, BLOCK_Q=_block_queries(gpu), num_warps=_NUM_WARPS)
 
 
@@ -214,18 +216,20 @@ def _window_spans(length: int, kernel_size: int, block: int) -> List[int]:
 
 
 def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.Tensor, kernel_size: int,
-                 gpu: bool = False) -> Tuple[Optional[Launch], torch.Tensor, Optional[torch.Tensor]]:
-    """The forward launch (None for empty inputs), the output and the log-sum-exp (fused only)."""
+                 gpu: bool = False, dest: Optional[torch.Tensor] = None,
+                 ) -> Tuple[Optional[Launch], torch.Tensor, Optional[torch.Tensor]]:
+    """The forward launch (None for empty inputs), the output (``dest`` when given: a view to write into)
+    and the log-sum-exp (fused only)."""
     _check_kernel_size(kernel_size)
     fused = rpb is not None
     b, g, h, w, c = value.shape
     inputs = (attn, rpb, value) if fused else (attn, value)
     out_dtype = functools.reduce(torch.promote_types, [t.dtype for t in inputs])
-    out = _empty_like_layout(value, value.shape, out_dtype)
+    out = _empty_like_layout(value, value.shape, out_dtype) if dest is None else dest
     lse = _lse_empty(attn, rpb, value) if fused else None
     if out.numel() == 0:
         return None, out, lse
-    config = launch_config(h, w, c, kernel_size, gpu)
+    config = launch_config(h, w, c, kernel_size, gpu, value.element_size())
     num_warps = config.pop('num_warps')
     grid = _grid(config, b * g * h * w)
     k2 = kernel_size * kernel_size
@@ -249,7 +253,7 @@ def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.T
 def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, logits: Optional[torch.Tensor] = None,
                    rpb: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
                    out: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
-                   gpu: bool = False) -> Tuple[Optional[Launch], torch.Tensor]:
+                   gpu: bool = False, dest: Optional[torch.Tensor] = None) -> Tuple[Optional[Launch], torch.Tensor]:
     """Gradient w.r.t. attn, or with ``logits`` (and the forward's ``rpb``, ``lse`` and output ``out``) the
     gradient w.r.t. the logits of the fused op."""
     fused = logits is not None
@@ -258,10 +262,10 @@ def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, lo
     inputs = (grad, value, logits, rpb) if fused else (grad, value)
     if out_dtype is None:
         out_dtype = functools.reduce(torch.promote_types, [t.dtype for t in inputs])
-    ga = torch.empty((b, g, h, w, k2), dtype=out_dtype, device=value.device)
+    ga = torch.empty((b, g, h, w, k2), dtype=out_dtype, device=value.device) if dest is None else dest
     if ga.numel() == 0:
         return None, ga
-    config = launch_config(h, w, c, kernel_size, gpu)
+    config = launch_config(h, w, c, kernel_size, gpu, value.element_size())
     num_warps = config.pop('num_warps')
     grid = _grid(config, b * g * h * w)
     args = (
@@ -285,14 +289,14 @@ def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, lo
 
 def plan_grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, value_like: torch.Tensor,
                     rpb: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-                    gpu: bool = False) -> Tuple[Optional[Launch], torch.Tensor]:
+                    gpu: bool = False, dest: Optional[torch.Tensor] = None) -> Tuple[Optional[Launch], torch.Tensor]:
     """``value_like`` gives the layout and dtype of the result (value itself in the autograd formulas)."""
     fused = rpb is not None
     b, g, h, w, c = grad.shape
-    gv = _empty_like_layout(value_like, grad.shape, value_like.dtype)
+    gv = _empty_like_layout(value_like, grad.shape, value_like.dtype) if dest is None else dest
     if gv.numel() == 0:
         return None, gv
-    config = launch_config(h, w, c, kernel_size, gpu)
+    config = launch_config(h, w, c, kernel_size, gpu, grad.element_size())
     num_warps = config.pop('num_warps')
     grid = _grid(config, b * g * h * w)
     num_h = max(_window_spans(h, kernel_size, h))
@@ -489,6 +493,140 @@ def plan_softmax_av(logits: torch.Tensor, rpb: torch.Tensor, value: torch.Tensor
         launches.append(('grad_value', plan_grad_value(grad, logits, kernel_size, value, rpb=rpb, lse=lse,
                                                        gpu=gpu)[0]))
     return [(label, launch) for label, launch in launches if launch is not None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Both windows of a ContMix block in one op.
+
+
+def _halves(t: torch.Tensor, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[B, C, H, W] -> its two [B, G, H, W, C/(2G)] views (channel m*C/2 + g*c + j), as ContMix splits value."""
+    b, c, h, w = t.shape
+    v = t.reshape(b, 2, groups, c // (2 * groups), h, w).permute(1, 0, 2, 4, 5, 3)
+    return v[0], v[1]
+
+
+def plan_contmix(x: torch.Tensor, logits: torch.Tensor, rpb_small: torch.Tensor, rpb_large: torch.Tensor,
+                 small: int, large: int, backward: bool = True, gpu: bool = False) -> List[Tuple[str, Launch]]:
+    """The launches of one ``contmix_softmax_av`` call (see :func:`contmix_softmax_av`), forward and with
+    ``backward`` the gradients, every kernel reading and writing views of the block's own tensors."""
+    launches = []
+    out, lse_s, lse_l = _contmix_empty(x, logits, rpb_small)
+    fwd = _contmix_forward_plans(x, logits, rpb_small, rpb_large, small, large, out, gpu)
+    launches += [(f'fwd K{k}', launch) for k, (launch, _) in zip((small, large), fwd)]
+    if backward:
+        grad = torch.empty_like(out)
+        grads = _contmix_backward_plans(grad, x, logits, rpb_small, rpb_large, small, large, out,
+                                        (fwd[0][1], fwd[1][1]), gpu)[0]
+        launches += grads
+    return [(label, launch) for label, launch in launches if launch is not None]
+
+
+def _contmix_empty(x, logits, rpb_small):
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, rpb_small.dtype), x.dtype)
+    return _empty_like_layout(x, x.shape, dtype), None, None
+
+
+def _contmix_forward_plans(x, logits, rpb_small, rpb_large, small, large, out, gpu=False):
+    groups = logits.shape[1]
+    plans = []
+    for half, (k, lg, rpb) in enumerate(((small, logits[..., :small * small], rpb_small),
+                                         (large, logits[..., small * small:], rpb_large))):
+        launch, _, lse = plan_forward(lg, rpb, _halves(x, groups)[half], k, gpu, dest=_halves(out, groups)[half])
+        plans.append((launch, lse))
+    return plans
+
+
+def _contmix_backward_plans(grad, x, logits, rpb_small, rpb_large, small, large, out, lses, gpu=False):
+    groups = logits.shape[1]
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_x = _empty_like_layout(x, x.shape, x.dtype)
+    launches = []
+    split = small * small
+    for half, (k, cols, rpb) in enumerate(((small, slice(0, split), rpb_small),
+                                           (large, slice(split, None), rpb_large))):
+        lg, g, v, o = logits[..., cols], _halves(grad, groups)[half], _halves(x, groups)[half], \
+            _halves(out, groups)[half]
+        launches.append((f'grad_logits K{k}', plan_grad_attn(g, v, k, logits=lg, rpb=rpb, lse=lses[half], out=o,
+                                                             out_dtype=logits.dtype, gpu=gpu,
+                                                             dest=grad_logits[..., cols])[0]))
+        launches.append((f'grad_value K{k}', plan_grad_value(g, lg, k, v, rpb=rpb, lse=lses[half], gpu=gpu,
+                                                             dest=_halves(grad_x, groups)[half])[0]))
+    return launches, grad_logits, grad_x
+
+
+@torch.library.custom_op('overlock::contmix_softmax_av_triton', mutates_args=())
+def _contmix_op(x: torch.Tensor, logits: torch.Tensor, rpb_small: torch.Tensor, rpb_large: torch.Tensor,
+                small: int, large: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, _, _ = _contmix_empty(x, logits, rpb_small)
+    lses = []
+    for launch, lse in _contmix_forward_plans(x, logits, rpb_small, rpb_large, small, large, out):
+        if launch is not None:
+            launch.run()
+        lses.append(lse)
+    return out, lses[0], lses[1]
+
+
+@_contmix_op.register_fake
+def _(x, logits, rpb_small, rpb_large, small, large):
+    out, _, _ = _contmix_empty(x, logits, rpb_small)
+    b, g = logits.shape[:2]
+    lse = _lse_empty(logits, rpb_small, x.new_empty((b, g, x.shape[2], x.shape[3], 1)))
+    return out, lse, lse.clone()
+
+
+@torch.library.custom_op('overlock::contmix_softmax_av_triton_backward', mutates_args=())
+def _contmix_backward_op(grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, rpb_small: torch.Tensor,
+                         rpb_large: torch.Tensor, out: torch.Tensor, lse_small: torch.Tensor,
+                         lse_large: torch.Tensor, small: int, large: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    launches, grad_logits, grad_x = _contmix_backward_plans(grad, x, logits, rpb_small, rpb_large, small, large,
+                                                            out, (lse_small, lse_large))
+    for _, launch in launches:
+        if launch is not None:
+            launch.run()
+    return grad_logits, grad_x
+
+
+@_contmix_backward_op.register_fake
+def _(grad, x, logits, rpb_small, rpb_large, out, lse_small, lse_large, small, large):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format), _empty_like_layout(x, x.shape, x.dtype)
+
+
+def _contmix_setup(ctx, inputs, output):
+    x, logits, rpb_small, rpb_large, small, large = inputs
+    out, lse_small, lse_large = output
+    ctx.mark_non_differentiable(lse_small, lse_large)
+    ctx.save_for_backward(x, logits, rpb_small, rpb_large, out, lse_small, lse_large)
+    ctx.sizes = small, large
+
+
+def _contmix_backward(ctx, grad, _grad_lse_small, _grad_lse_large):
+    x, logits, rpb_small, rpb_large, out, lse_small, lse_large = ctx.saved_tensors
+    small, large = ctx.sizes
+    grad_logits, grad_x = _contmix_backward_op(grad, x, logits, rpb_small, rpb_large, out, lse_small, lse_large,
+                                               small, large)
+    split = small * small
+    g_rpb_small = _grad_rpb(grad_logits[..., :split], rpb_small, small) if ctx.needs_input_grad[2] else None
+    g_rpb_large = _grad_rpb(grad_logits[..., split:], rpb_large, large) if ctx.needs_input_grad[3] else None
+    return grad_x, grad_logits, g_rpb_small, g_rpb_large, None, None
+
+
+_contmix_op.register_autograd(_contmix_backward, setup_context=_contmix_setup)
+
+
+def contmix_softmax_av(x: torch.Tensor, logits: torch.Tensor, rpb_small: torch.Tensor, rpb_large: torch.Tensor,
+                       small: int, large: int) -> torch.Tensor:
+    """Both windows of a ContMix block: ``na2d_softmax_av`` of the small window (the first ``small**2``
+    logits, the first half of the channels) and of the large one (the rest), written straight into one
+    ``[B, C, H, W]`` output laid out like ``x``. The backward writes one gradient of the whole logits
+    tensor and one of ``x``: no slicing, ``cat`` or zero-filled slice gradients around the kernels.
+
+    Args:
+        x: [B, C, H, W] (any strides); channel m*C/2 + g*c + j is channel j of group g of window m.
+        logits: [B, G, H, W, small**2 + large**2].
+        rpb_small, rpb_large: [G, 2s-1, 2s-1] and [G, 2K-1, 2K-1].
+    """
+    return _contmix_op(x, logits, rpb_small, rpb_large, small, large)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import math
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 from unittest import mock
@@ -289,22 +289,22 @@ def analyse_launch(label: str, launch, device: Device = H100_SXM) -> Row:
 
 @dataclass
 class ContMixCall:
-    """One ``na2d_softmax_av`` call of a ContMix block as the model makes it."""
+    """The aggregation of one ContMix block (both windows) as the model calls it."""
     name: str
-    logits: torch.Tensor
-    rpb: torch.Tensor
-    value: torch.Tensor
-    kernel_size: int
-    block: int  # index of the ContMix block
-    extra: Dict[str, int] = field(default_factory=dict)
+    x: torch.Tensor  # [B, C, H, W]: value, both halves
+    logits: torch.Tensor  # [B, G, H, W, s^2 + K^2]
+    rpb_small: torch.Tensor
+    rpb_large: torch.Tensor
+    small: int
+    large: int
 
 
 def contmix_calls(model_name: str, batch: int, img_size: int = 224, dtype: torch.dtype = torch.float32,
                   value_dtype: Optional[torch.dtype] = None, channels_last: bool = True,
                   **model_kwargs) -> List[ContMixCall]:
-    """Every ``na2d_softmax_av`` call of one forward of ``model_name`` (timm name), with meta tensors laid out as
-    ContMix lays them out on the GPU: logits a slice of the ``[B, G, H, W, s^2 + K^2]`` projection, value a view
-    of the ``[B, C, H, W]`` map (channels_last: channels innermost).
+    """Every ContMix aggregation (``ops.contmix_softmax_av``) of one forward of ``model_name`` (timm name),
+    read off a forward on the meta device, with meta tensors laid out as on the GPU: the logits the
+    ``[B, G, H, W, s^2 + K^2]`` projection, value the ``[B, C, H, W]`` map (channels_last: channels innermost).
 
     Args:
         dtype: dtype of the logits and rpb (AMP training passes float32: the bias add upcasts).
@@ -316,64 +316,52 @@ def contmix_calls(model_name: str, batch: int, img_size: int = 224, dtype: torch
     import models.contmix as contmix
     value_dtype = value_dtype or dtype
     seen = []
-    real = contmix.na2d_softmax_av
+    real = contmix.contmix_softmax_av
 
-    def record(logits, rpb, value, kernel_size, **kwargs):
-        seen.append((tuple(logits.shape), tuple(value.shape), kernel_size, logits.storage_offset()))
-        return real(logits, rpb, value, kernel_size, backend='torch')
+    def record(x, logits, rpb_small, rpb_large, small, large, **kwargs):
+        seen.append((tuple(x.shape), tuple(logits.shape), small, large))
+        return real(x, logits, rpb_small, rpb_large, small, large, backend='torch')
 
     with torch.device('meta'):
         try:
             model = timm.create_model(model_name, **model_kwargs)
         except RuntimeError as e:
             raise ValueError(f'static_gpu: cannot build model {model_name!r}: {e}') from None
-    with mock.patch.object(contmix, 'na2d_softmax_av', record), torch.no_grad():
+    with mock.patch.object(contmix, 'contmix_softmax_av', record), torch.no_grad():
         model.eval()(torch.empty(batch, 3, img_size, img_size, device='meta'))
 
     calls = []
-    for n in range(0, len(seen), 2):  # ContMix calls the small window, then the large one, per block
-        (ls, vs, s, _), (ll, _, k, offset) = seen[n], seen[n + 1]
-        b, g, h, w, c = vs
-        proj = torch.empty(b, g, h, w, s * s + k * k, dtype=dtype, device='meta')
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.empty(b, 2 * g * c, h, w, dtype=value_dtype, device='meta').to(memory_format=fmt)
-        value = x.reshape(b, 2, g, c, h, w).permute(1, 0, 2, 4, 5, 3)
-        for half, (kk, logits) in enumerate(((s, proj[..., :s * s]), (k, proj[..., s * s:]))):
-            rpb = torch.empty(g, 2 * kk - 1, 2 * kk - 1, dtype=dtype, device='meta')
-            calls.append(ContMixCall(f'{h}x{w} G{g} c{c} K{kk}', logits, rpb, value[half], kk, n // 2,
-                                     dict(s=s, k=k)))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for (b, c, h, w), logits_shape, s, k in seen:
+        g = logits_shape[1]
+        calls.append(ContMixCall(
+            f'{h}x{w} G{g} c{c // (2 * g)}',
+            torch.empty(b, c, h, w, dtype=value_dtype, device='meta').to(memory_format=fmt),
+            torch.empty(logits_shape, dtype=dtype, device='meta'),
+            torch.empty(g, 2 * s - 1, 2 * s - 1, dtype=dtype, device='meta'),
+            torch.empty(g, 2 * k - 1, 2 * k - 1, dtype=dtype, device='meta'), s, k))
     return calls
 
 
 def _around_rows(call: ContMixCall, backward: bool, device: Device) -> List[Row]:
-    """Tensor traffic of the torch code around the op in ContMix (estimated from that code, memory-bound):
-    forward the ``cat`` of the two windows' outputs and the reshape to ``[B, C, H, W]``; backward the two
-    zero-filled full-size gradients of the logits slices, their copies and sum, and the rpb gradient's
-    ``index_add`` (one more read of the logits gradient)."""
-    value, logits = call.value, call.logits
-    out_bytes = value.numel() * torch.promote_types(logits.dtype, value.dtype).itemsize
-    rows = []
-    if call.kernel_size == call.extra['k']:  # once per block: after the large window
-        proj = logits.numel() // (call.kernel_size ** 2) * (call.extra['s'] ** 2 + call.kernel_size ** 2)
-        proj_bytes = proj * logits.element_size()
-        rows.append(('cat + reshape', 2 * 2 * 2 * out_bytes))  # both halves, read + write, twice
-        if backward:
-            rows.append(('logits slice grads', 7 * proj_bytes))  # 2 zero fills, 2 copies (r+w), add (2r+w)
-    if backward:
-        rows.append(('rpb grad index_add', logits.numel() * logits.element_size()))
-    return [Row(call.name, f'torch: {what}', '', 0, None, None, None, nbytes, 0, None, None,
-                nbytes / device.dram_bytes_per_s) for what, nbytes in rows]
+    """Tensor traffic of the torch code around the op (memory-bound): the rpb gradients' ``index_add``
+    reads the logits gradient once more."""
+    if not backward:
+        return []
+    nbytes = call.logits.numel() * call.logits.element_size()
+    return [Row(call.name, 'torch: rpb grad index_add', '', 0, None, None, None, nbytes, 0, None, None,
+                nbytes / device.dram_bytes_per_s)]
 
 
 def step_rows(calls: Sequence[ContMixCall], backward: bool, device: Device = H100_SXM,
               around: bool = True) -> List[Row]:
     """One row per kernel launch of the calls (forward, and backward when ``backward``), plus the torch code
-    around the op; identical calls (same shapes) are analysed once and their rows repeated."""
+    around the op."""
     from models.ops import triton_backend
     rows = []
     for call in calls:
-        for label, launch in triton_backend.plan_softmax_av(call.logits, call.rpb, call.value, call.kernel_size,
-                                                            backward=backward, gpu=True):
+        for label, launch in triton_backend.plan_contmix(call.x, call.logits, call.rpb_small, call.rpb_large,
+                                                         call.small, call.large, backward=backward, gpu=True):
             rows.append(analyse_launch(f'{call.name} {label}', launch, device))
         if around:
             rows.extend(_around_rows(call, backward, device))
