@@ -147,7 +147,11 @@ class DynamicConvBlock(nn.Module):
         # (q^T (k W^T) + b) is the same linear map and costs HW*c*L instead of HW*49*(c+L).
         proj_w = self.weight_proj.weight.flatten(1)  # [K^2 + s^2, 49]
         key = torch.matmul(key, proj_w.t())  # [B, G, c, L]
-        logits = torch.matmul(query.transpose(-2, -1), key) + self.weight_proj.bias  # [B, G, HW, L]
+        logits = torch.matmul(query.transpose(-2, -1), key)  # [B, G, HW, L]
+        # Under autocast the product is already rounded to bf16/fp16; adding the bias in that dtype keeps the
+        # logits (the largest tensor the aggregation reads) at 2 bytes instead of promoting them to float32.
+        # Without autocast the dtypes match and nothing changes.
+        logits = logits + self.weight_proj.bias.to(logits.dtype)
         logits = logits.reshape(B, G, H, W, -1)
 
         # channel m * C/2 + g * c + j of x: half m=0 is mixed with the small kernel, m=1 with the large one

@@ -307,8 +307,9 @@ def contmix_calls(model_name: str, batch: int, img_size: int = 224, dtype: torch
     ``[B, G, H, W, s^2 + K^2]`` projection, value the ``[B, C, H, W]`` map (channels_last: channels innermost).
 
     Args:
-        dtype: dtype of the logits and rpb (AMP training passes float32: the bias add upcasts).
-        value_dtype: dtype of value (default ``dtype``; float32 under AMP after GRN's float32 gamma).
+        dtype: dtype of the logits (bf16 under bf16 autocast: ContMix adds the bias in the product's dtype).
+        value_dtype: dtype of value and rpb (default ``dtype``; value is float32 under AMP after GRN's
+            float32 gamma, rpb a float32 parameter).
     """
     import timm
 
@@ -338,8 +339,8 @@ def contmix_calls(model_name: str, batch: int, img_size: int = 224, dtype: torch
             f'{h}x{w} G{g} c{c // (2 * g)}',
             torch.empty(b, c, h, w, dtype=value_dtype, device='meta').to(memory_format=fmt),
             torch.empty(logits_shape, dtype=dtype, device='meta'),
-            torch.empty(g, 2 * s - 1, 2 * s - 1, dtype=dtype, device='meta'),
-            torch.empty(g, 2 * k - 1, 2 * k - 1, dtype=dtype, device='meta'), s, k))
+            torch.empty(g, 2 * s - 1, 2 * s - 1, dtype=value_dtype, device='meta'),
+            torch.empty(g, 2 * k - 1, 2 * k - 1, dtype=value_dtype, device='meta'), s, k))
     return calls
 
 
@@ -424,11 +425,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--batch', type=int, default=128, help='batch size (default 128)')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--mode', choices=('train', 'infer'), default='train',
-                        help='train: forward + backward at AMP dtypes (fp32 logits and value); '
+                        help='train: forward + backward at bf16-autocast dtypes (bf16 logits, fp32 value and rpb); '
                              'infer: forward of the deploy form in bf16')
-    parser.add_argument('--dtype', choices=sorted(_DTYPES), default=None,
-                        help='logits/rpb dtype (default: fp32 for train, bf16 for infer)')
-    parser.add_argument('--value-dtype', choices=sorted(_DTYPES), default=None, help='value dtype (default --dtype)')
+    parser.add_argument('--dtype', choices=sorted(_DTYPES), default='bf16', help='logits dtype (default bf16)')
+    parser.add_argument('--value-dtype', choices=sorted(_DTYPES), default=None,
+                        help='value and rpb dtype (default: fp32 for train, --dtype for infer)')
     parser.add_argument('--no-channels-last', action='store_true', help='value as a view of an NCHW map')
     parser.add_argument('--no-around', action='store_true', help='leave out the torch code around the op')
     parser.add_argument('--out', type=Path, default=None, help='also write the table to this markdown file')
@@ -440,8 +441,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = parse_args(argv)
-    dtype = _DTYPES[args.dtype or ('fp32' if args.mode == 'train' else 'bf16')]
-    value_dtype = _DTYPES[args.value_dtype] if args.value_dtype else dtype
+    dtype = _DTYPES[args.dtype]
+    value_dtype = _DTYPES[args.value_dtype or ('fp32' if args.mode == 'train' else args.dtype)]
     name = args.model + ('_reparam' if args.mode == 'infer' and not args.model.endswith('_reparam') else '')
     calls = contmix_calls(name, args.batch, args.img_size, dtype, value_dtype, not args.no_channels_last)
     rows = step_rows(calls, backward=args.mode == 'train', around=not args.no_around)
