@@ -10,7 +10,7 @@ def _can_compile_sm90() -> bool:
     try:
         static_gpu._tool('nvdisasm')
         static_gpu._tool('cuobjdump')
-        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401  (the AOT API the model uses)
         from triton.compiler import ASTSource  # noqa: F401
     except (ImportError, RuntimeError):
         return False

@@ -3,19 +3,20 @@
 Notation: a (b, g) slice holds an H x W map; query (i, j) sees the K x K window whose first row is
 ``si(i) = clamp(i - K//2, 0, H - K)`` (first column ``sj(j)`` likewise) and neighbour ``n = ki*K + kj`` is
 pixel ``(si(i) + ki, sj(j) + kj)``. Every kernel takes explicit element strides for every tensor, so
-permuted or sliced views (ContMix's value is a channel-first view of its feature map, its logits a slice of
-the last axis) are read in place without a copy.
+permuted or sliced views (ContMix's value is a view of its [B, C, H, W] map, channel-first or channel-last,
+its logits a slice of the last axis) are read in place without a copy.
 
-Two tilings, both one program per tile of BLOCK_H x BLOCK_W pixels of one (b, g) slice:
+One tiling for all three kernels: a program takes BLOCK_Q consecutive pixels of the flattened [B, G, H, W]
+grid, one pixel row per thread, its C channels in at most 4 chunks of VEC (a 16-byte vector load each when
+the channels are contiguous), so per-pixel work is done once per pixel and no lane idles at a map's edge.
 
-- "window rows" (forward, grad w.r.t. attn/logits): a [queries, K*K] register tile holds the attention rows
-  of the tile's queries (loaded coalesced along the window axis); the kernel loops over the C channels,
-  gathering the matching [queries, K*K] value entries (consecutive window columns are consecutive pixels, so
-  with a channel-first value they are consecutive addresses). The fused kernels add the relative position
-  bias and take the softmax of the whole row in registers, so the softmaxed weights never reach memory.
-- "inverse window" (grad w.r.t. value): each key pixel gathers from the queries whose windows contain it,
-  a contiguous range ``[lo, hi]`` per axis (length K inside the map, up to 2K - 1 near the borders), with
-  a [keys, C] accumulator. A gather, not an atomic scatter, so results are deterministic.
+- forward and grad w.r.t. attn/logits: a loop over the K*K window positions; each step reads one weight per
+  query and one value row per query (the fused forward: a max pass over logits + bias, then the sum pass;
+  the fused backward: p recomputed from the saved log-sum-exp, D = <grad_out, out>).
+- grad w.r.t. value ("inverse window"): each key pixel gathers from the queries whose windows contain it,
+  a contiguous range ``[lo, hi]`` per axis (length K inside the map, up to 2K - 1 near the borders); the
+  loops run over the map's largest range with out-of-range queries clamped and weighted by zero. A gather,
+  not an atomic scatter, so results are deterministic.
 
 Accumulation is in float32 (float64 for float64 inputs; no ``tl.dot`` is used, so float64 works).
 """

@@ -1,8 +1,9 @@
 """Triton backend of ``na2d_av`` and the fused ``na2d_softmax_av`` (natten <= 0.17 semantics, dilation 1).
 
 Runs on CUDA tensors, or on CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` is set
-before this module is imported (how the tests run it without a GPU). Importing it raises ImportError when
-triton is missing; ``models.ops`` imports it lazily and falls back to the torch backend.
+before triton is imported or after :func:`use_interpreter` (how the tests run it without a GPU). Importing
+it raises ImportError when triton is missing; ``models.ops`` imports it lazily and falls back to the torch
+backend.
 
 Each kernel is wrapped in a ``torch.library`` custom op (namespace ``overlock``) with a fake implementation
 and an autograd formula, so ``torch.compile`` sees one opaque node per call and no graph break:
@@ -12,9 +13,15 @@ and an autograd formula, so ``torch.compile`` sees one opaque node per call and 
   only the per-query log-sum-exp (float32, 1/K^2 of the logits) is kept for the backward, which recomputes
   the softmax weights (``..._grad_logits`` and ``..._grad_value``). The rpb gradient is a sum of the logits
   gradient over the batch and the queries that share an rpb entry (an ``index_add``).
+- ``contmix_softmax_av_triton(x, logits, rpb_small, rpb_large, s, K)``: both windows of a ContMix block,
+  reading views of ``x`` [B, C, H, W] and of the whole logits tensor and writing [B, C, H, W] directly;
+  its backward writes one gradient of the logits and one of ``x``.
+
+Every launch is first built as a :class:`Launch` plan (``plan_*``), which the static GPU model
+(``utils/measure/static_gpu.py``) reads without running anything.
 
 Inputs are read in place through their strides (no ``.contiguous()`` copies). Outputs shaped like value
-are laid out in value's dimension order (ContMix passes channel-first views); the rest are contiguous.
+are laid out in value's dimension order; the rest are contiguous.
 Double backward is not supported (the gradient ops have no autograd formula).
 """
 import functools
