@@ -12,7 +12,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .layers import GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule
-from .ops import na2d_softmax_av
+from .ops import contmix_softmax_av
 
 __all__ = ['DynamicConvBlock']
 
@@ -147,15 +147,15 @@ class DynamicConvBlock(nn.Module):
         # (q^T (k W^T) + b) is the same linear map and costs HW*c*L instead of HW*49*(c+L).
         proj_w = self.weight_proj.weight.flatten(1)  # [K^2 + s^2, 49]
         key = torch.matmul(key, proj_w.t())  # [B, G, c, L]
-        logits = torch.matmul(query.transpose(-2, -1), key) + self.weight_proj.bias  # [B, G, HW, L]
+        logits = torch.matmul(query.transpose(-2, -1), key)  # [B, G, HW, L]
+        # Under autocast the product is already rounded to bf16/fp16; adding the bias in that dtype keeps the
+        # logits (the largest tensor the aggregation reads) at 2 bytes instead of promoting them to float32.
+        # Without autocast the dtypes match and nothing changes.
+        logits = logits + self.weight_proj.bias.to(logits.dtype)
         logits = logits.reshape(B, G, H, W, -1)
 
-        # value channel = m * C/2 + g * c + j: half m=0 is mixed with the small kernel, m=1 with the large one
-        value = x.reshape(B, 2, G, C // (2 * G), H, W).permute(1, 0, 2, 4, 5, 3)
-        out_small = na2d_softmax_av(logits[..., :s * s], self.rpb1, value[0], s)
-        out_large = na2d_softmax_av(logits[..., s * s:], self.rpb2, value[1], K)
-        out = torch.cat([out_small, out_large], dim=1)  # [B, 2G, H, W, c]
-        out = out.permute(0, 1, 4, 2, 3).reshape(B, C, H, W)
+        # channel m * C/2 + g * c + j of x: half m=0 is mixed with the small kernel, m=1 with the large one
+        out = contmix_softmax_av(x, logits, self.rpb1, self.rpb2, s, K)  # [B, C, H, W]
         if (H, W) != in_size:
             out = F.adaptive_avg_pool2d(out, in_size)
         return out

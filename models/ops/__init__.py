@@ -6,11 +6,11 @@ there). ``dispatch`` holds their registry and the choice; ``OVERLOCK_NA2D_BACKEN
 overrides the automatic one. ``flops`` counts the ops' FLOPs for ``torch.utils.flop_counter``.
 """
 from .dispatch import (
-    BACKENDS, ENV_VAR, available_backends, get_backend, na2d_av, na2d_softmax_av, relative_position_bias,
-    set_backend,
+    BACKENDS, ENV_VAR, available_backends, contmix_softmax_av, get_backend, na2d_av, na2d_softmax_av,
+    relative_position_bias, set_backend,
 )
 
 __all__ = [
-    'na2d_av', 'na2d_softmax_av', 'relative_position_bias', 'available_backends', 'get_backend', 'set_backend',
+    'na2d_av', 'na2d_softmax_av', 'contmix_softmax_av', 'relative_position_bias', 'available_backends', 'get_backend', 'set_backend',
     'BACKENDS', 'ENV_VAR',
 ]

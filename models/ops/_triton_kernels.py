@@ -3,19 +3,20 @@
 Notation: a (b, g) slice holds an H x W map; query (i, j) sees the K x K window whose first row is
 ``si(i) = clamp(i - K//2, 0, H - K)`` (first column ``sj(j)`` likewise) and neighbour ``n = ki*K + kj`` is
 pixel ``(si(i) + ki, sj(j) + kj)``. Every kernel takes explicit element strides for every tensor, so
-permuted or sliced views (ContMix's value is a channel-first view of its feature map, its logits a slice of
-the last axis) are read in place without a copy.
+permuted or sliced views (ContMix's value is a view of its [B, C, H, W] map, channel-first or channel-last,
+its logits a slice of the last axis) are read in place without a copy.
 
-Two tilings, both one program per tile of BLOCK_H x BLOCK_W pixels of one (b, g) slice:
+One tiling for all three kernels: a program takes BLOCK_Q consecutive pixels of the flattened [B, G, H, W]
+grid, one pixel row per thread, its C channels in at most 4 chunks of VEC (a 16-byte vector load each when
+the channels are contiguous), so per-pixel work is done once per pixel and no lane idles at a map's edge.
 
-- "window rows" (forward, grad w.r.t. attn/logits): a [queries, K*K] register tile holds the attention rows
-  of the tile's queries (loaded coalesced along the window axis); the kernel loops over the C channels,
-  gathering the matching [queries, K*K] value entries (consecutive window columns are consecutive pixels, so
-  with a channel-first value they are consecutive addresses). The fused kernels add the relative position
-  bias and take the softmax of the whole row in registers, so the softmaxed weights never reach memory.
-- "inverse window" (grad w.r.t. value): each key pixel gathers from the queries whose windows contain it,
-  a contiguous range ``[lo, hi]`` per axis (length K inside the map, up to 2K - 1 near the borders), with
-  a [keys, C] accumulator. A gather, not an atomic scatter, so results are deterministic.
+- forward and grad w.r.t. attn/logits: a loop over the K*K window positions; each step reads one weight per
+  query and one value row per query (the fused forward: a max pass over logits + bias, then the sum pass;
+  the fused backward: p recomputed from the saved log-sum-exp, D = <grad_out, out>).
+- grad w.r.t. value ("inverse window"): each key pixel gathers from the queries whose windows contain it,
+  a contiguous range ``[lo, hi]`` per axis (length K inside the map, up to 2K - 1 near the borders); the
+  loops run over the map's largest range with out-of-range queries clamped and weighted by zero. A gather,
+  not an atomic scatter, so results are deterministic.
 
 Accumulation is in float32 (float64 for float64 inputs; no ``tl.dot`` is used, so float64 works).
 """
@@ -30,115 +31,188 @@ def _window_start(pos, length, K: tl.constexpr):
 
 
 @triton.jit
-def _program_tile(G, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """This program's batch and group (int64, for the base offsets) and the rows, columns and in-map mask of
-    its BLOCK_H * BLOCK_W pixels. A 1-D grid (tiles of one (b, g) slice are consecutive programs, so they
-    share that slice in L2; and no 65535 limit as on the second grid axis)."""
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    num_tiles = tl.cdiv(H, BLOCK_H) * tiles_w
-    pid = tl.program_id(0)
-    bg = pid // num_tiles
-    tile = pid % num_tiles
-    offs = tl.arange(0, BLOCK_H * BLOCK_W)
-    i = (tile // tiles_w) * BLOCK_H + offs // BLOCK_W
-    j = (tile % tiles_w) * BLOCK_W + offs % BLOCK_W
-    return (bg // G).to(tl.int64), (bg % G).to(tl.int64), i, j, (i < H) & (j < W)
+def _query_block(N, G, H, W, BLOCK_Q: tl.constexpr):
+    """BLOCK_Q consecutive queries of the flattened [B, G, H, W] grid: batch and group (int64, for the base
+    offsets), row, column and whether the query exists. Queries past the end repeat the last one, so all
+    their loads are in bounds without masks; only their stores are masked. Consecutive queries are neighbours
+    in a row: their windows overlap and share cache lines. No query of a tile idles at a map's edge."""
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = q < N
+    q = tl.minimum(q, N - 1)
+    j = q % W
+    i = (q // W) % H
+    bg = q // (W * H)
+    return (bg // G).to(tl.int64), (bg % G).to(tl.int64), i, j, qmask
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+# The kernels call only builtins and functions of this file (no ``tl.zeros``/``tl.sum``, which are jit
+# functions of triton's library, built in the mode triton was imported in), so a copy of this module can be
+# built for Triton's interpreter after triton was imported for the GPU, or the other way round (see
+# ``triton_backend._kernels``). Row sums reduce with triton's own sum combine function wherever it can be
+# called (the interpreter recognises it and sums with numpy), else with ``_add``.
+_SUM_COMBINE = (tl.standard._sum_combine if triton.knobs.runtime.interpret
+                or isinstance(tl.standard._sum_combine, triton.runtime.jit.JITFunction) else _add)
+
+
+@triton.jit
+def _row_sum(x):
+    """Sum over the last axis of a 2-D tensor."""
+    return tl.reduce(x, 1, _SUM_COMBINE)
+
+
+@triton.jit
+def _chunk(base, k: tl.constexpr, stride, C: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Columns [k*VEC, (k+1)*VEC) of the rows starting at ``base`` [Q] (pointers), as [Q, VEC]; zero past C.
+
+    Channels are split into at most 4 chunks of VEC, each its own [Q, VEC] tensor: Triton then gives every
+    thread whole query rows (one vector load per chunk, e.g. 16 bytes), so per-query work (weights,
+    softmax) runs once per query instead of once per lane of a row split across lanes.
+    """
+    cols = k * VEC + tl.arange(0, VEC)
+    ptrs = base[:, None] + cols[None, :] * stride
+    if (k + 1) * VEC <= C:  # the whole chunk is inside the row: no mask
+        return tl.load(ptrs).to(ACC_DTYPE)
+    return tl.load(ptrs, mask=(cols < C)[None, :], other=0.).to(ACC_DTYPE)
+
+
+@triton.jit
+def _store_chunk(base, k: tl.constexpr, stride, x, qmask, C: tl.constexpr, VEC: tl.constexpr):
+    cols = k * VEC + tl.arange(0, VEC)
+    tl.store(base[:, None] + cols[None, :] * stride, x.to(base.dtype.element_ty),
+             mask=qmask[:, None] & (cols < C)[None, :])
 
 
 @triton.jit
 def _na2d_fwd_kernel(
         A, RPB, V, O, LSE,
-        G, H, W, C,
+        N, G, H, W,
         sa_b, sa_g, sa_h, sa_w, sa_n,
         sr_g, sr_h, sr_w,
         sv_b, sv_g, sv_h, sv_w, sv_c,
         so_b, so_g, so_h, so_w, so_c,
         sl_b, sl_g, sl_h, sl_w,
-        K: tl.constexpr, KK_PAD: tl.constexpr, C_PAD: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+        K: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr, NCH: tl.constexpr, BLOCK_Q: tl.constexpr,
         FUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """out = na2d_av(attn, value), or with FUSED: na2d_av(softmax(logits + bias(rpb)), value), lse stored."""
-    b, g, i, j, qmask = _program_tile(G, H, W, BLOCK_H, BLOCK_W)
+    """out = na2d_av(attn, value), or with FUSED: na2d_av(softmax(logits + bias(rpb)), value), lse stored.
+
+    BLOCK_Q queries, their C channels in NCH <= 4 chunks of VEC; the loop runs over the K*K window positions,
+    each step reading one weight per query and one value row per query (contiguous when value is
+    channel-last). With FUSED a first loop finds each row's maximum (logits and bias only), the second
+    accumulates exp2(x - max) * value and the sum of the weights: no [queries, K*K] tile, no reduction across
+    threads, no rescaling of the accumulator.
+    """
+    b, g, i, j, qmask = _query_block(N, G, H, W, BLOCK_Q)
     si = _window_start(i, H, K)
     sj = _window_start(j, W, K)
-    n = tl.arange(0, KK_PAD)
-    ki = n // K
-    kj = n % K
-    mask = qmask[:, None] & (n < K * K)[None, :]
-
-    a_ptrs = A + b * sa_b + g * sa_g + i[:, None] * sa_h + j[:, None] * sa_w + n[None, :] * sa_n
-    a = tl.load(a_ptrs, mask=mask, other=0.).to(ACC_DTYPE)
+    a_row = A + b * sa_b + g * sa_g + i * sa_h + j * sa_w
+    v_row = V + b * sv_b + g * sv_g + si * sv_h + sj * sv_w
+    acc0 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc1 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc2 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc3 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
     if FUSED:
-        rh = si[:, None] + ki[None, :] - i[:, None] + (K - 1)
-        rw = sj[:, None] + kj[None, :] - j[:, None] + (K - 1)
-        bias = tl.load(RPB + g * sr_g + rh * sr_h + rw * sr_w, mask=mask, other=0.).to(ACC_DTYPE)
-        x = tl.where(mask, a + bias, float('-inf'))
-        m = tl.max(x, axis=1)
-        m = tl.where(qmask, m, 0.)  # rows outside the map are all -inf; keep them finite
-        p = tl.exp(x - m[:, None])
-        denom = tl.sum(p, axis=1)
-        denom = tl.where(qmask, denom, 1.)
-        a = p / denom[:, None]
-        lse = m + tl.log(denom)
-        tl.store(LSE + b * sl_b + g * sl_g + i * sl_h + j * sl_w, lse, mask=qmask)
-
-    v_ptrs = (V + b * sv_b + g * sv_g + (si[:, None] + ki[None, :]) * sv_h
-              + (sj[:, None] + kj[None, :]) * sv_w)
-    cols = tl.arange(0, C_PAD)
-    acc = tl.zeros([BLOCK_H * BLOCK_W, C_PAD], dtype=ACC_DTYPE)
-    for c in range(0, C):
-        v = tl.load(v_ptrs + c * sv_c, mask=mask, other=0.).to(ACC_DTYPE)
-        s = tl.sum(a * v, axis=1)
-        acc += tl.where(cols[None, :] == c, s[:, None], 0.)
-    o_ptrs = O + b * so_b + g * so_g + i[:, None] * so_h + j[:, None] * so_w + cols[None, :] * so_c
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=qmask[:, None] & (cols < C)[None, :])
+        r_row = RPB + g * sr_g + (si - i + K - 1) * sr_h + (sj - j + K - 1) * sr_w
+        m = tl.full([BLOCK_Q], float('-inf'), ACC_DTYPE)
+        for n in range(0, K * K):
+            ki = n // K
+            kj = n - ki * K
+            x = tl.load(a_row + n * sa_n).to(ACC_DTYPE) + tl.load(r_row + ki * sr_h + kj * sr_w).to(ACC_DTYPE)
+            m = tl.maximum(m, x)
+        m = m * 1.4426950408889634
+        l = tl.full([BLOCK_Q], 0., ACC_DTYPE)
+    for n in range(0, K * K):
+        ki = n // K
+        kj = n - ki * K
+        a = tl.load(a_row + n * sa_n).to(ACC_DTYPE)
+        if FUSED:
+            a = tl.exp2((a + tl.load(r_row + ki * sr_h + kj * sr_w).to(ACC_DTYPE)) * 1.4426950408889634 - m)
+            l += a
+        v = v_row + (ki * sv_h + kj * sv_w)
+        acc0 += a[:, None] * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE)
+        if NCH > 1:
+            acc1 += a[:, None] * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE)
+        if NCH > 2:
+            acc2 += a[:, None] * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE)
+            acc3 += a[:, None] * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE)
+    if FUSED:
+        inv = 1. / l
+        acc0 *= inv[:, None]
+        acc1 *= inv[:, None]
+        acc2 *= inv[:, None]
+        acc3 *= inv[:, None]
+        tl.store(LSE + b * sl_b + g * sl_g + i * sl_h + j * sl_w, (m + tl.log2(l)) * 0.6931471805599453, mask=qmask)
+    o_row = O + b * so_b + g * so_g + i * so_h + j * so_w
+    _store_chunk(o_row, 0, so_c, acc0, qmask, C, VEC)
+    if NCH > 1:
+        _store_chunk(o_row, 1, so_c, acc1, qmask, C, VEC)
+    if NCH > 2:
+        _store_chunk(o_row, 2, so_c, acc2, qmask, C, VEC)
+        _store_chunk(o_row, 3, so_c, acc3, qmask, C, VEC)
 
 
 @triton.jit
 def _na2d_grad_attn_kernel(
-        GO, V, A, RPB, LSE, GA,
-        G, H, W, C,
+        GO, V, A, RPB, LSE, O, GA,
+        N, G, H, W,
         sg_b, sg_g, sg_h, sg_w, sg_c,
         sv_b, sv_g, sv_h, sv_w, sv_c,
         sa_b, sa_g, sa_h, sa_w, sa_n,
         sr_g, sr_h, sr_w,
         sl_b, sl_g, sl_h, sl_w,
+        so_b, so_g, so_h, so_w, so_c,
         sga_b, sga_g, sga_h, sga_w, sga_n,
-        K: tl.constexpr, KK_PAD: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+        K: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr, NCH: tl.constexpr, BLOCK_Q: tl.constexpr,
         FUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """grad_attn[q, n] = <grad_out[q], value[nbr(q, n)]>; with FUSED the softmax backward on top of it:
-    grad_logits = p * (grad_attn - sum_n p * grad_attn), p recomputed from logits, rpb and the saved lse."""
-    b, g, i, j, qmask = _program_tile(G, H, W, BLOCK_H, BLOCK_W)
+    grad_logits = p * (grad_attn - D) with D = sum_n p * grad_attn = <grad_out[q], out[q]> (the forward's
+    output) and p recomputed from logits, rpb and the saved lse.
+
+    Tiled like the forward: grad_out rows of BLOCK_Q queries in registers, a loop over the K*K window
+    positions reading one value row per query and writing one gradient per query; the channel sum stays
+    inside each thread.
+    """
+    b, g, i, j, qmask = _query_block(N, G, H, W, BLOCK_Q)
     si = _window_start(i, H, K)
     sj = _window_start(j, W, K)
-    n = tl.arange(0, KK_PAD)
-    ki = n // K
-    kj = n % K
-    mask = qmask[:, None] & (n < K * K)[None, :]
-
-    go_ptrs = GO + b * sg_b + g * sg_g + i * sg_h + j * sg_w
-    v_ptrs = (V + b * sv_b + g * sv_g + (si[:, None] + ki[None, :]) * sv_h
-              + (sj[:, None] + kj[None, :]) * sv_w)
-    dp = tl.zeros([BLOCK_H * BLOCK_W, KK_PAD], dtype=ACC_DTYPE)
-    for c in range(0, C):
-        go = tl.load(go_ptrs + c * sg_c, mask=qmask, other=0.).to(ACC_DTYPE)
-        v = tl.load(v_ptrs + c * sv_c, mask=mask, other=0.).to(ACC_DTYPE)
-        dp += go[:, None] * v
+    go_row = GO + b * sg_b + g * sg_g + i * sg_h + j * sg_w
+    go0 = _chunk(go_row, 0, sg_c, C, VEC, ACC_DTYPE)
+    go1 = _chunk(go_row, 1, sg_c, C, VEC, ACC_DTYPE) if NCH > 1 else go0
+    go2 = _chunk(go_row, 2, sg_c, C, VEC, ACC_DTYPE) if NCH > 2 else go0
+    go3 = _chunk(go_row, 3, sg_c, C, VEC, ACC_DTYPE) if NCH > 2 else go0
+    v_row = V + b * sv_b + g * sv_g + si * sv_h + sj * sv_w
+    ga_row = GA + b * sga_b + g * sga_g + i * sga_h + j * sga_w
     if FUSED:
-        x = tl.load(A + b * sa_b + g * sa_g + i[:, None] * sa_h + j[:, None] * sa_w + n[None, :] * sa_n,
-                    mask=mask, other=0.).to(ACC_DTYPE)
-        rh = si[:, None] + ki[None, :] - i[:, None] + (K - 1)
-        rw = sj[:, None] + kj[None, :] - j[:, None] + (K - 1)
-        x += tl.load(RPB + g * sr_g + rh * sr_h + rw * sr_w, mask=mask, other=0.).to(ACC_DTYPE)
-        lse = tl.load(LSE + b * sl_b + g * sl_g + i * sl_h + j * sl_w, mask=qmask, other=0.).to(ACC_DTYPE)
-        p = tl.where(mask, tl.exp(x - lse[:, None]), 0.)
-        dot = tl.sum(p * dp, axis=1)
-        dp = p * (dp - dot[:, None])
-    ga_ptrs = GA + b * sga_b + g * sga_g + i[:, None] * sga_h + j[:, None] * sga_w + n[None, :] * sga_n
-    tl.store(ga_ptrs, dp.to(GA.dtype.element_ty), mask=mask)
+        o_row = O + b * so_b + g * so_g + i * so_h + j * so_w
+        d = _row_sum(go0 * _chunk(o_row, 0, so_c, C, VEC, ACC_DTYPE))
+        if NCH > 1:
+            d += _row_sum(go1 * _chunk(o_row, 1, so_c, C, VEC, ACC_DTYPE))
+        if NCH > 2:
+            d += _row_sum(go2 * _chunk(o_row, 2, so_c, C, VEC, ACC_DTYPE))
+            d += _row_sum(go3 * _chunk(o_row, 3, so_c, C, VEC, ACC_DTYPE))
+        lse2 = tl.load(LSE + b * sl_b + g * sl_g + i * sl_h + j * sl_w).to(ACC_DTYPE) * 1.4426950408889634
+        a_row = A + b * sa_b + g * sa_g + i * sa_h + j * sa_w
+        r_row = RPB + g * sr_g + (si - i + K - 1) * sr_h + (sj - j + K - 1) * sr_w
+    for n in range(0, K * K):
+        ki = n // K
+        kj = n - ki * K
+        v = v_row + (ki * sv_h + kj * sv_w)
+        dp = _row_sum(go0 * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE))
+        if NCH > 1:
+            dp += _row_sum(go1 * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE))
+        if NCH > 2:
+            dp += _row_sum(go2 * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE))
+            dp += _row_sum(go3 * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE))
+        if FUSED:
+            x = tl.load(a_row + n * sa_n).to(ACC_DTYPE) + tl.load(r_row + ki * sr_h + kj * sr_w).to(ACC_DTYPE)
+            dp = tl.exp2(x * 1.4426950408889634 - lse2) * (dp - d)
+        tl.store(ga_row + n * sga_n, dp.to(GA.dtype.element_ty), mask=qmask)
 
 
 @triton.jit
@@ -154,51 +228,66 @@ def _inverse_range(pos, length, K: tl.constexpr):
 @triton.jit
 def _na2d_grad_value_kernel(
         GO, A, RPB, LSE, GV,
-        G, H, W, C,
+        N, G, H, W, NH, NW,
         sg_b, sg_g, sg_h, sg_w, sg_c,
         sa_b, sa_g, sa_h, sa_w, sa_n,
         sr_g, sr_h, sr_w,
         sl_b, sl_g, sl_h, sl_w,
         sgv_b, sgv_g, sgv_h, sgv_w, sgv_c,
-        K: tl.constexpr, C_PAD: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+        K: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr, NCH: tl.constexpr, BLOCK_Q: tl.constexpr,
         FUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """grad_value[k] = sum over queries q whose window holds key k of attn[q, n(q, k)] * grad_out[q].
 
-    With FUSED, attn[q, n] = exp(logits[q, n] + bias - lse[q]) is recomputed on the fly.
+    With FUSED, attn[q, n] = exp(logits[q, n] + bias - lse[q]) is recomputed on the fly. BLOCK_Q keys of the
+    flattened [B, G, H, W] grid, one key row per thread (channels in NCH chunks of VEC, like the forward);
+    the loops run over the NH x NW queries of the largest inverse window of the map (NH = K inside the map,
+    more near the borders); a query outside a key's range is clamped to a valid one and weighted by zero,
+    so no load needs a mask.
     """
-    b, g, y, x, kmask = _program_tile(G, H, W, BLOCK_H, BLOCK_W)
+    b, g, y, x, kmask = _query_block(N, G, H, W, BLOCK_Q)
     lo_h, hi_h = _inverse_range(y, H, K)
     lo_w, hi_w = _inverse_range(x, W, K)
-    # Loop bounds are the largest ranges in the tile (K everywhere but near the borders); masks do the rest.
-    num_h = tl.max(tl.where(kmask, hi_h - lo_h + 1, 0), axis=0)
-    num_w = tl.max(tl.where(kmask, hi_w - lo_w + 1, 0), axis=0)
-
-    cols = tl.arange(0, C_PAD)
-    cmask = cols < C
-    go_base = GO + b * sg_b + g * sg_g + cols[None, :] * sg_c
-    lse_base = LSE + b * sl_b + g * sl_g
-    acc = tl.zeros([BLOCK_H * BLOCK_W, C_PAD], dtype=ACC_DTYPE)
-    for dh in range(0, num_h):
+    go_base = GO + b * sg_b + g * sg_g
+    a_base = A + b * sa_b + g * sa_g + x * sa_n
+    if FUSED:
+        r_base = RPB + g * sr_g + (y + K - 1) * sr_h + (x + K - 1) * sr_w
+        l_base = LSE + b * sl_b + g * sl_g
+    acc0 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc1 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc2 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc3 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    for dh in range(0, NH):
         # Everything that depends on the query row only is hoisted out of the inner loop.
         qi = lo_h + dh
-        mask_h = kmask & (qi <= hi_h)
-        ni = y - _window_start(qi, H, K)  # window row of key k in query q's window
-        a_row = A + b * sa_b + g * sa_g + qi * sa_h + (ni * K + x) * sa_n
-        go_row = go_base + qi[:, None] * sg_h
+        ok_h = qi <= hi_h
+        qi = tl.minimum(qi, hi_h)
+        a_row = a_base + qi * sa_h + (y - _window_start(qi, H, K)) * K * sa_n  # key's window row in q's window
+        go_row = go_base + qi * sg_h
         if FUSED:
-            rpb_row = RPB + g * sr_g + (y - qi + K - 1) * sr_h + (x + K - 1) * sr_w
-            lse_row = lse_base + qi * sl_h
-        for dw in range(0, num_w):
+            r_row = r_base - qi * sr_h
+            l_row = l_base + qi * sl_h
+        for dw in range(0, NW):
             qj = lo_w + dw
-            m = mask_h & (qj <= hi_w)
-            # window column of key k in query q's window: x - sj(qj) (x is folded into a_row)
-            a = tl.load(a_row + qj * sa_w - _window_start(qj, W, K) * sa_n, mask=m, other=0.).to(ACC_DTYPE)
+            ok = ok_h & (qj <= hi_w)
+            qj = tl.minimum(qj, hi_w)
+            # window column of key k in query q's window: x - sj(qj) (x is folded into a_base)
+            a = tl.load(a_row + qj * sa_w - _window_start(qj, W, K) * sa_n).to(ACC_DTYPE)
             if FUSED:
-                a += tl.load(rpb_row - qj * sr_w, mask=m, other=0.).to(ACC_DTYPE)
-                a = tl.where(m, tl.exp(a - tl.load(lse_row + qj * sl_w, mask=m, other=0.).to(ACC_DTYPE)), 0.)
-            go = tl.load(go_row + qj[:, None] * sg_w, mask=m[:, None] & cmask[None, :], other=0.).to(ACC_DTYPE)
-            acc += a[:, None] * go
-    gv_ptrs = GV + b * sgv_b + g * sgv_g + y[:, None] * sgv_h + x[:, None] * sgv_w + cols[None, :] * sgv_c
-    tl.store(gv_ptrs, acc.to(GV.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
+                a = tl.exp2((a + tl.load(r_row - qj * sr_w).to(ACC_DTYPE)
+                             - tl.load(l_row + qj * sl_w).to(ACC_DTYPE)) * 1.4426950408889634)
+            a = tl.where(ok, a, 0.)
+            go = go_row + qj * sg_w
+            acc0 += a[:, None] * _chunk(go, 0, sg_c, C, VEC, ACC_DTYPE)
+            if NCH > 1:
+                acc1 += a[:, None] * _chunk(go, 1, sg_c, C, VEC, ACC_DTYPE)
+            if NCH > 2:
+                acc2 += a[:, None] * _chunk(go, 2, sg_c, C, VEC, ACC_DTYPE)
+                acc3 += a[:, None] * _chunk(go, 3, sg_c, C, VEC, ACC_DTYPE)
+    gv_row = GV + b * sgv_b + g * sgv_g + y * sgv_h + x * sgv_w
+    _store_chunk(gv_row, 0, sgv_c, acc0, kmask, C, VEC)
+    if NCH > 1:
+        _store_chunk(gv_row, 1, sgv_c, acc1, kmask, C, VEC)
+    if NCH > 2:
+        _store_chunk(gv_row, 2, sgv_c, acc2, kmask, C, VEC)
+        _store_chunk(gv_row, 3, sgv_c, acc3, kmask, C, VEC)

@@ -21,8 +21,8 @@ import torch
 from . import flops, natten_backend, torch_backend
 
 __all__ = [
-    'na2d_av', 'na2d_softmax_av', 'relative_position_bias', 'available_backends', 'get_backend', 'set_backend',
-    'BACKENDS', 'ENV_VAR', 'Backend',
+    'na2d_av', 'na2d_softmax_av', 'contmix_softmax_av', 'relative_position_bias', 'available_backends',
+    'get_backend', 'set_backend', 'BACKENDS', 'ENV_VAR', 'Backend',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class Backend:
         na2d_av: ``(attn, value, kernel_size) -> out`` on validated inputs.
         na2d_softmax_av: a fused ``(logits, rpb, value, kernel_size) -> out``; None: the bias and softmax run in
             PyTorch, then ``na2d_av``.
+        contmix_softmax_av: both windows of a ContMix block in one op, ``(x, logits, rpb_small, rpb_large,
+            small, large) -> out [B, C, H, W]``; None: ``na2d_softmax_av`` per window, then a concatenation.
         device_error: for an explicit choice, why tensors of this device type cannot go to it (None: they can).
         unavailable_reason: what it needs, for the error when it is chosen but unavailable.
     """
@@ -52,6 +54,7 @@ class Backend:
     takes: Callable[[str, Optional[int]], bool]
     na2d_av: Callable[..., torch.Tensor]
     na2d_softmax_av: Optional[Callable[..., torch.Tensor]] = None
+    contmix_softmax_av: Optional[Callable[..., torch.Tensor]] = None
     device_error: Callable[[str], Optional[str]] = lambda device_type: None
     unavailable_reason: Callable[[], str] = lambda: ''
 
@@ -61,7 +64,8 @@ class Backend:
 _UNPROBED = object()
 _triton = _UNPROBED  # the triton backend module once probed, None when it cannot be imported
 _TRITON_OPS = (('na2d_av_triton', flops.register_na2d_av),
-               ('na2d_softmax_av_triton', flops.register_na2d_softmax_av))
+               ('na2d_softmax_av_triton', flops.register_na2d_softmax_av),
+               ('contmix_softmax_av_triton', flops.register_contmix_softmax_av))
 
 
 def _triton_module() -> Optional[ModuleType]:
@@ -128,6 +132,7 @@ _REGISTRY: Dict[str, Backend] = {b.name: b for b in (
         takes=_triton_takes,
         na2d_av=lambda attn, value, k: _triton_module().na2d_av(attn, value, k),
         na2d_softmax_av=lambda logits, rpb, value, k: _triton_module().na2d_softmax_av(logits, rpb, value, k),
+        contmix_softmax_av=lambda *args: _triton_module().contmix_softmax_av(*args),
         device_error=_triton_device_error,
         unavailable_reason=lambda: ('needs triton and models/ops/triton_backend.py importable, and a CUDA device '
                                     '(or TRITON_INTERPRET=1 for CPU tensors)'),
@@ -310,3 +315,39 @@ def na2d_softmax_av(
     h, w = value.shape[2], value.shape[3]
     attn = torch.softmax(logits + relative_position_bias(rpb, h, w, k), dim=-1)
     return chosen.na2d_av(attn, value, k)
+
+
+def contmix_softmax_av(
+        x: torch.Tensor, logits: torch.Tensor, rpb_small: torch.Tensor, rpb_large: torch.Tensor, small: int,
+        large: int, backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Both windows of a ContMix block: the first half of the channels of ``x`` aggregated with the small
+    window (the first ``small**2`` logits, ``rpb_small``), the second half with the large one.
+
+    The triton backend does it in one op that reads the logits in place and writes ``[B, C, H, W]``
+    directly; the other backends run :func:`na2d_softmax_av` per window and concatenate.
+
+    Args:
+        x: [B, C, H, W]; channel ``m*C/2 + g*c + j`` is channel j of group g of window m (c = C / (2G)).
+        logits: [B, G, H, W, small**2 + large**2].
+        rpb_small, rpb_large: [G, 2s-1, 2s-1] and [G, 2K-1, 2K-1].
+        small, large: the odd window sizes s and K.
+    Returns:
+        [B, C, H, W].
+    """
+    b, c, h, w = x.shape
+    g = logits.shape[1]
+    if logits.dim() != 5 or c % (2 * g) or logits.shape[-1] != small * small + large * large:
+        raise ValueError(f'contmix_softmax_av: expected logits [B, G, H, W, {small * small + large * large}] with C '
+                         f'divisible by 2G, got x {list(x.shape)} and logits {list(logits.shape)}')
+    value = x.reshape(b, 2, g, c // (2 * g), h, w).permute(1, 0, 2, 4, 5, 3)
+    name = _resolve(backend, x.device.type, large)
+    chosen = _REGISTRY[name]
+    if chosen.contmix_softmax_av is not None:
+        _check('contmix_softmax_av', logits[..., :small * small], value[0], small, what='logits')
+        _check('contmix_softmax_av', logits[..., small * small:], value[1], large, what='logits')
+        return chosen.contmix_softmax_av(x, logits, rpb_small, rpb_large, small, large)
+    out_small = na2d_softmax_av(logits[..., :small * small], rpb_small, value[0], small, backend=name)
+    out_large = na2d_softmax_av(logits[..., small * small:], rpb_large, value[1], large, backend=name)
+    out = torch.cat([out_small, out_large], dim=1)  # [B, 2G, H, W, c]
+    return out.permute(0, 1, 4, 2, 3).reshape(b, c, h, w)

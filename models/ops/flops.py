@@ -10,7 +10,7 @@ from typing import Sequence, Set
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ['na2d_flops', 'register_na2d_av', 'register_na2d_softmax_av']
+__all__ = ['na2d_flops', 'register_na2d_av', 'register_na2d_softmax_av', 'register_contmix_softmax_av']
 
 _registered: Set[str] = set()
 
@@ -38,3 +38,12 @@ def register_na2d_softmax_av(name: str) -> None:
     """Count ``torch.ops.overlock.<name>(logits, rpb, value, kernel_size)`` as a neighbourhood aggregation."""
     _register(name, lambda logits_shape, rpb_shape, value_shape, *args, out_shape=None, **kwargs:
               na2d_flops(logits_shape, value_shape))
+
+
+def register_contmix_softmax_av(name: str) -> None:
+    """Count ``torch.ops.overlock.<name>(x, logits, rpb_small, rpb_large, small, large)``: both windows of a
+    ContMix block, each aggregating half of the channels of x [B, C, H, W]."""
+    def formula(x_shape, logits_shape, *args, out_shape=None, **kwargs) -> int:
+        b, c, h, w = x_shape
+        return b * c * h * w * logits_shape[-1]  # 2 FLOPs x (C / 2) channels x (s^2 + K^2) weights per pixel
+    _register(name, formula)

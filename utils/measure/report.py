@@ -32,7 +32,7 @@ from .shapes import contmix_calls, depthwise_convs, meta_model
 __all__ = ['ReportConfig', 'PARTS', 'TARGETS', 'environment', 'run_report']
 
 PARTS = ('tests', 'op', 'model', 'dwconv', 'profile', 'static')
-TARGETS = {'op_fwd_roofline': 0.5, 'infer': 0.7, 'train': 0.5}
+TARGETS = {'op_fwd_roofline': 0.7, 'infer': 0.8, 'train': 0.6, 'train_peak_mem': 1.3}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -178,6 +178,12 @@ class _Report:
                 ratio = ips[cfg.target] / ips[cfg.reference]
                 self.summarise(f'{cfg.target} / {cfg.reference} {mode} images/s (batch {bench.batch_size})',
                                f'{ratio:.2f}x', f'>= {TARGETS[mode]}x', _result(ratio >= TARGETS[mode]))
+            mem = {r['model']: r.get('peak_mem_mb') for r in rows}
+            if mode == 'train' and mem.get(cfg.target) and mem.get(cfg.reference):
+                ratio = mem[cfg.target] / mem[cfg.reference]
+                limit = TARGETS['train_peak_mem']
+                self.summarise(f'{cfg.target} / {cfg.reference} peak training memory (batch {bench.batch_size})',
+                               f'{ratio:.2f}x', f'<= {limit}x', _result(ratio <= limit))
 
     def dwconv(self) -> None:
         cfg = self.cfg

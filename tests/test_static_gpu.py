@@ -1,0 +1,87 @@
+"""The static GPU model (utils/measure/static_gpu.py) on small shapes: compiles for sm_90 on the CPU."""
+import pytest
+import torch
+
+pytest.importorskip('triton')
+static_gpu = pytest.importorskip('utils.measure.static_gpu')
+
+
+def _can_compile_sm90() -> bool:
+    try:
+        static_gpu._tool('nvdisasm')
+        static_gpu._tool('cuobjdump')
+        from triton.backends.compiler import GPUTarget  # noqa: F401  (the AOT API the model uses)
+        from triton.compiler import ASTSource  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _can_compile_sm90(), reason='no sm_90 toolchain (ptxas/nvdisasm) in triton')
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+.L_x_1:
+        /*0020*/                   FFMA R3, R3, R4, R5 ;
+        /*0030*/                   IADD3 R7, R7, 0x4, RZ ;
+        /*0040*/                   ISETP.NE.U32.AND P1, PT, R7, 0xa8, PT ;
+        /*0050*/               @P1 BRA `(.L_x_1) ;
+        /*0060*/                   ISETP.GE.AND P0, PT, R2, R9, PT ;
+        /*0070*/              @!P0 BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+.L_x_2:
+        /*0090*/                   BRA `(.L_x_2);
+        /*00a0*/                   NOP;
+"""
+
+
+def test_sass_loops():
+    """Nested loops: each body counts its own instructions; a constant exit test gives the passes (bound over
+    the counter's step, the unroll factor); a runtime one gives none; the trap loop and NOPs are ignored."""
+    outside, loops = static_gpu._loops(SASS)
+    assert outside == 2  # MOV, EXIT
+    outer, inner = loops
+    assert (outer.body, outer.passes, outer.unroll) == (3, None, 1)  # IADD3, ISETP, BRA
+    assert (inner.body, inner.passes, inner.unroll) == (4, 0xa8 / 4, 4)
+
+
+def test_small_model_rows(tiny_kwargs):
+    """A tiny OverLoCK, training step: every launch compiles, counts add up, the estimate is a max of bounds."""
+    calls = static_gpu.contmix_calls('overlock_xt', 2, 64, torch.float32, **tiny_kwargs)
+    assert calls and all(c.logits.device.type == 'meta' for c in calls)
+    call = calls[0]
+    assert call.x.is_contiguous(memory_format=torch.channels_last)  # value channel-last, as under AMP
+    assert call.logits.shape[-1] == call.small ** 2 + call.large ** 2
+    rows = static_gpu.step_rows(calls[:1], backward=True)
+    kernels = [r for r in rows if not r.kernel.startswith('torch')]
+    k, s = call.large, call.small
+    assert [r.label.split(' ', 3)[-1] for r in kernels] == [
+        f'fwd K{s}', f'fwd K{k}', f'grad_logits K{s}', f'grad_value K{s}', f'grad_logits K{k}', f'grad_value K{k}']
+    for r in kernels:
+        assert r.registers > 0 and r.spill_bytes == 0 and 0 < r.occupancy <= 1
+        assert r.warp_instructions > r.programs  # at least one instruction per program
+        assert r.estimate_s == max(r.issue_s, r.memory_s) and 0 < r.roofline_share <= 1
+    # the small window's forward moves its logits, rpb, value half in, out half and lse out, nothing more
+    b, c, h, w = call.x.shape
+    g = call.logits.shape[1]
+    expected = (b * g * h * w * s * s + call.rpb_small.numel() + 2 * b * c // 2 * h * w + b * g * h * w) * 4
+    assert kernels[0].min_bytes == expected
+    table = static_gpu.format_table(rows)
+    assert 'Per step' in table and table.count('\n| ') >= len(kernels)
+
+
+def test_cli(capsys, tmp_path):
+    out = tmp_path / 'table.md'
+    static_gpu.main(['--model', 'overlock_xt', '--batch', '1', '--img-size', '64', '--mode', 'infer',
+                     '--out', str(out)])
+    text = capsys.readouterr().out
+    assert 'overlock_xt_reparam' in text and 'bf16' in text.replace('torch.bfloat16', 'bf16')
+    assert out.read_text().strip() == text.strip()
+
+
+def test_bad_batch():
+    with pytest.raises(SystemExit):
+        static_gpu.parse_args(['--batch', '0'])

@@ -1,0 +1,460 @@
+"""Static GPU model of the ContMix Triton kernels: what their launches in one OverLoCK training step (or one
+inference batch) should cost on an H100, estimated on the CPU from the code Triton compiles. No GPU needed.
+
+For every kernel launch the model takes the plan the op itself would launch (``triton_backend.plan_*``: grid,
+arguments, tile constants), compiles the kernel ahead of time for sm_90 with the specialisation a real launch
+gets (arguments equal to 1 become constants, 16-divisible integers and 16-byte aligned pointers are marked
+so), disassembles the cubin with the ``nvdisasm`` / ``cuobjdump`` shipped with Triton and counts:
+
+- warp-instructions: SASS instructions outside loops once per program, each loop body once per iteration
+  (trip counts from the plan, summed over programs), times the warps of a program;
+- registers per thread and spilled bytes (local memory), and the occupancy those registers allow;
+- the minimum bytes the launch must move (each input read once, each output written once) and its FLOPs.
+
+Estimated time = max(issue-bound, memory-bound); "share of roofline" = memory-bound / estimate. Both bounds are
+optimistic (full issue rate, no latency stalls, no L2 effects), so the estimate is a floor and the share a
+ceiling. Every device number is in :data:`H100_SXM`; they are estimates, not measurements.
+
+    python -m utils.measure.static_gpu --model overlock_t --batch 128            # training step (AMP dtypes)
+    python -m utils.measure.static_gpu --model overlock_t --batch 256 --mode infer
+"""
+import argparse
+import contextlib
+import functools
+import math
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+from unittest import mock
+
+import torch
+
+__all__ = ['Device', 'H100_SXM', 'KernelCode', 'Row', 'analyse_launch', 'contmix_calls', 'step_rows',
+           'format_table', 'main']
+
+
+@dataclass(frozen=True)
+class Device:
+    """The device numbers the model uses; all are estimates (data-sheet peaks, not measurements)."""
+    name: str
+    arch: int  # compute capability as an int (sm_90 -> 90)
+    sms: int
+    warp_instructions_per_clock: int  # per SM: 4 schedulers, one warp-instruction each per clock
+    clock_hz: float  # sustained boost clock under load
+    dram_bytes_per_s: float  # peak HBM bandwidth
+    registers_per_sm: int
+    max_warps_per_sm: int
+    max_ctas_per_sm: int
+    shared_bytes_per_sm: int
+
+    @property
+    def issue_rate(self) -> float:
+        """Warp-instructions per second, whole device."""
+        return self.sms * self.warp_instructions_per_clock * self.clock_hz
+
+
+H100_SXM = Device(name='H100 SXM (estimates)', arch=90, sms=132, warp_instructions_per_clock=4, clock_hz=1.75e9,
+                  dram_bytes_per_s=3.35e12, registers_per_sm=65536, max_warps_per_sm=64, max_ctas_per_sm=32,
+                  shared_bytes_per_sm=228 * 1024)
+
+_TRITON_TYPES = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16', torch.float64: 'fp64'}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile and read the SASS.
+
+
+def _tool(name: str) -> Path:
+    import triton
+    path = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / name
+    if not path.exists():
+        raise RuntimeError(f'static_gpu: {path} is missing; this triton wheel does not ship the CUDA tools')
+    return path
+
+
+@dataclass(frozen=True)
+class KernelCode:
+    """What the compiled kernel says: registers, spills, shared memory and its SASS loop structure."""
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    num_warps: int
+    outside_loops: int  # SASS instructions executed once per program (NOPs and the trap loop not counted)
+    loops: Tuple['SassLoop', ...]  # outermost first
+
+
+def _specialise(launch) -> Tuple[Dict[str, str], Dict[tuple, object], Dict[tuple, list]]:
+    """Signature, constants and attributes as Triton's launcher would specialise this launch's arguments."""
+    from models.ops import triton_backend
+    fn = triton_backend.compiled_kernels()[launch.kernel]
+    runtime = [n for n in fn.arg_names if n not in launch.constexprs]
+    if len(runtime) != len(launch.args):
+        raise RuntimeError(f'static_gpu: {launch.kernel} takes {len(runtime)} runtime arguments, the plan '
+                           f'gives {len(launch.args)}')
+    signature, constants, attrs = {}, {}, {}
+    for name, value in zip(runtime, launch.args):
+        index = (fn.arg_names.index(name),)
+        if isinstance(value, torch.Tensor):
+            signature[name] = '*' + _TRITON_TYPES[value.dtype]
+            if value.storage_offset() * value.element_size() % 16 == 0:  # allocations are 16-byte aligned
+                attrs[index] = [['tt.divisibility', 16]]
+        elif isinstance(value, int) and value == 1:
+            signature[name] = 'constexpr'
+            constants[index] = 1
+        else:
+            signature[name] = 'i64' if abs(int(value)) >= 2 ** 31 else 'i32'
+            if int(value) % 16 == 0:
+                attrs[index] = [['tt.divisibility', 16]]
+    for name, value in launch.constexprs.items():
+        signature[name] = 'constexpr'
+        constants[(fn.arg_names.index(name),)] = value
+    return signature, constants, attrs
+
+
+@dataclass(frozen=True)
+class SassLoop:
+    """One SASS loop: its own instructions (inner loops excluded) and, when the exit test compares the counter
+    with a constant, the passes per program (the source trip count over ptxas' unroll factor)."""
+    body: int
+    passes: Optional[float]
+    unroll: int
+
+
+_BRANCH = re.compile(r'^(@!?P\d)?\s*BRA\s+`?\(?(\.L_x_\d+)\)?')
+
+
+def _loop_bound(body: Sequence[str]) -> Tuple[Optional[float], int]:
+    """(passes, unroll) of a loop from its exit test ``ISETP .. P, PT, Rc, imm`` and counter step ``Rc += u``."""
+    branch = _BRANCH.match(body[-1])
+    if not branch or not branch.group(1):
+        return None, 1
+    pred = branch.group(1).lstrip('@!')
+    counter = bound = None
+    for text in body:
+        test = re.match(rf'^ISETP\.\S+\s+{pred},\s*PT,\s*(R\d+),\s*(0x[0-9a-f]+|R\d+|c\[.*?\]|UR\d+)', text)
+        if test and not text.split()[0].endswith('.EX'):
+            counter, bound = test.group(1), test.group(2)
+    if counter is None:
+        return None, 1
+    unroll = 1
+    for text in body:
+        step = re.match(rf'^(?:IADD3|VIADD|IADD|IMAD\.IADD)\S*\s+{counter},\s*(?:!?P\d+,\s*)*{counter},\s*'
+                        rf'(0x[0-9a-f]+)', text)
+        if step:
+            unroll = int(step.group(1), 16)
+    passes = int(bound, 16) / unroll if bound.startswith('0x') else None
+    return passes, max(unroll, 1)
+
+
+def _loops(sass: str) -> Tuple[int, Tuple[SassLoop, ...]]:
+    """Instructions outside loops and the loops, outermost first, from nvdisasm output (loop = backward branch).
+    NOPs and the trap loop after EXIT are not counted."""
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r'^\s*(\.L_x_\d+):', line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        op = re.match(r'^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;', line)
+        if op:
+            instructions.append(op.group(1))
+    spans, trap = [], 0
+    for pos, text in enumerate(instructions):
+        branch = _BRANCH.match(text)
+        if branch and labels.get(branch.group(2), pos + 1) <= pos:
+            if labels[branch.group(2)] == pos:
+                trap += 1  # a branch to itself is the trap after EXIT
+            else:
+                spans.append((labels[branch.group(2)], pos))
+    spans.sort(key=lambda s: (s[0], -s[1]))
+
+    def count(lo, hi):
+        return sum(1 for t in instructions[lo:hi + 1] if not t.startswith('NOP'))
+
+    def inside(inner, outer):
+        return outer[0] <= inner[0] and inner[1] <= outer[1] and inner != outer
+
+    loops = []
+    for span in spans:
+        inner = [s for s in spans if inside(s, span)]
+        direct = [s for s in inner if not any(inside(s, o) for o in inner)]
+        passes, unroll = _loop_bound(instructions[span[0]:span[1] + 1])
+        loops.append(SassLoop(count(*span) - sum(count(*s) for s in direct), passes, unroll))
+    total = sum(1 for t in instructions if not t.startswith('NOP')) - trap
+    in_loops = sum(count(*s) for s in spans if not any(inside(s, o) for o in spans))
+    return total - in_loops, tuple(loops)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(kernel: str, signature: tuple, constants: tuple, attrs: tuple, num_warps: int, arch: int) -> KernelCode:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from models.ops import triton_backend
+    fn = triton_backend.compiled_kernels()[kernel]
+    source = ASTSource(fn, dict(signature), constexprs=dict(constants), attrs=dict(attrs))
+    compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32), options={'num_warps': num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / 'kernel.cubin'
+        cubin.write_bytes(compiled.asm['cubin'])
+        usage = subprocess.run([str(_tool('cuobjdump')), '--dump-resource-usage', str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(_tool('nvdisasm')), '-c', str(cubin)],
+                              capture_output=True, text=True, check=True).stdout
+    registers = int(re.search(r'REG:(\d+)', usage).group(1))
+    spills = int(re.search(r'LOCAL:(\d+)', usage).group(1))
+    outside, loops = _loops(sass)
+    return KernelCode(registers, spills, compiled.metadata.shared, num_warps, outside, loops)
+
+
+def kernel_code(launch, device: 'Device' = H100_SXM) -> KernelCode:
+    signature, constants, attrs = _specialise(launch)
+    freeze = lambda d: tuple(sorted(d.items(), key=lambda kv: str(kv[0])))  # noqa: E731
+    return _compile(launch.kernel, freeze(signature), freeze(constants),
+                    tuple(sorted((k, tuple(map(tuple, v))) for k, v in attrs.items())), launch.num_warps,
+                    device.arch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One row per launch.
+
+
+@dataclass
+class Row:
+    label: str
+    kernel: str
+    config: str
+    programs: int
+    registers: Optional[int]
+    spill_bytes: Optional[int]
+    occupancy: Optional[float]
+    min_bytes: int
+    flops: int
+    warp_instructions: Optional[float]
+    issue_s: Optional[float]
+    memory_s: float
+    note: str = ''
+
+    @property
+    def estimate_s(self) -> float:
+        return max(self.issue_s or 0., self.memory_s)
+
+    @property
+    def roofline_share(self) -> float:
+        return self.memory_s / self.estimate_s if self.estimate_s else 1.
+
+
+def occupancy(code: KernelCode, device: Device = H100_SXM) -> float:
+    """Resident warps / maximum, limited by registers (allocated per warp in units of 256), warps, CTAs and
+    shared memory."""
+    regs_per_warp = math.ceil(code.registers * 32 / 256) * 256
+    ctas = min(device.max_ctas_per_sm, device.max_warps_per_sm // code.num_warps,
+               device.registers_per_sm // (regs_per_warp * code.num_warps))
+    if code.shared_bytes:
+        ctas = min(ctas, device.shared_bytes_per_sm // code.shared_bytes)
+    return ctas * code.num_warps / device.max_warps_per_sm
+
+
+def analyse_launch(label: str, launch, device: Device = H100_SXM) -> Row:
+    code = kernel_code(launch, device)
+    # Loops with a constant trip count carry it in their exit test; the others take the plan's trip counts
+    # (summed over programs), in order, divided by ptxas' unroll factor.
+    runtime = list(launch.loop_trips())
+    per_warp = launch.programs * code.outside_loops
+    note = ''
+    for loop in code.loops:
+        if loop.passes is not None:
+            per_warp += loop.body * loop.passes * launch.programs
+        elif runtime:
+            per_warp += loop.body * runtime.pop(0) / loop.unroll
+        else:
+            note = 'a SASS loop without a known trip count (counted once)'
+            per_warp += loop.body * launch.programs
+    if runtime:
+        note = f'{len(runtime)} runtime loop(s) of the plan not found in the SASS'
+    instructions = per_warp * code.num_warps
+    config = ' '.join(f'{k}={v}' for k, v in launch.constexprs.items() if k.startswith(('BLOCK', 'C_PAD', 'VEC', 'NCH')))
+    return Row(label, launch.kernel, f'{config} w={code.num_warps}', launch.programs, code.registers,
+               code.spill_bytes, occupancy(code, device), launch.min_bytes(), launch.flops, instructions,
+               instructions / device.issue_rate, launch.min_bytes() / device.dram_bytes_per_s, note)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The launches of a model: ContMix calls read off a forward pass on the meta device.
+
+
+@dataclass
+class ContMixCall:
+    """The aggregation of one ContMix block (both windows) as the model calls it."""
+    name: str
+    x: torch.Tensor  # [B, C, H, W]: value, both halves
+    logits: torch.Tensor  # [B, G, H, W, s^2 + K^2]
+    rpb_small: torch.Tensor
+    rpb_large: torch.Tensor
+    small: int
+    large: int
+
+
+def contmix_calls(model_name: str, batch: int, img_size: int = 224, dtype: torch.dtype = torch.float32,
+                  value_dtype: Optional[torch.dtype] = None, channels_last: bool = True,
+                  **model_kwargs) -> List[ContMixCall]:
+    """Every ContMix aggregation (``ops.contmix_softmax_av``) of one forward of ``model_name`` (timm name),
+    read off a forward on the meta device, with meta tensors laid out as on the GPU: the logits the
+    ``[B, G, H, W, s^2 + K^2]`` projection, value the ``[B, C, H, W]`` map (channels_last: channels innermost).
+
+    Args:
+        dtype: dtype of the logits (bf16 under bf16 autocast: ContMix adds the bias in the product's dtype).
+        value_dtype: dtype of value and rpb (default ``dtype``; value is float32 under AMP after GRN's
+            float32 gamma, rpb a float32 parameter).
+    """
+    import timm
+
+    import models  # noqa: F401  (registers the OverLoCK models)
+    import models.contmix as contmix
+    value_dtype = value_dtype or dtype
+    seen = []
+    real = contmix.contmix_softmax_av
+
+    def record(x, logits, rpb_small, rpb_large, small, large, **kwargs):
+        seen.append((tuple(x.shape), tuple(logits.shape), small, large))
+        return real(x, logits, rpb_small, rpb_large, small, large, backend='torch')
+
+    with torch.device('meta'):
+        try:
+            model = timm.create_model(model_name, **model_kwargs)
+        except RuntimeError as e:
+            raise ValueError(f'static_gpu: cannot build model {model_name!r}: {e}') from None
+    with mock.patch.object(contmix, 'contmix_softmax_av', record), torch.no_grad():
+        model.eval()(torch.empty(batch, 3, img_size, img_size, device='meta'))
+
+    calls = []
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for (b, c, h, w), logits_shape, s, k in seen:
+        g = logits_shape[1]
+        calls.append(ContMixCall(
+            f'{h}x{w} G{g} c{c // (2 * g)}',
+            torch.empty(b, c, h, w, dtype=value_dtype, device='meta').to(memory_format=fmt),
+            torch.empty(logits_shape, dtype=dtype, device='meta'),
+            torch.empty(g, 2 * s - 1, 2 * s - 1, dtype=value_dtype, device='meta'),
+            torch.empty(g, 2 * k - 1, 2 * k - 1, dtype=value_dtype, device='meta'), s, k))
+    return calls
+
+
+def _around_rows(call: ContMixCall, backward: bool, device: Device) -> List[Row]:
+    """Tensor traffic of the torch code around the op (memory-bound): the rpb gradients' ``index_add``
+    reads the logits gradient once more."""
+    if not backward:
+        return []
+    nbytes = call.logits.numel() * call.logits.element_size()
+    return [Row(call.name, 'torch: rpb grad index_add', '', 0, None, None, None, nbytes, 0, None, None,
+                nbytes / device.dram_bytes_per_s)]
+
+
+def step_rows(calls: Sequence[ContMixCall], backward: bool, device: Device = H100_SXM,
+              around: bool = True) -> List[Row]:
+    """One row per kernel launch of the calls (forward, and backward when ``backward``), plus the torch code
+    around the op."""
+    from models.ops import triton_backend
+    rows = []
+    for call in calls:
+        for label, launch in triton_backend.plan_contmix(call.x, call.logits, call.rpb_small, call.rpb_large,
+                                                         call.small, call.large, backward=backward, gpu=True):
+            rows.append(analyse_launch(f'{call.name} {label}', launch, device))
+        if around:
+            rows.extend(_around_rows(call, backward, device))
+    return rows
+
+
+def _merge(rows: Sequence[Row]) -> List[Tuple[int, Row]]:
+    """Identical launches counted once with their multiplicity, in order of first appearance."""
+    merged: Dict[tuple, List] = {}
+    for row in rows:
+        key = (row.label, row.kernel, row.config, row.programs, row.min_bytes)
+        if key in merged:
+            merged[key][0] += 1
+        else:
+            merged[key] = [1, row]
+    return [(n, row) for n, row in merged.values()]
+
+
+def _us(seconds: Optional[float]) -> str:
+    return '' if seconds is None else f'{seconds * 1e6:.1f}'
+
+
+def format_table(rows: Sequence[Row], device: Device = H100_SXM) -> str:
+    """Markdown: one line per distinct launch (× how many per step), then the per-step totals."""
+    lines = ['| launch | × | kernel | tile / warps | programs | regs | spill B | occ. | min MB | GFLOP '
+             '| warp-instr (M) | issue µs | memory µs | estimate µs | % roofline |',
+             '|' + '---|' * 15]
+    for n, r in _merge(rows):
+        lines.append(
+            f'| {r.label} | {n} | {r.kernel} | {r.config} | {r.programs or ""} | {r.registers or ""} | '
+            f'{"" if r.spill_bytes is None else r.spill_bytes} | '
+            f'{"" if r.occupancy is None else f"{r.occupancy:.0%}"} | {r.min_bytes / 1e6:.1f} | '
+            f'{r.flops / 1e9:.2f} | {"" if r.warp_instructions is None else f"{r.warp_instructions / 1e6:.1f}"} | '
+            f'{_us(r.issue_s)} | {_us(r.memory_s)} | {_us(r.estimate_s)} | {r.roofline_share:.0%} |'
+            + (f' {r.note}' if r.note else ''))
+    kernels = [r for r in rows if not r.kernel.startswith('torch')]
+    minimum = sum(r.memory_s for r in kernels)
+    total_kernels = sum(r.estimate_s for r in kernels)
+    total = sum(r.estimate_s for r in rows)
+    worst = min((r.roofline_share for r in kernels), default=1.)
+    lines += [
+        '',
+        f'Per step: Triton kernels {total_kernels * 1e3:.2f} ms estimated against {minimum * 1e3:.2f} ms for their '
+        f'minimum traffic ({sum(r.min_bytes for r in kernels) / 1e9:.2f} GB) = {total_kernels / minimum:.2f}×; '
+        f'with the torch code around the op {total * 1e3:.2f} ms = {total / minimum:.2f}×. Lowest kernel share '
+        f'of roofline {worst:.0%}; spills: {sum(bool(r.spill_bytes) for r in kernels)} launches.',
+        f'Device model: {device.name}: {device.sms} SMs × {device.warp_instructions_per_clock} warp-instructions/'
+        f'clock at {device.clock_hz / 1e9:.2f} GHz, {device.dram_bytes_per_s / 1e12:.2f} TB/s.',
+    ]
+    return '\n'.join(lines)
+
+
+_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='python -m utils.measure.static_gpu',
+                                     description=__doc__.split('\n\n')[0])
+    parser.add_argument('--model', default='overlock_t', help='timm model name (default overlock_t)')
+    parser.add_argument('--batch', type=int, default=128, help='batch size (default 128)')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--mode', choices=('train', 'infer'), default='train',
+                        help='train: forward + backward at bf16-autocast dtypes (bf16 logits, fp32 value and rpb); '
+                             'infer: forward of the deploy form in bf16')
+    parser.add_argument('--dtype', choices=sorted(_DTYPES), default='bf16', help='logits dtype (default bf16)')
+    parser.add_argument('--value-dtype', choices=sorted(_DTYPES), default=None,
+                        help='value and rpb dtype (default: fp32 for train, --dtype for infer)')
+    parser.add_argument('--no-channels-last', action='store_true', help='value as a view of an NCHW map')
+    parser.add_argument('--no-around', action='store_true', help='leave out the torch code around the op')
+    parser.add_argument('--out', type=Path, default=None, help='also write the table to this markdown file')
+    args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f'--batch must be >= 1, got {args.batch}')
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    args = parse_args(argv)
+    dtype = _DTYPES[args.dtype]
+    value_dtype = _DTYPES[args.value_dtype or ('fp32' if args.mode == 'train' else args.dtype)]
+    name = args.model + ('_reparam' if args.mode == 'infer' and not args.model.endswith('_reparam') else '')
+    calls = contmix_calls(name, args.batch, args.img_size, dtype, value_dtype, not args.no_channels_last)
+    rows = step_rows(calls, backward=args.mode == 'train', around=not args.no_around)
+    title = (f'{name}, batch {args.batch}, {args.img_size}², {args.mode}, logits {dtype}, value {value_dtype}, '
+             f'{"NCHW" if args.no_channels_last else "channels_last"}')
+    text = f'{title}\n\n{format_table(rows)}'
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + '\n')
+    return text
+
+
+if __name__ == '__main__':
+    with contextlib.suppress(BrokenPipeError):
+        main()
