@@ -14,7 +14,7 @@ from typing import List, Optional, Set, Tuple
 
 import torch
 
-from . import natten_backend, torch_backend
+from . import composite, natten_backend, torch_backend
 
 __all__ = [
     'na2d_av', 'na2d_softmax_av', 'relative_position_bias', 'available_backends', 'get_backend', 'set_backend',
@@ -194,6 +194,8 @@ def na2d_av(
         [B, G, H, W, C]; float16/bfloat16 inputs are accumulated in float32 and returned in their dtype.
     """
     _check('na2d_av', attn, value, kernel_size)
+    if composite.is_active():  # exporting to ONNX: standard ops only
+        return composite.na2d_av(attn, value, kernel_size)
     name = _resolve(backend, value.device.type, kernel_size)
     if name == 'natten':
         return natten_backend.na2d_av(attn, value, kernel_size)
@@ -249,6 +251,8 @@ def na2d_softmax_av(
         raise ValueError(f'na2d_softmax_av: rpb must be [G={logits.shape[1]}, {2 * k - 1}, {2 * k - 1}] for '
                          f'kernel_size {k}, got rpb {list(rpb.shape)} (logits {list(logits.shape)}, '
                          f'value {list(value.shape)})')
+    if composite.is_active():  # exporting to ONNX: standard ops only
+        return composite.na2d_softmax_av(logits, rpb, value, k)
     name = _resolve(backend, value.device.type, k)
     if name == 'triton':
         return _triton_module().na2d_softmax_av(logits, rpb, value, k)
