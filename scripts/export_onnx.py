@@ -6,7 +6,7 @@
     python -m scripts.export_onnx --model overlock_xt --output xt_256x320.onnx --img-size 256 320
     python -m scripts.export_onnx --model overlock_xt --output xt.onnx --benchmark --threads 2
 
-The file holds standard ONNX operators only (opset 17 or newer, default 18), a dynamic batch axis, the input
+The file holds standard ONNX operators only (opset 18 or newer, default 18), a dynamic batch axis, the input
 resolution given by --img-size (default: the model's), and the model's preprocessing as metadata (read by
 ``validate.py DATA --onnx FILE``). A training-form model is re-parameterised before export. After writing,
 the ONNX Runtime logits are compared with PyTorch's on a random batch (max relative error printed; above
@@ -14,14 +14,11 @@ the ONNX Runtime logits are compared with PyTorch's on a random batch (max relat
 """
 import argparse
 import logging
-import os
-
-import torch
 
 from utils.cli import UsageError, run_cli
 from utils.evaluate import build_model, expand_model_names, markdown_table
 from utils.export import (
-    DEFAULT_OPSET, PARITY_TOLERANCE, benchmark_onnx, deploy_copy, export_onnx, input_size_arg, max_relative_error,
+    DEFAULT_OPSET, MIN_OPSET, benchmark_onnx, check_opset, deploy_copy, export_and_check, input_size_arg,
 )
 
 _logger = logging.getLogger('export_onnx')
@@ -40,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--output', required=True, metavar='FILE', help='the .onnx file to write')
     p.add_argument('--img-size', type=int, nargs='+', default=None, metavar='N',
                    help="input resolution: N (square) or H W, each >= 32 (default: the model's)")
-    p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (>= 17, default {DEFAULT_OPSET})')
+    p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (>= {MIN_OPSET}, default {DEFAULT_OPSET})')
     p.add_argument('--no-simplify', action='store_true', help='save the graph without onnxslim')
     p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
@@ -54,22 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def export_and_check(model: torch.nn.Module, path: str, input_size, opset: int, simplify: bool) -> int:
-    """Export, then compare ONNX Runtime with PyTorch; removes the file and returns 1 when they differ."""
-    model = deploy_copy(model)
-    record = export_onnx(model, path, input_size=input_size, opset=opset, simplify=simplify)
-    err = max_relative_error(model, path)
-    size_mb = os.path.getsize(path) / 2 ** 20
-    print(f'wrote {path} ({size_mb:.1f} MB, opset {opset}, input [batch, {", ".join(map(str, input_size))}], '
-          f'{record["architecture"]})')
-    print(f'max relative error of ONNX Runtime vs PyTorch logits: {err:.3e} (limit {PARITY_TOLERANCE:g})')
-    if not err <= PARITY_TOLERANCE:
-        os.remove(path)
-        print(f'error: ONNX Runtime output differs from PyTorch (max relative error {err:.3e}); {path} removed')
-        return 1
-    return 0
-
-
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
@@ -78,6 +59,7 @@ def main(argv=None) -> int:
         raise UsageError(f'--model {args.model}: give one model name, not a pattern')
     if args.benchmark and (min(args.batch_sizes) < 1 or args.threads < 1 or args.iters < 1):
         raise UsageError('--batch-sizes, --threads and --iters must be >= 1')
+    check_opset(args.opset)
     model = build_model(name, checkpoint=args.checkpoint, pretrained=args.pretrained, use_ema=args.use_ema,
                         num_classes=args.num_classes, model_kwargs=args.model_kwargs).eval()
     input_size = input_size_arg(args.img_size, model)

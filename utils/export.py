@@ -26,15 +26,16 @@ from torch import nn
 from .cli import UsageError
 
 __all__ = [
-    'MIN_OPSET', 'DEFAULT_OPSET', 'supported_opsets', 'require', 'deploy_copy', 'onnx_metadata', 'export_onnx',
-    'read_metadata', 'load_session', 'OnnxRuntimeModel', 'max_relative_error', 'benchmark_onnx', 'input_size_arg',
+    'MIN_OPSET', 'DEFAULT_OPSET', 'supported_opsets', 'check_opset', 'require', 'deploy_copy', 'onnx_metadata', 'export_onnx',
+    'read_metadata', 'load_session', 'OnnxRuntimeModel', 'max_relative_error', 'export_and_check', 'benchmark_onnx', 'input_size_arg',
     'PARITY_TOLERANCE',
 ]
 
 _logger = logging.getLogger(__name__)
 
-MIN_OPSET = 17
-DEFAULT_OPSET = 18  # what torch's exporter writes natively; other opsets go through onnx's version converter
+# torch's exporter writes opset 18 natively and converts upwards; it cannot go below 18 for these graphs
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
 METADATA_KEY = 'overlock'  # metadata_props key of the JSON preprocessing record
 INPUT_NAME, OUTPUT_NAME = 'input', 'logits'
 PARITY_TOLERANCE = 1e-4  # max relative error of the ONNX Runtime logits against PyTorch's
@@ -54,7 +55,8 @@ def supported_opsets() -> range:
     return range(MIN_OPSET, require('onnx').defs.onnx_opset_version() + 1)
 
 
-def _check_opset(opset: int) -> None:
+def check_opset(opset: int) -> None:
+    """A one-line error for an opset the exporter cannot write."""
     opsets = supported_opsets()
     if opset not in opsets:
         raise UsageError(f'--opset {opset} is not supported: choose {opsets.start}..{opsets.stop - 1} '
@@ -81,6 +83,7 @@ def onnx_metadata(model: nn.Module, input_size: Sequence[int]) -> Dict[str, Any]
         'input_size': list(cfg['input_size']), 'interpolation': cfg['interpolation'],
         'mean': list(cfg['mean']), 'std': list(cfg['std']), 'crop_pct': cfg['crop_pct'],
         'crop_mode': cfg.get('crop_mode', 'center'), 'num_classes': getattr(model, 'num_classes', None),
+        'params': sum(p.numel() for p in model.parameters()),
     }
 
 
@@ -127,7 +130,7 @@ def export_onnx(
 
     onnx = require('onnx')
     require('onnxscript')  # torch's ONNX exporter needs it
-    _check_opset(opset)
+    check_opset(opset)
     if len(input_size) != 3 or min(input_size[1:]) < 32:
         raise UsageError(f'input size {tuple(input_size)}: give (C, H, W) with H, W >= 32')
     out_dir = os.path.dirname(os.path.abspath(path))
@@ -144,6 +147,10 @@ def export_onnx(
             model, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: batch},), external_data=False, verbose=False)
         proto = program.model_proto
+        written = {op.domain: op.version for op in proto.opset_import}.get('', None)
+        if written != opset:
+            raise UsageError(f'--opset {opset}: the exporter could not write it (got opset {written}); '
+                             f'try {DEFAULT_OPSET}')
         if simplify:
             proto = _simplify(proto)
     del proto.metadata_props[:]
@@ -245,6 +252,26 @@ def max_relative_error(model: nn.Module, path: str, batch: int = 2, seed: int = 
     if out.shape != ref.shape:
         return float('inf')
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def export_and_check(model: nn.Module, path: str, input_size: Sequence[int], opset: int = DEFAULT_OPSET,
+                     simplify: bool = True, metadata: Optional[Dict[str, Any]] = None) -> int:
+    """:func:`export_onnx`, then compare ONNX Runtime with PyTorch on a random batch and print both steps.
+
+    Returns an exit code: 0, or 1 (and the file removed) when the logits differ by more than PARITY_TOLERANCE.
+    """
+    model = deploy_copy(model)
+    record = export_onnx(model, path, input_size=input_size, opset=opset, simplify=simplify, metadata=metadata)
+    err = max_relative_error(model, path)
+    size_mb = os.path.getsize(path) / 2 ** 20
+    print(f'wrote {path} ({size_mb:.1f} MB, opset {opset}, input [batch, {", ".join(map(str, input_size))}], '
+          f'{record["architecture"]})')
+    print(f'max relative error of ONNX Runtime vs PyTorch logits: {err:.3e} (limit {PARITY_TOLERANCE:g})')
+    if not err <= PARITY_TOLERANCE:
+        os.remove(path)
+        print(f'error: ONNX Runtime output differs from PyTorch (max relative error {err:.3e}); {path} removed')
+        return 1
+    return 0
 
 
 def _images_per_sec(fn, batch: int, iters: int, warmup: int) -> float:
