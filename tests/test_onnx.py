@@ -175,7 +175,7 @@ def digits(tmp_path_factory):
     loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(3):
+    for _ in range(12):  # 36 steps: well above chance, a few seconds on an idle CPU
         for x, y in loader:
             out = model(x)
             loss = torch.nn.functional.cross_entropy(out['main'], y) + 0.4 * torch.nn.functional.cross_entropy(
@@ -206,7 +206,7 @@ def test_validate_onnx_scores_like_pytorch(digits, tmp_path, capsys):
     with open(results) as f:
         rows = list(csv.DictReader(f))
     assert rows[1]['checkpoint'] == str(path) and rows[1]['img_size'] == '32'
-    assert float(rows[0]['top1']) > 20  # trained: better than chance (10 %)
+    assert float(rows[0]['top1']) > 20  # trained: better than chance (10 %), so equal top-1 says something
     assert rows[0]['top1'] == rows[1]['top1'] and rows[0]['top5'] == rows[1]['top5']
     assert abs(float(rows[0]['loss']) - float(rows[1]['loss'])) < 1e-4
 
