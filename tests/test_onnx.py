@@ -108,12 +108,12 @@ def test_plain_torch_onnx_export_uses_standard_ops(tmp_path):
 
     logits, rpb, value = torch.randn(2, 2, 9, 11, 25), torch.randn(2, 9, 9), torch.randn(2, 2, 9, 11, 4)
     path = tmp_path / 'block.onnx'
-    torch.onnx.export(Block(), (logits, rpb, value), str(path), dynamo=True, verbose=False)
+    torch.onnx.export(Block().eval(), (logits, rpb, value), str(path), dynamo=True, verbose=False)
     _standard_ops_only(path)
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     names = [i.name for i in session.get_inputs()]
     feeds = dict(zip(names, (t.numpy() for t in (logits, rpb, value))))
-    out = session.run(None, {k: v for k, v in feeds.items()})[0]
+    out = session.run(None, feeds)[0]
     torch.testing.assert_close(torch.from_numpy(out), na2d_softmax_av(logits, rpb, value, 5), rtol=1e-5, atol=1e-6)
 
 
