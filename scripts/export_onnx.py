@@ -14,6 +14,7 @@ the ONNX Runtime logits are compared with PyTorch's on a random batch (max relat
 """
 import argparse
 import logging
+import os
 
 from utils.cli import UsageError, run_cli
 from utils.evaluate import build_model, expand_model_names, markdown_table
@@ -37,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--output', required=True, metavar='FILE', help='the .onnx file to write')
     p.add_argument('--img-size', type=int, nargs='+', default=None, metavar='N',
                    help="input resolution: N (square) or H W, each >= 32 (default: the model's)")
-    p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (>= {MIN_OPSET}, default {DEFAULT_OPSET})')
+    p.add_argument('--opset', type=int, default=DEFAULT_OPSET,
+                   help=f'ONNX opset (>= {MIN_OPSET}, default {DEFAULT_OPSET})')
     p.add_argument('--no-simplify', action='store_true', help='save the graph without onnxslim')
     p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
@@ -54,9 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
-    (name,) = expand_model_names([args.model]) if not any(c in args.model for c in '*?[') else [None]
-    if name is None:
+    if any(c in args.model for c in '*?['):
         raise UsageError(f'--model {args.model}: give one model name, not a pattern')
+    (name,) = expand_model_names([args.model])
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f'--output {args.output}: folder {out_dir} does not exist')
     if args.benchmark and (min(args.batch_sizes) < 1 or args.threads < 1 or args.iters < 1):
         raise UsageError('--batch-sizes, --threads and --iters must be >= 1')
     check_opset(args.opset)

@@ -26,9 +26,9 @@ from torch import nn
 from .cli import UsageError
 
 __all__ = [
-    'MIN_OPSET', 'DEFAULT_OPSET', 'supported_opsets', 'check_opset', 'require', 'deploy_copy', 'onnx_metadata', 'export_onnx',
-    'read_metadata', 'load_session', 'OnnxRuntimeModel', 'max_relative_error', 'export_and_check', 'benchmark_onnx', 'input_size_arg',
-    'PARITY_TOLERANCE',
+    'MIN_OPSET', 'DEFAULT_OPSET', 'PARITY_TOLERANCE', 'supported_opsets', 'check_opset', 'require', 'deploy_copy',
+    'onnx_metadata', 'export_onnx', 'read_metadata', 'load_session', 'OnnxRuntimeModel', 'max_relative_error',
+    'export_and_check', 'benchmark_onnx', 'input_size_arg',
 ]
 
 _logger = logging.getLogger(__name__)
