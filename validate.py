@@ -95,7 +95,7 @@ def _validate_onnx(args: argparse.Namespace) -> int:
             _logger.warning('%d unreadable images were skipped', dataset.num_skipped)
         row = {'model': arch, 'checkpoint': path, **metrics, 'img_size': cfg['input_size'][-1],
                'crop_pct': cfg['crop_pct'], 'interpolation': cfg['interpolation'], 'reparam': True,
-               'params_m': round(meta['params'] / 1e6, 3) if meta.get('params') else '', 'runtime': 'onnxruntime'}
+               'params_m': round(meta['params'] / 1e6, 3) if meta.get('params') else ''}
         _logger.info('%s: top-1 %.3f  top-5 %.3f  loss %.4f  %.1f images/s', arch, row['top1'], row['top5'],
                      row['loss'], row['images_per_sec'])
         results.append(row)
