@@ -6,7 +6,8 @@
 Loads the training form, merges every DilatedReparamBlock (and its BatchNorms) into one large-kernel conv,
 checks on random input that the deploy model's eval logits equal the training form's, reports parameters and
 speed before/after, and saves {'arch': '<model>_reparam', 'state_dict': ...} for `overlock_*_reparam`
-(`validate.py --checkpoint OUT` picks that model automatically).
+(`validate.py --checkpoint OUT` picks that model automatically). `--onnx FILE` also (or instead) writes the
+deploy form as ONNX at --img-size (see scripts/export_onnx.py and docs/evaluation.md).
 """
 import argparse
 import copy
@@ -19,6 +20,7 @@ from utils.checkpoint import atomic_save
 from utils.cli import UsageError, run_cli
 from utils.evaluate import build_model, is_deploy
 from utils.measure import time_ms
+from utils.export import DEFAULT_OPSET, check_opset, export_and_check
 
 _logger = logging.getLogger('reparam')
 TOLERANCE = 1e-4
@@ -28,7 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', required=True, metavar='NAME', help='training-form model name, e.g. overlock_t')
     p.add_argument('--checkpoint', required=True, metavar='IN', help='trained checkpoint (any supported layout)')
-    p.add_argument('--output', required=True, metavar='OUT', help='deploy checkpoint to write')
+    p.add_argument('--output', default=None, metavar='OUT', help='deploy checkpoint to write')
+    p.add_argument('--onnx', default=None, metavar='FILE', help='also write the deploy form as ONNX (CPU check)')
+    p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset of --onnx (default {DEFAULT_OPSET})')
     p.add_argument('--use-ema', action='store_true', help='convert the EMA weights of a training checkpoint')
     p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
     p.add_argument('--img-size', type=int, default=None, help="check/benchmark input size (default: model's)")
@@ -45,11 +49,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.model.endswith('_reparam'):
         raise UsageError(f'--model {args.model}: give the training-form name ({args.model[:-len("_reparam")]})')
-    if os.path.exists(args.output) and os.path.realpath(args.output) == os.path.realpath(args.checkpoint):
-        raise UsageError('--output must differ from --checkpoint (the input would be overwritten)')
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f'--output {args.output}: folder {out_dir} does not exist')
+    if not args.output and not args.onnx:
+        raise UsageError('give --output (deploy checkpoint) and/or --onnx (ONNX file)')
+    for flag, path in (('--output', args.output), ('--onnx', args.onnx)):
+        if not path:
+            continue
+        if os.path.exists(path) and os.path.realpath(path) == os.path.realpath(args.checkpoint):
+            raise UsageError(f'{flag} must differ from --checkpoint (the input would be overwritten)')
+        out_dir = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(out_dir):
+            raise UsageError(f'{flag} {path}: folder {out_dir} does not exist')
+    if args.onnx:
+        check_opset(args.opset)  # before the conversion: also says when onnx is not installed
 
     model = build_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
                         num_classes=args.num_classes, model_kwargs=args.model_kwargs)
@@ -80,9 +91,13 @@ def main(argv=None) -> int:
         return 1
 
     arch = model.pretrained_cfg.get('architecture', args.model) + '_reparam'
-    state_dict = {k: v.detach().cpu() for k, v in deploy.state_dict().items()}
-    atomic_save({'version': 1, 'arch': arch, 'state_dict': state_dict}, args.output)
-    print(f'saved {arch} weights to {args.output}')
+    if args.output:
+        state_dict = {k: v.detach().cpu() for k, v in deploy.state_dict().items()}
+        atomic_save({'version': 1, 'arch': arch, 'state_dict': state_dict}, args.output)
+        print(f'saved {arch} weights to {args.output}')
+    if args.onnx:
+        return export_and_check(deploy.cpu(), args.onnx, (model.in_chans, size, size), args.opset,
+                                metadata={'architecture': arch})
     return 0
 
 

@@ -5,6 +5,7 @@
     python validate.py /data/imagenet --model overlock_t --checkpoint overlock_t_in1k_224.pth --reparam
     python validate.py /data/imagenet --model 'overlock*' --pretrained --results-file results.csv
     python validate.py /data/imagenet --model overlock_xt overlock_t --checkpoint xt.pth t.pth
+    python validate.py /data/imagenet --onnx overlock_t.onnx     # an exported file, in ONNX Runtime (CPU)
 
 DATA is the dataset root (its val/ or validation/ folder is used) or the class-folder root itself.
 Checkpoints may be the original release's files, our training checkpoints (--use-ema: the EMA weights)
@@ -21,6 +22,8 @@ from utils.evaluate import (
 )
 
 _logger = logging.getLogger('validate')
+TABLE_COLUMNS = ['model', 'checkpoint', 'top1', 'top5', 'loss', 'images_per_sec', 'img_size', 'crop_pct', 'reparam',
+                 'params_m']
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument('--pretrained', action='store_true', help='the published weights')
     src.add_argument('--checkpoint', nargs='+', default=None, metavar='PATH',
                      help='checkpoint file(s), one per --model (or one for all)')
+    src.add_argument('--onnx', nargs='+', default=None, metavar='FILE',
+                     help='exported ONNX file(s) (scripts/export_onnx.py), run in ONNX Runtime on the CPU with the '
+                          'preprocessing stored in the file')
     p.add_argument('--use-ema', action='store_true', help='the EMA weights of a training checkpoint')
     p.add_argument('--reparam', action='store_true', help='re-parameterise (merge branches) after loading')
     p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
@@ -49,7 +55,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--skip-corrupt', action='store_true', help='skip unreadable images (logged)')
     p.add_argument('--results-file', default='', metavar='F', help='append results to F.csv or F.json')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--threads', type=int, default=0, help='ONNX Runtime intra-op threads (0: its default)')
     return p.parse_args(argv)
+
+
+def _validate_onnx(args: argparse.Namespace) -> int:
+    """Evaluate exported files in ONNX Runtime (CPU, float32) with the preprocessing stored at export."""
+    import timm.data
+    from utils.export import OnnxRuntimeModel
+
+    if args.batch_size < 1:
+        raise UsageError('--batch-size must be >= 1')
+    ignored = [flag for flag, on in (('--amp', args.amp), ('--channels-last', args.channels_last),
+                                     ('--reparam', args.reparam), ('--use-ema', args.use_ema)) if on]
+    if ignored:
+        _logger.info('--onnx: %s do not apply to an exported file (float32, deploy form)', ' '.join(ignored))
+    device = torch.device('cpu')
+    results = []
+    for path in args.onnx:
+        model = OnnxRuntimeModel(path, threads=args.threads)
+        meta = model.metadata
+        arch = meta.get('architecture', path)
+        if args.img_size and tuple(meta['input_size'][1:]) != (args.img_size, args.img_size):
+            raise UsageError(f'--img-size {args.img_size}: {path} was exported for input '
+                             f'{"x".join(map(str, meta["input_size"][1:]))}; export again at that size')
+        overrides = {k: v for k, v in (('crop_pct', args.crop_pct), ('interpolation', args.interpolation)) if v}
+        cfg = timm.data.resolve_data_config(overrides, pretrained_cfg=meta)
+        transform = timm.data.create_transform(**cfg, is_training=False)
+        dataset = eval_dataset(args.data, transform, skip_corrupt=args.skip_corrupt)
+        if model.num_classes and model.num_classes != len(dataset.classes):
+            raise UsageError(f'{dataset.root} has {len(dataset.classes)} class folders but {path} has '
+                             f'{model.num_classes} outputs')
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                             num_workers=args.workers, persistent_workers=False)
+        _logger.info('%s (%s, ONNX Runtime): %d images, input %s, crop_pct %s, %s', arch, path, len(dataset),
+                     cfg['input_size'][1:], cfg['crop_pct'], cfg['interpolation'])
+        metrics = evaluate(model, loader, device, progress=not args.no_progress, desc=arch)
+        if getattr(dataset, 'num_skipped', 0):
+            _logger.warning('%d unreadable images were skipped', dataset.num_skipped)
+        row = {'model': arch, 'checkpoint': path, **metrics, 'img_size': cfg['input_size'][-1],
+               'crop_pct': cfg['crop_pct'], 'interpolation': cfg['interpolation'], 'reparam': True,
+               'params_m': round(meta['params'] / 1e6, 3) if meta.get('params') else ''}
+        _logger.info('%s: top-1 %.3f  top-5 %.3f  loss %.4f  %.1f images/s', arch, row['top1'], row['top5'],
+                     row['loss'], row['images_per_sec'])
+        results.append(row)
+    print(markdown_table(results, TABLE_COLUMNS))
+    if args.results_file:
+        append_results(args.results_file, results)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -57,6 +110,8 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
+    if args.onnx:
+        return _validate_onnx(args)
     names = expand_model_names(args.model)
     checkpoints = args.checkpoint or [None]
     if len(checkpoints) == 1:
@@ -112,8 +167,7 @@ def main(argv=None) -> int:
         _logger.info('%s: top-1 %.3f  top-5 %.3f  loss %.4f%s', arch, row['top1'], row['top5'], row['loss'],
                      f'  {speed:.1f} images/s' if speed == speed else '')  # nan: not measurable
         results.append(row)
-    print(markdown_table(results, ['model', 'checkpoint', 'top1', 'top5', 'loss', 'images_per_sec', 'img_size',
-                                   'crop_pct', 'reparam', 'params_m']))
+    print(markdown_table(results, TABLE_COLUMNS))
     if args.results_file:
         append_results(args.results_file, results)
     return 0

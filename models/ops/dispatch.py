@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
-from . import flops, natten_backend, torch_backend
+from . import composite, flops, natten_backend, torch_backend
 
 __all__ = [
     'na2d_av', 'na2d_softmax_av', 'contmix_softmax_av', 'relative_position_bias', 'available_backends',
@@ -259,6 +259,8 @@ def na2d_av(
         [B, G, H, W, C]; float16/bfloat16 inputs are accumulated in float32 and returned in their dtype.
     """
     _check('na2d_av', attn, value, kernel_size)
+    if composite.is_active():  # exporting to ONNX: standard ops only
+        return composite.na2d_av(attn, value, kernel_size)
     return _REGISTRY[_resolve(backend, value.device.type, kernel_size)].na2d_av(attn, value, kernel_size)
 
 
@@ -309,6 +311,8 @@ def na2d_softmax_av(
         raise ValueError(f'na2d_softmax_av: rpb must be [G={logits.shape[1]}, {2 * k - 1}, {2 * k - 1}] for '
                          f'kernel_size {k}, got rpb {list(rpb.shape)} (logits {list(logits.shape)}, '
                          f'value {list(value.shape)})')
+    if composite.is_active():  # exporting to ONNX: standard ops only
+        return composite.na2d_softmax_av(logits, rpb, value, k)
     chosen = _REGISTRY[_resolve(backend, value.device.type, k)]
     if chosen.na2d_softmax_av is not None:
         return chosen.na2d_softmax_av(logits, rpb, value, k)
@@ -343,7 +347,7 @@ def contmix_softmax_av(
     value = x.reshape(b, 2, g, c // (2 * g), h, w).permute(1, 0, 2, 4, 5, 3)
     name = _resolve(backend, x.device.type, large)
     chosen = _REGISTRY[name]
-    if chosen.contmix_softmax_av is not None:
+    if chosen.contmix_softmax_av is not None and not composite.is_active():
         _check('contmix_softmax_av', logits[..., :small * small], value[0], small, what='logits')
         _check('contmix_softmax_av', logits[..., small * small:], value[1], large, what='logits')
         return chosen.contmix_softmax_av(x, logits, rpb_small, rpb_large, small, large)
