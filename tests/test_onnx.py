@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TINY_KWARGS, randomize_bn_stats
+from tests.helpers import TINY_KWARGS, randomize_bn_stats
 from models.ops import composite, torch_backend
 from models.ops.dispatch import na2d_av, na2d_softmax_av, relative_position_bias
 from utils.cli import run_cli
@@ -18,7 +18,7 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
-import reparam  # noqa: E402  (repo root is on sys.path via conftest)
+import reparam  # noqa: E402  (the repository root is on sys.path: pytest.ini)
 import validate  # noqa: E402
 from scripts import export_onnx  # noqa: E402
 from utils import export  # noqa: E402
