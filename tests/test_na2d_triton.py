@@ -201,6 +201,47 @@ def test_multiple_blocks():
     _check(PLAIN_NAMES, (got_plain[0], *got_plain[1]), (ref_plain[0], *ref_plain[1]), 1e-12)
 
 
+@pytest.mark.parametrize('k, hw', [(5, (7, 7)), (3, (4, 6))])
+def test_grad_value_key_orders(k, hw):
+    """grad_value in spatial and in pixel key blocks (the loops of the latter run over exactly each pixel's
+    inverse window, with scalar bounds): the same bits, and equal to the reference; small blocks so a pixel
+    spans several programs, the last one partial (2 x 3 = 6 (batch, group) slices, blocks of 4)."""
+    shape = (2, 3, *hw, 6)
+    logits, rpb, value = fused_inputs(k, shape, torch.float64)
+    grad_out = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    attn = torch.softmax(logits, -1)
+    got = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tb, '_block_queries', lambda gpu=False: 4)
+        for by_pixel in (False, True):
+            mp.setattr(tb, 'GRAD_VALUE_BY_PIXEL', by_pixel)
+            launch, _ = tb.plan_grad_value(grad_out, logits, k, value, rpb=rpb, lse=_dev(torch.zeros(shape[:4]))[0])
+            assert launch.constexprs['BY_PIXEL'] is by_pixel
+            assert launch.programs == (hw[0] * hw[1] * 2 if by_pixel else -(-2 * 3 * hw[0] * hw[1] // 4))
+            fused = grads_of(lambda lg, r, v: tb.na2d_softmax_av(lg, r, v, k), [logits, rpb, value], grad_out)
+            plain = grads_of(lambda a, v: tb.na2d_av(a, v, k), [attn, value], grad_out)
+            got[by_pixel] = (fused[1][2], plain[1][1])
+    assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
+    ref = grads_of(lambda lg, r, v: ref_softmax_av(lg, r, v, k), [logits.cpu(), rpb.cpu(), value.cpu()],
+                   grad_out.cpu())
+    ref_plain = grads_of(lambda a, v: reference_na2d_av(a, v, k), [attn.cpu(), value.cpu()], grad_out.cpu())
+    _check(('grad_value', 'grad_value'), got[True], (ref[1][2], ref_plain[1][1]), 1e-12)
+
+
+def test_grad_value_key_order_choice():
+    """The plan takes pixel blocks where they need fewer loop iterations: a 5 x 5 window on a 7 x 7 map
+    with many (batch, group) slices (25 instead of 49 per key), not a single small slice."""
+    k = 5
+    for slices, expected in ((128 * 16, True), (1, False)):
+        grad = torch.empty(slices, 1, 7, 7, 14, device='meta')
+        logits = torch.empty(slices, 1, 7, 7, k * k, device='meta')
+        launch, _ = tb.plan_grad_value(grad, logits, k, grad, gpu=True)
+        assert launch.constexprs['BY_PIXEL'] is expected
+        if expected:
+            outer, inner = launch.loop_trips()
+            assert inner == launch.programs * 25
+
+
 # ---------------------------------------------------------------------------------------------------------
 # dtypes and layouts
 

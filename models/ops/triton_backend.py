@@ -100,6 +100,11 @@ def use_interpreter(enabled: bool = True) -> None:
 _NUM_WARPS = 4
 
 
+# The key order of the grad-value kernel: None lets each plan choose (see ``plan_grad_value``); True or
+# False forces pixel or spatial blocks (the tests run both).
+GRAD_VALUE_BY_PIXEL: Optional[bool] = None
+
+
 def _block_queries(gpu: bool = False) -> int:
     """Queries (or keys) per program: one per thread on the GPU. The interpreter pays per executed op, not
     per element, so it gets much larger blocks (fewer programs) unless ``gpu`` asks for the GPU's."""
@@ -305,13 +310,22 @@ def plan_grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, va
         return None, gv
     config = launch_config(h, w, c, kernel_size, gpu, grad.element_size())
     num_warps = config.pop('num_warps')
-    grid = _grid(config, b * g * h * w)
-    num_h = max(_window_spans(h, kernel_size, h))
-    num_w = max(_window_spans(w, kernel_size, w))
+    # Two key orders (see the kernel): spatial blocks loop over the map's largest inverse window; pixel
+    # blocks (the (batch, group) slices of one pixel) loop over exactly their pixel's. The plan takes the
+    # one with fewer loop iterations in all; the results are the same bits.
+    spans_h = _window_spans(h, kernel_size, 1)
+    spans_w = _window_spans(w, kernel_size, 1)
+    num_h, num_w = max(spans_h), max(spans_w)
+    blocks_per_pixel = triton.cdiv(b * g, config['BLOCK_Q'])
+    spatial_programs = _grid(config, b * g * h * w)[0]
+    by_pixel = GRAD_VALUE_BY_PIXEL
+    if by_pixel is None:
+        by_pixel = blocks_per_pixel * sum(spans_h) * sum(spans_w) < spatial_programs * num_h * num_w
+    grid = (h * w * blocks_per_pixel,) if by_pixel else (spatial_programs,)
     inputs = (grad, attn, rpb) if fused else (grad, attn)
     args = (
         grad, attn, rpb if fused else grad, lse if fused else grad, gv,
-        b * g * h * w, g, h, w, num_h, num_w,
+        b * g * h * w, g, h, w, num_h, num_w, b * g, blocks_per_pixel,
         *grad.stride(),
         *attn.stride(),
         *(rpb.stride() if fused else (0,) * 3),
@@ -323,10 +337,14 @@ def plan_grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, va
     programs = math.prod(grid)
 
     def trips() -> Tuple[int, ...]:
+        if by_pixel:
+            return (blocks_per_pixel * sum(spans_h) * w,
+                    blocks_per_pixel * sum(spans_h) * sum(spans_w))
         return programs * num_h, programs * num_h * num_w
 
     launch = Launch('grad_value', grid, args,
-                    dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config), num_warps,
+                    dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), BY_PIXEL=by_pixel, **config),
+                    num_warps,
                     inputs + ((lse,) if fused else ()), (gv,), flops, trips)
     return launch, gv
 
