@@ -278,6 +278,8 @@ def analyse_launch(label: str, launch, device: Device = H100_SXM) -> Row:
         note = f'{len(runtime)} runtime loop(s) of the plan not found in the SASS'
     instructions = per_warp * code.num_warps
     config = ' '.join(f'{k}={v}' for k, v in launch.constexprs.items() if k.startswith(('BLOCK', 'C_PAD', 'VEC', 'NCH')))
+    if launch.constexprs.get('BY_PIXEL'):
+        config += ' by pixel'
     return Row(label, launch.kernel, f'{config} w={code.num_warps}', launch.programs, code.registers,
                code.spill_bytes, occupancy(code, device), launch.min_bytes(), launch.flops, instructions,
                instructions / device.issue_rate, launch.min_bytes() / device.dram_bytes_per_s, note)
