@@ -126,20 +126,25 @@ def _na2d_fwd_kernel(
             m = tl.maximum(m, x)
         m = m * 1.4426950408889634
         l = tl.full([BLOCK_Q], 0., ACC_DTYPE)
-    for n in range(0, K * K):
-        ki = n // K
-        kj = n - ki * K
-        a = tl.load(a_row + n * sa_n).to(ACC_DTYPE)
+    # A loop over the window rows with the K positions of a row unrolled: no division for (ki, kj), and the
+    # logits / bias of a row are at constant offsets from the row's pointers (unit strides are specialised).
+    for ki in range(0, K):
+        a_k = a_row + ki * K * sa_n
+        v_k = v_row + ki * sv_h
         if FUSED:
-            a = tl.exp2((a + tl.load(r_row + ki * sr_h + kj * sr_w).to(ACC_DTYPE)) * 1.4426950408889634 - m)
-            l += a
-        v = v_row + (ki * sv_h + kj * sv_w)
-        acc0 += a[:, None] * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE)
-        if NCH > 1:
-            acc1 += a[:, None] * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE)
-        if NCH > 2:
-            acc2 += a[:, None] * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE)
-            acc3 += a[:, None] * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE)
+            r_k = r_row + ki * sr_h
+        for kj in tl.static_range(K):
+            a = tl.load(a_k + kj * sa_n).to(ACC_DTYPE)
+            if FUSED:
+                a = tl.exp2((a + tl.load(r_k + kj * sr_w).to(ACC_DTYPE)) * 1.4426950408889634 - m)
+                l += a
+            v = v_k + kj * sv_w
+            acc0 += a[:, None] * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE)
+            if NCH > 1:
+                acc1 += a[:, None] * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE)
+            if NCH > 2:
+                acc2 += a[:, None] * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE)
+                acc3 += a[:, None] * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE)
     if FUSED:
         inv = 1. / l
         acc0 *= inv[:, None]

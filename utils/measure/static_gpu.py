@@ -132,16 +132,21 @@ def _loop_bound(body: Sequence[str]) -> Tuple[Optional[float], int]:
     if not branch or not branch.group(1):
         return None, 1
     pred = branch.group(1).lstrip('@!')
+    for text in body:  # a test on uniform registers, moved into the branch's predicate
+        moved = re.match(rf'^PLOP3\.LUT\s+{pred},\s*PT,\s*PT,\s*PT,\s*(UP\d+),\s*0x80,', text)
+        if moved:
+            pred = moved.group(1)
     counter = bound = None
     for text in body:
-        test = re.match(rf'^ISETP\.\S+\s+{pred},\s*PT,\s*(R\d+),\s*(0x[0-9a-f]+|R\d+|c\[.*?\]|UR\d+)', text)
+        test = re.match(rf'^U?ISETP\.\S+\s+{pred},\s*U?PT,\s*(U?R\d+),\s*(0x[0-9a-f]+|R\d+|c\[.*?\]|UR\d+)',
+                        text)
         if test and not text.split()[0].endswith('.EX'):
             counter, bound = test.group(1), test.group(2)
     if counter is None:
         return None, 1
     unroll = 1
     for text in body:
-        step = re.match(rf'^(?:IADD3|VIADD|IADD|IMAD\.IADD)\S*\s+{counter},\s*(?:!?P\d+,\s*)*{counter},\s*'
+        step = re.match(rf'^(?:U?IADD3|VIADD|IADD|IMAD\.IADD)\S*\s+{counter},\s*(?:!?U?P\d+,\s*)*{counter},\s*'
                         rf'(0x[0-9a-f]+)', text)
         if step:
             unroll = int(step.group(1), 16)
