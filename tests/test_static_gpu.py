@@ -48,6 +48,26 @@ def test_sass_loops():
     assert (inner.body, inner.passes, inner.unroll) == (4, 0xa8 / 4, 4)
 
 
+UNIFORM_SASS = """
+.L_x_0:
+        /*0000*/                   FFMA R3, R3, R4, R5 ;
+        /*0010*/                   UIADD3 UR5, UP0, UR5, 0x1a, URZ ;
+        /*0020*/                   UIADD3.X UR6, URZ, UR6, URZ, UP0, !UPT ;
+        /*0030*/                   UISETP.NE.U32.AND UP0, UPT, UR5, 0x152, UPT ;
+        /*0040*/                   UISETP.NE.U32.AND.EX UP0, UPT, UR6, URZ, UPT, UP0 ;
+        /*0050*/                   PLOP3.LUT P0, PT, PT, PT, UP0, 0x80, 0x0 ;
+        /*0060*/               @P0 BRA `(.L_x_0) ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_sass_loop_uniform_counter():
+    """A loop whose counter and exit test live in uniform registers (the test moved into the branch's
+    predicate by PLOP3) still gets its passes: bound over step, 0x152 / 0x1a = 13."""
+    _, (loop,) = static_gpu._loops(UNIFORM_SASS)
+    assert (loop.body, loop.passes, loop.unroll) == (7, 13, 0x1a)
+
+
 def test_small_model_rows(tiny_kwargs):
     """A tiny OverLoCK, training step: every launch compiles, counts add up, the estimate is a max of bounds."""
     calls = static_gpu.contmix_calls('overlock_xt', 2, 64, torch.float32, **tiny_kwargs)
