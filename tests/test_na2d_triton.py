@@ -267,6 +267,25 @@ def test_half_precision(dtype):
     _check(FUSED_NAMES, (got[0], *got[1]), (ref[0], *ref[1]), 1e-2)
 
 
+@pytest.mark.parametrize('channels', [14, 16])
+def test_bf16_value_pairs(channels):
+    """A bfloat16 value with contiguous channels is read as 32-bit channel pairs (widened by bit operations):
+    the same float32 accumulation as the channel-by-channel read of a channel-first copy, so the same bits
+    (14 channels: the masked last pair chunk; the stores interleave even and odd channels back)."""
+    k, shape = 5, (2, 2, 6, 7, channels)
+    logits, rpb, value = fused_inputs(k, shape, torch.bfloat16, 'channel_last')
+    first = value_view(*shape, torch.bfloat16, 'channel_first')
+    first.copy_(value)
+    assert tb.plan_forward(logits, rpb, value, k)[0].constexprs['PAIRS']
+    assert not tb.plan_forward(logits, rpb, first, k)[0].constexprs['PAIRS']
+    assert not tb.plan_forward(logits, rpb, value.float(), k)[0].constexprs['PAIRS']
+    out = tb.na2d_softmax_av(logits, rpb, value, k)
+    assert out.dtype == torch.bfloat16 and out.shape == value.shape
+    assert torch.equal(out, tb.na2d_softmax_av(logits, rpb, first, k))
+    assert rel_err(out.cpu(), ref_softmax_av(logits.cpu().double(), rpb.cpu().double(), value.cpu().double(),
+                                             k)) < 1e-2
+
+
 def test_bf16_logits():
     """bfloat16 logits with float32 rpb and value (what ContMix would pass if the projection stayed in bf16
     under autocast): float32 output; exact up to float32 rounding on the rounded logits, and within 1e-2 of

@@ -88,6 +88,27 @@ def _store_chunk(base, k: tl.constexpr, stride, x, qmask, C: tl.constexpr, VEC: 
 
 
 @triton.jit
+def _pairs(base, k: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
+    """bfloat16 channels [2*k*VEC, 2*(k+1)*VEC) of the rows at ``base`` [Q] (contiguous channels, pairs 4-byte
+    aligned), read as VEC 32-bit words and widened to float32 by bit operations: (even, odd) channels, each
+    [Q, VEC]; zero past C. One instruction per element (a shift or a mask), where a bf16 load converted with
+    ``.to`` costs two for every odd channel."""
+    cols = k * VEC + tl.arange(0, VEC)
+    ptrs = base.to(tl.pointer_type(tl.int32))[:, None] + cols[None, :]
+    if (k + 1) * 2 * VEC <= C:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=(cols < C // 2)[None, :], other=0)
+    return (x << 16).to(tl.float32, bitcast=True), (x & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_pairs(base, k: tl.constexpr, stride, even, odd, qmask, C: tl.constexpr, VEC: tl.constexpr):
+    # interleaved back into channel order: one contiguous chunk of 2 * VEC channels
+    _store_chunk(base, k, stride, tl.reshape(tl.join(even, odd), [even.shape[0], 2 * VEC]), qmask, C, 2 * VEC)
+
+
+@triton.jit
 def _na2d_fwd_kernel(
         A, RPB, V, O, LSE,
         N, G, H, W,
@@ -97,7 +118,7 @@ def _na2d_fwd_kernel(
         so_b, so_g, so_h, so_w, so_c,
         sl_b, sl_g, sl_h, sl_w,
         K: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr, NCH: tl.constexpr, BLOCK_Q: tl.constexpr,
-        FUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        FUSED: tl.constexpr, ACC_DTYPE: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """out = na2d_av(attn, value), or with FUSED: na2d_av(softmax(logits + bias(rpb)), value), lse stored.
 
@@ -139,12 +160,21 @@ def _na2d_fwd_kernel(
                 a = tl.exp2((a + tl.load(r_k + kj * sr_w).to(ACC_DTYPE)) * 1.4426950408889634 - m)
                 l += a
             v = v_k + kj * sv_w
-            acc0 += a[:, None] * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE)
-            if NCH > 1:
-                acc1 += a[:, None] * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE)
-            if NCH > 2:
-                acc2 += a[:, None] * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE)
-                acc3 += a[:, None] * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE)
+            if PAIRS:  # bf16 value as pairs of channels: acc0/acc1 even/odd channels of chunk 0, acc2/acc3 of 1
+                even, odd = _pairs(v, 0, C, VEC)
+                acc0 += a[:, None] * even
+                acc1 += a[:, None] * odd
+                if NCH > 1:
+                    even, odd = _pairs(v, 1, C, VEC)
+                    acc2 += a[:, None] * even
+                    acc3 += a[:, None] * odd
+            else:
+                acc0 += a[:, None] * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE)
+                if NCH > 1:
+                    acc1 += a[:, None] * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE)
+                if NCH > 2:
+                    acc2 += a[:, None] * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE)
+                    acc3 += a[:, None] * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE)
     if FUSED:
         inv = 1. / l
         acc0 *= inv[:, None]
@@ -153,12 +183,17 @@ def _na2d_fwd_kernel(
         acc3 *= inv[:, None]
         tl.store(LSE + b * sl_b + g * sl_g + i * sl_h + j * sl_w, (m + tl.log2(l)) * 0.6931471805599453, mask=qmask)
     o_row = O + b * so_b + g * so_g + i * so_h + j * so_w
-    _store_chunk(o_row, 0, so_c, acc0, qmask, C, VEC)
-    if NCH > 1:
-        _store_chunk(o_row, 1, so_c, acc1, qmask, C, VEC)
-    if NCH > 2:
-        _store_chunk(o_row, 2, so_c, acc2, qmask, C, VEC)
-        _store_chunk(o_row, 3, so_c, acc3, qmask, C, VEC)
+    if PAIRS:
+        _store_pairs(o_row, 0, so_c, acc0, acc1, qmask, C, VEC)
+        if NCH > 1:
+            _store_pairs(o_row, 1, so_c, acc2, acc3, qmask, C, VEC)
+    else:
+        _store_chunk(o_row, 0, so_c, acc0, qmask, C, VEC)
+        if NCH > 1:
+            _store_chunk(o_row, 1, so_c, acc1, qmask, C, VEC)
+        if NCH > 2:
+            _store_chunk(o_row, 2, so_c, acc2, qmask, C, VEC)
+            _store_chunk(o_row, 3, so_c, acc3, qmask, C, VEC)
 
 
 @triton.jit

@@ -146,6 +146,15 @@ def launch_config(height: int, width: int, channels: int, kernel_size: int, gpu:
     return dict(C=channels, VEC=vec, NCH=c_pad // vec, BLOCK_Q=_block_queries(gpu), num_warps=_NUM_WARPS)
 
 
+def _bf16_pairs(value: torch.Tensor, config: Dict[str, int]) -> bool:
+    """Whether the forward reads a bfloat16 value as 32-bit channel pairs (widened by a shift or a mask, one
+    instruction per element): contiguous channels, an even count in at most 2 chunks, every pair 4-byte
+    aligned (even strides and offset; allocations are aligned)."""
+    return (value.dtype == torch.bfloat16 and value.stride(-1) == 1 and config['C'] % 2 == 0
+            and config['NCH'] <= 2 and config['VEC'] % 2 == 0 and value.storage_offset() % 2 == 0
+            and all(s % 2 == 0 for s in value.stride()[:-1]))
+
+
 def _grid(config: Dict[str, int], num_pixels: int) -> Tuple[int]:
     return (triton.cdiv(num_pixels, config['BLOCK_Q']),)
 
@@ -245,6 +254,9 @@ def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.T
     num_warps = config.pop('num_warps')
     grid = _grid(config, b * g * h * w)
     k2 = kernel_size * kernel_size
+    pairs = _bf16_pairs(value, config)
+    if pairs:  # VEC: 32-bit words (channel pairs) per chunk, an accumulator each for even and odd channels
+        config['VEC'] //= 2
     args = (
         attn, rpb if fused else attn, value, out, lse if fused else out,
         b * g * h * w, g, h, w,
@@ -256,7 +268,8 @@ def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.T
     )
     queries = b * g * h * w
     flops = queries * k2 * (2 * c + (5 if fused else 0))
-    launch = Launch('fwd', grid, args, dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config),
+    launch = Launch('fwd', grid, args, dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config,
+                                            PAIRS=pairs),
                     num_warps, inputs, (out, lse) if fused else (out,), flops,
                     lambda: ())
     return launch, out, lse
