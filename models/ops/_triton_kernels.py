@@ -88,6 +88,31 @@ def _store_chunk(base, k: tl.constexpr, stride, x, qmask, C: tl.constexpr, VEC: 
 
 
 @triton.jit
+def _accumulate(acc0, acc1, acc2, acc3, a, base, stride, C: tl.constexpr, VEC: tl.constexpr, NCH: tl.constexpr,
+                ACC_DTYPE: tl.constexpr):
+    """acc_k += a * chunk k of the rows at ``base``, for the NCH chunks in use (a: [Q] weights)."""
+    acc0 += a[:, None] * _chunk(base, 0, stride, C, VEC, ACC_DTYPE)
+    if NCH > 1:
+        acc1 += a[:, None] * _chunk(base, 1, stride, C, VEC, ACC_DTYPE)
+    if NCH > 2:
+        acc2 += a[:, None] * _chunk(base, 2, stride, C, VEC, ACC_DTYPE)
+        acc3 += a[:, None] * _chunk(base, 3, stride, C, VEC, ACC_DTYPE)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _store_chunks(base, stride, acc0, acc1, acc2, acc3, qmask, C: tl.constexpr, VEC: tl.constexpr,
+                  NCH: tl.constexpr):
+    """Store the NCH chunks in use at the rows starting at ``base``."""
+    _store_chunk(base, 0, stride, acc0, qmask, C, VEC)
+    if NCH > 1:
+        _store_chunk(base, 1, stride, acc1, qmask, C, VEC)
+    if NCH > 2:
+        _store_chunk(base, 2, stride, acc2, qmask, C, VEC)
+        _store_chunk(base, 3, stride, acc3, qmask, C, VEC)
+
+
+@triton.jit
 def _pairs(base, k: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
     """bfloat16 channels [2*k*VEC, 2*(k+1)*VEC) of the rows at ``base`` [Q] (contiguous channels, pairs 4-byte
     aligned), read as VEC 32-bit words and widened to float32 by bit operations: (even, odd) channels, each
@@ -169,12 +194,7 @@ def _na2d_fwd_kernel(
                     acc2 += a[:, None] * even
                     acc3 += a[:, None] * odd
             else:
-                acc0 += a[:, None] * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE)
-                if NCH > 1:
-                    acc1 += a[:, None] * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE)
-                if NCH > 2:
-                    acc2 += a[:, None] * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE)
-                    acc3 += a[:, None] * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE)
+                acc0, acc1, acc2, acc3 = _accumulate(acc0, acc1, acc2, acc3, a, v, sv_c, C, VEC, NCH, ACC_DTYPE)
     if FUSED:
         inv = 1. / l
         acc0 *= inv[:, None]
@@ -188,12 +208,7 @@ def _na2d_fwd_kernel(
         if NCH > 1:
             _store_pairs(o_row, 1, so_c, acc2, acc3, qmask, C, VEC)
     else:
-        _store_chunk(o_row, 0, so_c, acc0, qmask, C, VEC)
-        if NCH > 1:
-            _store_chunk(o_row, 1, so_c, acc1, qmask, C, VEC)
-        if NCH > 2:
-            _store_chunk(o_row, 2, so_c, acc2, qmask, C, VEC)
-            _store_chunk(o_row, 3, so_c, acc3, qmask, C, VEC)
+        _store_chunks(o_row, so_c, acc0, acc1, acc2, acc3, qmask, C, VEC, NCH)
 
 
 @triton.jit
@@ -324,19 +339,9 @@ def _na2d_grad_value_kernel(
                     a = tl.exp2((a + tl.load(r_row - qj * sr_w).to(ACC_DTYPE)
                                  - tl.load(l_row + qj * sl_w).to(ACC_DTYPE)) * 1.4426950408889634)
                 go = go_row + qj * sg_w
-                acc0 += a[:, None] * _chunk(go, 0, sg_c, C, VEC, ACC_DTYPE)
-                if NCH > 1:
-                    acc1 += a[:, None] * _chunk(go, 1, sg_c, C, VEC, ACC_DTYPE)
-                if NCH > 2:
-                    acc2 += a[:, None] * _chunk(go, 2, sg_c, C, VEC, ACC_DTYPE)
-                    acc3 += a[:, None] * _chunk(go, 3, sg_c, C, VEC, ACC_DTYPE)
+                acc0, acc1, acc2, acc3 = _accumulate(acc0, acc1, acc2, acc3, a, go, sg_c, C, VEC, NCH, ACC_DTYPE)
         gv_row = GV + b * sgv_b + g * sgv_g + y * sgv_h + x * sgv_w
-        _store_chunk(gv_row, 0, sgv_c, acc0, kmask, C, VEC)
-        if NCH > 1:
-            _store_chunk(gv_row, 1, sgv_c, acc1, kmask, C, VEC)
-        if NCH > 2:
-            _store_chunk(gv_row, 2, sgv_c, acc2, kmask, C, VEC)
-            _store_chunk(gv_row, 3, sgv_c, acc3, kmask, C, VEC)
+        _store_chunks(gv_row, sgv_c, acc0, acc1, acc2, acc3, kmask, C, VEC, NCH)
     else:
         b, g, y, x, kmask = _query_block(N, G, H, W, BLOCK_Q)
         lo_h, hi_h = _inverse_range(y, H, K)
@@ -371,16 +376,6 @@ def _na2d_grad_value_kernel(
                                  - tl.load(l_row + qj * sl_w).to(ACC_DTYPE)) * 1.4426950408889634)
                 a = tl.where(ok, a, 0.)
                 go = go_row + qj * sg_w
-                acc0 += a[:, None] * _chunk(go, 0, sg_c, C, VEC, ACC_DTYPE)
-                if NCH > 1:
-                    acc1 += a[:, None] * _chunk(go, 1, sg_c, C, VEC, ACC_DTYPE)
-                if NCH > 2:
-                    acc2 += a[:, None] * _chunk(go, 2, sg_c, C, VEC, ACC_DTYPE)
-                    acc3 += a[:, None] * _chunk(go, 3, sg_c, C, VEC, ACC_DTYPE)
+                acc0, acc1, acc2, acc3 = _accumulate(acc0, acc1, acc2, acc3, a, go, sg_c, C, VEC, NCH, ACC_DTYPE)
         gv_row = GV + b * sgv_b + g * sgv_g + y * sgv_h + x * sgv_w
-        _store_chunk(gv_row, 0, sgv_c, acc0, kmask, C, VEC)
-        if NCH > 1:
-            _store_chunk(gv_row, 1, sgv_c, acc1, kmask, C, VEC)
-        if NCH > 2:
-            _store_chunk(gv_row, 2, sgv_c, acc2, kmask, C, VEC)
-            _store_chunk(gv_row, 3, sgv_c, acc3, kmask, C, VEC)
+        _store_chunks(gv_row, sgv_c, acc0, acc1, acc2, acc3, kmask, C, VEC, NCH)
