@@ -228,6 +228,22 @@ def test_grad_value_key_orders(k, hw):
     _check(('grad_value', 'grad_value'), got[True], (ref[1][2], ref_plain[1][1]), 1e-12)
 
 
+@pytest.mark.parametrize('k, w', [(5, 5), (5, 6), (3, 7), (7, 8)])
+def test_forward_column_pairs(k, w):
+    """The forward takes two horizontally adjacent queries per thread, their windows d = 0 or 1 columns apart
+    (0 at the borders): W = K (one window for the whole row), even and odd W (the last query of a row
+    alone), fused and plain, against float64 brute force."""
+    shape = b, g, h, w, c = (1, 2, k, w, 3)
+    logits, rpb, value = fused_inputs(k, shape, torch.float64, 'channel_last')
+    pairs = (w + 1) // 2
+    assert tb.plan_forward(logits, rpb, value, k)[0].args[5:10] == (b * g * h * pairs, g, h, w, pairs)
+    got = tb.na2d_softmax_av(logits, rpb, value, k)
+    _check(('out',), (got,), (ref_softmax_av(logits.cpu(), rpb.cpu(), value.cpu(), k),), 1e-12)
+    attn = torch.softmax(logits, -1)
+    got = tb.na2d_av(attn, value, k)
+    _check(('out',), (got,), (reference_na2d_av(attn.cpu(), value.cpu(), k),), 1e-12)
+
+
 def test_grad_value_key_order_choice():
     """The plan takes pixel blocks where they need fewer loop iterations: a 5 x 5 window on a 7 x 7 map
     with many (batch, group) slices (25 instead of 49 per key), not a single small slice."""
@@ -284,6 +300,37 @@ def test_bf16_value_pairs(channels):
     assert torch.equal(out, tb.na2d_softmax_av(logits, rpb, first, k))
     assert rel_err(out.cpu(), ref_softmax_av(logits.cpu().double(), rpb.cpu().double(), value.cpu().double(),
                                              k)) < 1e-2
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_split_rows(dtype):
+    """Rows of 14 channels per group (OverLoCK-XT's last stage) are not provably aligned for vector loads, so
+    the plans read them channel by channel (bf16: word by word) and store them so; forced either way the
+    forward and both gradients give the same bits, equal to the reference."""
+    s, k, (b, g, h, w, c) = 3, 5, (1, 2, 5, 6, 14)
+    x = torch.randn(b, 2 * g * c, h, w, device=DEVICE).to(dtype).to(memory_format=torch.channels_last)
+    logits = torch.randn(b, g, h, w, s * s + k * k, device=DEVICE).to(dtype)
+    rpb_s = torch.randn(g, 2 * s - 1, 2 * s - 1, device=DEVICE).to(dtype)
+    rpb_k = torch.randn(g, 2 * k - 1, 2 * k - 1, device=DEVICE).to(dtype)
+    grad_out = torch.randn(x.shape, device=DEVICE).to(dtype)
+    inputs = [x, logits, rpb_s, rpb_k]
+    plans = tb.plan_contmix(*inputs, s, k)
+    assert len(plans) == 6 and all(launch.constexprs['SPLIT'] for _, launch in plans)
+    assert not any(launch.constexprs['SPLIT'] for _, launch in tb.plan_contmix(
+        torch.randn(b, 2 * g * 16, h, w, device=DEVICE).to(dtype).to(memory_format=torch.channels_last),
+        logits, rpb_s, rpb_k, s, k))
+    got = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for split in (False, True):
+            mp.setattr(tb, 'SPLIT_ROWS', split)
+            assert all(launch.constexprs['SPLIT'] is split for _, launch in tb.plan_contmix(*inputs, s, k))
+            out, grads = grads_of(lambda *t: tb.contmix_softmax_av(*t, s, k), inputs, grad_out)
+            got[split] = (out, *grads)
+    for name, a, b_ in zip(('out', 'grad_x', 'grad_logits', 'grad_rpb_small', 'grad_rpb_large'), got[False],
+                           got[True]):
+        assert torch.equal(a, b_), name
+    ref = tb.contmix_softmax_av(*[t.double() for t in inputs], s, k)
+    assert rel_err(got[True][0].double().cpu(), ref.cpu()) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
 def test_bf16_logits():
@@ -409,14 +456,15 @@ def test_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('h,k', [(14, 13), (14, 5), (7, 7)])
-def test_kernels_compile_for_sm90(h, k, dtype):
+@pytest.mark.parametrize('h,k,g,c', [(14, 13, 8, 16), (14, 5, 8, 16), (7, 7, 16, 16), (7, 7, 12, 14)])
+def test_kernels_compile_for_sm90(h, k, g, c, dtype):
+    """OverLoCK-T's stage-3/4 shapes and XT's stage 4 (14 channels per group, rows read channel by channel)."""
     static_gpu = pytest.importorskip('utils.measure.static_gpu')
     try:
         static_gpu._tool('nvdisasm')
     except RuntimeError as e:
         pytest.skip(str(e))
-    g, c, b = (8 if h == 14 else 16), 16, 2
+    b = 2
     proj = torch.empty(b, g, h, h, 25 + k * k, dtype=dtype, device='meta')
     x = torch.empty(b, 2 * g * c, h, h, dtype=dtype, device='meta').to(memory_format=torch.channels_last)
     value = x.reshape(b, 2, g, c, h, h).permute(1, 0, 2, 4, 5, 3)[1]

@@ -98,7 +98,16 @@ def use_interpreter(enabled: bool = True) -> None:
 
 
 _NUM_WARPS = 4
+# The forward keeps two queries' accumulators per thread; left alone, ptxas hoists the loads of a whole
+# window row and takes up to 144 registers (3 programs per SM). Capped at 80 it needs no spill at OverLoCK's
+# shapes (the sm_90 compile test checks), 6 programs fit on an SM, and the static model counts no more
+# instructions than at 96 (64 would cost 5-10 % more).
+_FORWARD_MAX_REGISTERS = 80
 
+
+# How the kernels read channel rows: None lets each plan decide (see ``_split_rows``); True or False forces
+# scalar or vector reads (the tests run both).
+SPLIT_ROWS: Optional[bool] = None
 
 # The key order of the grad-value kernel: None lets each plan choose (see ``plan_grad_value``); True or
 # False forces pixel or spatial blocks (the tests run both).
@@ -153,6 +162,23 @@ def _bf16_pairs(value: torch.Tensor, config: Dict[str, int]) -> bool:
     return (value.dtype == torch.bfloat16 and value.stride(-1) == 1 and config['C'] % 2 == 0
             and config['NCH'] <= 2 and config['VEC'] % 2 == 0 and value.storage_offset() % 2 == 0
             and all(s % 2 == 0 for s in value.stride()[:-1]))
+
+
+def _split_rows(*rows: torch.Tensor) -> bool:
+    """Whether the kernels read these [B, G, H, W, C] tensors' rows channel by channel (``SPLIT``).
+
+    A chunk of a row is one vector load only when the compiler can prove its alignment: Triton marks a
+    pointer argument 16-byte aligned, and an integer argument divisible by 16, when they are (allocations
+    are aligned, so a view's storage offset decides). A row at ``g * 14`` channels is not provably aligned;
+    Triton then lays a [queries, channels] chunk out with a row's channels across lanes, and every step
+    that scales a row by its query's weight moves data through shared memory. :data:`SPLIT_ROWS` forces
+    either way (the results are the same bits).
+    """
+    if SPLIT_ROWS is not None:
+        return SPLIT_ROWS
+    return any(t.stride(-1) == 1 and (t.storage_offset() * t.element_size() % 16 != 0
+                                      or any(s % 16 != 0 for s in t.stride()[:-1]))
+               for t in rows if t is not None)
 
 
 def _grid(config: Dict[str, int], num_pixels: int) -> Tuple[int]:
@@ -210,6 +236,8 @@ class Launch:
     # programs, outermost first (an inner loop counts every iteration of its body). Loops with a constant trip
     # count (K*K) are read off the compiled code. A callable: only the static model asks.
     loop_trips: Callable[[], Tuple[int, ...]]
+    # Register cap per thread given to ptxas (None: its own choice).
+    max_registers: Optional[int] = None
 
     @property
     def programs(self) -> int:
@@ -220,7 +248,8 @@ class Launch:
 
     def run(self) -> None:
         fn = _KERNELS[self.kernel]
-        fn[self.grid](*self.args, num_warps=self.num_warps, **self.constexprs)
+        options = {} if self.max_registers is None or INTERPRET else {'maxnreg': self.max_registers}
+        fn[self.grid](*self.args, num_warps=self.num_warps, **options, **self.constexprs)
 
 
 def _window_spans(length: int, kernel_size: int, block: int) -> List[int]:
@@ -252,14 +281,16 @@ def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.T
         return None, out, lse
     config = launch_config(h, w, c, kernel_size, gpu, value.element_size())
     num_warps = config.pop('num_warps')
-    grid = _grid(config, b * g * h * w)
+    pairs_w = (w + 1) // 2  # two horizontally adjacent queries per thread
+    grid = _grid(config, b * g * h * pairs_w)
     k2 = kernel_size * kernel_size
+    split = _split_rows(value, out)
     pairs = _bf16_pairs(value, config)
     if pairs:  # VEC: 32-bit words (channel pairs) per chunk, an accumulator each for even and odd channels
         config['VEC'] //= 2
     args = (
         attn, rpb if fused else attn, value, out, lse if fused else out,
-        b * g * h * w, g, h, w,
+        b * g * h * pairs_w, g, h, w, pairs_w,
         *attn.stride(),
         *(rpb.stride() if fused else (0, 0, 0)),
         *value.stride(),
@@ -269,9 +300,9 @@ def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.T
     queries = b * g * h * w
     flops = queries * k2 * (2 * c + (5 if fused else 0))
     launch = Launch('fwd', grid, args, dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config,
-                                            PAIRS=pairs),
+                                            PAIRS=pairs, SPLIT=split),
                     num_warps, inputs, (out, lse) if fused else (out,), flops,
-                    lambda: ())
+                    lambda: (), max_registers=_FORWARD_MAX_REGISTERS)
     return launch, out, lse
 
 
@@ -307,7 +338,8 @@ def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, lo
     )
     flops = b * g * h * w * k2 * (2 * c + (6 if fused else 0))
     launch = Launch('grad_attn', grid, args,
-                    dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config), num_warps,
+                    dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config,
+                         SPLIT=_split_rows(grad, value, out if fused else None)), num_warps,
                     inputs + ((lse, out) if fused else ()), (ga,), flops, lambda: ())
     return launch, ga
 
@@ -356,7 +388,8 @@ def plan_grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, va
         return programs * num_h, programs * num_h * num_w
 
     launch = Launch('grad_value', grid, args,
-                    dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), BY_PIXEL=by_pixel, **config),
+                    dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), BY_PIXEL=by_pixel, **config,
+                         SPLIT=_split_rows(grad, gv)),
                     num_warps,
                     inputs + ((lse,) if fused else ()), (gv,), flops, trips)
     return launch, gv

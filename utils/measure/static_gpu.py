@@ -194,7 +194,8 @@ def _loops(sass: str) -> Tuple[int, Tuple[SassLoop, ...]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compile(kernel: str, signature: tuple, constants: tuple, attrs: tuple, num_warps: int, arch: int) -> KernelCode:
+def _compile(kernel: str, signature: tuple, constants: tuple, attrs: tuple, num_warps: int, arch: int,
+             max_registers: Optional[int] = None) -> KernelCode:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -202,7 +203,7 @@ def _compile(kernel: str, signature: tuple, constants: tuple, attrs: tuple, num_
     from models.ops import triton_backend
     fn = triton_backend.compiled_kernels()[kernel]
     source = ASTSource(fn, dict(signature), constexprs=dict(constants), attrs=dict(attrs))
-    compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32), options={'num_warps': num_warps})
+    compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32), options={'num_warps': num_warps, 'maxnreg': max_registers})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / 'kernel.cubin'
         cubin.write_bytes(compiled.asm['cubin'])
@@ -221,7 +222,7 @@ def kernel_code(launch, device: 'Device' = H100_SXM) -> KernelCode:
     freeze = lambda d: tuple(sorted(d.items(), key=lambda kv: str(kv[0])))  # noqa: E731
     return _compile(launch.kernel, freeze(signature), freeze(constants),
                     tuple(sorted((k, tuple(map(tuple, v))) for k, v in attrs.items())), launch.num_warps,
-                    device.arch)
+                    device.arch, launch.max_registers)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,6 +286,8 @@ def analyse_launch(label: str, launch, device: Device = H100_SXM) -> Row:
     config = ' '.join(f'{k}={v}' for k, v in launch.constexprs.items() if k.startswith(('BLOCK', 'C_PAD', 'VEC', 'NCH')))
     if launch.constexprs.get('BY_PIXEL'):
         config += ' by pixel'
+    if launch.constexprs.get('SPLIT'):
+        config += ' split'
     return Row(label, launch.kernel, f'{config} w={code.num_warps}', launch.programs, code.registers,
                code.spill_bytes, occupancy(code, device), launch.min_bytes(), launch.flops, instructions,
                instructions / device.issue_rate, launch.min_bytes() / device.dram_bytes_per_s, note)
