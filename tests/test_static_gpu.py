@@ -102,6 +102,33 @@ def test_cli(capsys, tmp_path):
     assert out.read_text().strip() == text.strip()
 
 
+def test_measured_beside_estimates(tiny_kwargs):
+    """``--measure`` times every launch of the rows on random data in the model's layout (here under Triton's
+    interpreter, so only the plumbing is checked): one time per launch, in the table beside the estimate."""
+    from models.ops import triton_backend as tb
+    calls = static_gpu.contmix_calls('overlock_xt', 1, 32, torch.float32, **tiny_kwargs)[:1]
+    was = tb.INTERPRET
+    tb.use_interpreter(True)
+    try:
+        rows = static_gpu.step_rows(calls, backward=True, measure_on=torch.device('cpu'), repeat=1)
+    finally:
+        tb.use_interpreter(was)
+    kernels = [r for r in rows if not r.kernel.startswith('torch')]
+    assert len(kernels) == 6 and all(r.measured_s > 0 for r in kernels)
+    assert all(r.measured_share == r.memory_s / r.measured_s for r in kernels)
+    table = static_gpu.format_table(rows)
+    assert 'measured µs' in table and 'Measured: Triton kernels' in table
+    assert table.splitlines()[1].count('---') == 17
+
+
+def test_measure_needs_cuda(monkeypatch):
+    from models.ops import triton_backend as tb
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(tb, 'INTERPRET', False)
+    with pytest.raises(SystemExit):
+        static_gpu.parse_args(['--measure'])
+
+
 def test_bad_batch():
     with pytest.raises(SystemExit):
         static_gpu.parse_args(['--batch', '0'])

@@ -578,15 +578,18 @@ def _halves(t: torch.Tensor, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def plan_contmix(x: torch.Tensor, logits: torch.Tensor, rpb_small: torch.Tensor, rpb_large: torch.Tensor,
-                 small: int, large: int, backward: bool = True, gpu: bool = False) -> List[Tuple[str, Launch]]:
+                 small: int, large: int, backward: bool = True, gpu: bool = False,
+                 grad: Optional[torch.Tensor] = None) -> List[Tuple[str, Launch]]:
     """The launches of one ``contmix_softmax_av`` call (see :func:`contmix_softmax_av`), forward and with
-    ``backward`` the gradients, every kernel reading and writing views of the block's own tensors."""
+    ``backward`` the gradients (of ``grad``, the output's, default uninitialised), every kernel reading and
+    writing views of the block's own tensors. Run in order, the forward launches leave what the backward
+    launches read."""
     launches = []
     out, lse_s, lse_l = _contmix_empty(x, logits, rpb_small)
     fwd = _contmix_forward_plans(x, logits, rpb_small, rpb_large, small, large, out, gpu)
     launches += [(f'fwd K{k}', launch) for k, (launch, _) in zip((small, large), fwd)]
     if backward:
-        grad = torch.empty_like(out)
+        grad = torch.empty_like(out) if grad is None else grad
         grads = _contmix_backward_plans(grad, x, logits, rpb_small, rpb_large, small, large, out,
                                         (fwd[0][1], fwd[1][1]), gpu)[0]
         launches += grads

@@ -17,6 +17,7 @@ ceiling. Every device number is in :data:`H100_SXM`; they are estimates, not mea
 
     python -m utils.measure.static_gpu --model overlock_t --batch 128            # training step (AMP dtypes)
     python -m utils.measure.static_gpu --model overlock_t --batch 256 --mode infer
+    python -m utils.measure.static_gpu --model overlock_t --batch 128 --measure  # CUDA: each launch timed too
 """
 import argparse
 import contextlib
@@ -32,7 +33,7 @@ from unittest import mock
 
 import torch
 
-__all__ = ['Device', 'H100_SXM', 'KernelCode', 'Row', 'analyse_launch', 'contmix_calls', 'step_rows',
+__all__ = ['Device', 'H100_SXM', 'KernelCode', 'Row', 'analyse_launch', 'contmix_calls', 'measure_call', 'step_rows',
            'format_table', 'main']
 
 
@@ -244,6 +245,12 @@ class Row:
     issue_s: Optional[float]
     memory_s: float
     note: str = ''
+    measured_s: Optional[float] = None  # the launch timed on a GPU (``--measure``), median
+
+    @property
+    def measured_share(self) -> Optional[float]:
+        """memory-bound time / measured time: the share of the DRAM roofline the launch achieved."""
+        return None if not self.measured_s else self.memory_s / self.measured_s
 
     @property
     def estimate_s(self) -> float:
@@ -364,16 +371,54 @@ def _around_rows(call: ContMixCall, backward: bool, device: Device) -> List[Row]
                 nbytes / device.dram_bytes_per_s)]
 
 
+def _materialise(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A random tensor on ``device`` with the shape, dtype and memory layout of the meta tensor ``t``."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    return torch.empty_permuted(t.shape, order, dtype=t.dtype, device=device).normal_()
+
+
+def measure_call(call: ContMixCall, backward: bool, device: torch.device, warmup: int = 2,
+                 repeat: int = 10) -> List[float]:
+    """Seconds per launch (median, L2 flushed before each sample) of the call's launches on ``device``, in
+    the order of ``plan_contmix``: the launches the static rows describe, run on random data laid out as
+    the model lays it out (on a CPU only under Triton's interpreter: a check of this code, not a timing)."""
+    from models.ops import triton_backend
+
+    from .timing import time_ms
+    x, logits = _materialise(call.x, device), _materialise(call.logits, device)
+    rpb_small, rpb_large = _materialise(call.rpb_small, device), _materialise(call.rpb_large, device)
+    grad = torch.randn_like(x)
+    launches = triton_backend.plan_contmix(x, logits, rpb_small, rpb_large, call.small, call.large,
+                                           backward=backward, gpu=True, grad=grad)
+    for label, launch in launches:
+        if label.startswith('fwd'):
+            launch.run()  # the backward launches read the forward's output and log-sum-exp
+    return [time_ms(launch.run, device, warmup=warmup, repeat=repeat, flush_l2=True).median / 1e3
+            for _, launch in launches]
+
+
 def step_rows(calls: Sequence[ContMixCall], backward: bool, device: Device = H100_SXM,
-              around: bool = True) -> List[Row]:
+              around: bool = True, measure_on: Optional[torch.device] = None, repeat: int = 10) -> List[Row]:
     """One row per kernel launch of the calls (forward, and backward when ``backward``), plus the torch code
-    around the op."""
+    around the op. ``measure_on``: also time every launch there, ``repeat`` samples after as many warm-up
+    calls, at most 2 (calls of the same shapes are timed once)."""
     from models.ops import triton_backend
     rows = []
+    timed: Dict[tuple, List[float]] = {}
     for call in calls:
-        for label, launch in triton_backend.plan_contmix(call.x, call.logits, call.rpb_small, call.rpb_large,
-                                                         call.small, call.large, backward=backward, gpu=True):
-            rows.append(analyse_launch(f'{call.name} {label}', launch, device))
+        launches = triton_backend.plan_contmix(call.x, call.logits, call.rpb_small, call.rpb_large,
+                                               call.small, call.large, backward=backward, gpu=True)
+        measured: List[Optional[float]] = [None] * len(launches)
+        if measure_on is not None:
+            key = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (call.x, call.logits, call.rpb_small,
+                                                                                call.rpb_large))
+            if key not in timed:
+                timed[key] = measure_call(call, backward, measure_on, warmup=min(2, repeat - 1), repeat=repeat)
+            measured = timed[key]
+        for (label, launch), seconds in zip(launches, measured):
+            row = analyse_launch(f'{call.name} {label}', launch, device)
+            row.measured_s = seconds
+            rows.append(row)
         if around:
             rows.extend(_around_rows(call, backward, device))
     return rows
@@ -397,16 +442,20 @@ def _us(seconds: Optional[float]) -> str:
 
 def format_table(rows: Sequence[Row], device: Device = H100_SXM) -> str:
     """Markdown: one line per distinct launch (× how many per step), then the per-step totals."""
+    measured = any(r.measured_s for r in rows)
+    extra = ' measured µs | measured % roofline |' if measured else ''
     lines = ['| launch | × | kernel | tile / warps | programs | regs | spill B | occ. | min MB | GFLOP '
-             '| warp-instr (M) | issue µs | memory µs | estimate µs | % roofline |',
-             '|' + '---|' * 15]
+             '| warp-instr (M) | issue µs | memory µs | estimate µs | % roofline |' + extra,
+             '|' + '---|' * (17 if measured else 15)]
     for n, r in _merge(rows):
+        share = r.measured_share
         lines.append(
             f'| {r.label} | {n} | {r.kernel} | {r.config} | {r.programs or ""} | {r.registers or ""} | '
             f'{"" if r.spill_bytes is None else r.spill_bytes} | '
             f'{"" if r.occupancy is None else f"{r.occupancy:.0%}"} | {r.min_bytes / 1e6:.1f} | '
             f'{r.flops / 1e9:.2f} | {"" if r.warp_instructions is None else f"{r.warp_instructions / 1e6:.1f}"} | '
             f'{_us(r.issue_s)} | {_us(r.memory_s)} | {_us(r.estimate_s)} | {r.roofline_share:.0%} |'
+            + (f' {_us(r.measured_s)} | {"" if share is None else f"{share:.0%}"} |' if measured else '')
             + (f' {r.note}' if r.note else ''))
     kernels = [r for r in rows if not r.kernel.startswith('torch')]
     minimum = sum(r.memory_s for r in kernels)
@@ -419,6 +468,17 @@ def format_table(rows: Sequence[Row], device: Device = H100_SXM) -> str:
         f'minimum traffic ({sum(r.min_bytes for r in kernels) / 1e9:.2f} GB) = {total_kernels / minimum:.2f}×; '
         f'with the torch code around the op {total * 1e3:.2f} ms = {total / minimum:.2f}×. Lowest kernel share '
         f'of roofline {worst:.0%}; spills: {sum(bool(r.spill_bytes) for r in kernels)} launches.',
+    ]
+    if measured:
+        timed = [r for r in kernels if r.measured_s]
+        spent = sum(r.measured_s for r in timed)
+        lowest = min(timed, key=lambda r: r.measured_share)
+        lines += [
+            f'Measured: Triton kernels {spent * 1e3:.2f} ms = {spent / sum(r.memory_s for r in timed):.2f}× their '
+            f'minimum traffic at the device model\'s bandwidth ({len(timed)} launches, medians, L2 flushed before '
+            f'each); lowest share of roofline {lowest.measured_share:.0%} ({lowest.label}).',
+        ]
+    lines += [
         f'Device model: {device.name}: {device.sms} SMs × {device.warp_instructions_per_clock} warp-instructions/'
         f'clock at {device.clock_hz / 1e9:.2f} GHz, {device.dram_bytes_per_s / 1e12:.2f} TB/s.',
     ]
@@ -443,10 +503,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--no-channels-last', action='store_true', help='value as a view of an NCHW map')
     parser.add_argument('--no-around', action='store_true', help='leave out the torch code around the op')
     parser.add_argument('--out', type=Path, default=None, help='also write the table to this markdown file')
+    parser.add_argument('--measure', action='store_true',
+                        help='also time every launch on the GPU (random data in the model\'s layout), beside '
+                             'its estimate; needs CUDA')
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f'--batch must be >= 1, got {args.batch}')
+    if args.measure and _measure_device() is None:
+        parser.error('--measure needs a CUDA device (the kernels are timed there); leave it out for estimates only')
     return args
+
+
+def _measure_device() -> Optional[torch.device]:
+    """CUDA when there is one; the CPU when the Triton kernels run under the interpreter (tests)."""
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    from models.ops import triton_backend
+    return torch.device('cpu') if triton_backend.INTERPRET else None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
@@ -455,7 +528,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     value_dtype = _DTYPES[args.value_dtype or ('fp32' if args.mode == 'train' else args.dtype)]
     name = args.model + ('_reparam' if args.mode == 'infer' and not args.model.endswith('_reparam') else '')
     calls = contmix_calls(name, args.batch, args.img_size, dtype, value_dtype, not args.no_channels_last)
-    rows = step_rows(calls, backward=args.mode == 'train', around=not args.no_around)
+    rows = step_rows(calls, backward=args.mode == 'train', around=not args.no_around,
+                     measure_on=_measure_device() if args.measure else None)
     title = (f'{name}, batch {args.batch}, {args.img_size}², {args.mode}, logits {dtype}, value {value_dtype}, '
              f'{"NCHW" if args.no_channels_last else "channels_last"}')
     text = f'{title}\n\n{format_table(rows)}'
