@@ -140,55 +140,15 @@ def _chunk(base, k: tl.constexpr, stride, C: tl.constexpr, VEC: tl.constexpr, AC
     return tl.load(ptrs, mask=(cols < C)[None, :], other=0.).to(ACC_DTYPE)
 
 
-# The stores of ``_split_chunk``: a [Q, 2, ..., 2] stack of channels c + step * (binary index) taken apart
-# by tl.split (the innermost axis) and stored one channel at a time.
-@triton.jit
-def _put1(base, c: tl.constexpr, stride, x, qmask, C: tl.constexpr):
-    if c < C:
-        tl.store(base + c * stride, x.to(base.dtype.element_ty), mask=qmask)
-
-
-@triton.jit
-def _put2(base, c: tl.constexpr, step: tl.constexpr, stride, x, qmask, C: tl.constexpr):
-    lo, hi = tl.split(x)
-    _put1(base, c, stride, lo, qmask, C)
-    _put1(base, c + step, stride, hi, qmask, C)
-
-
-@triton.jit
-def _put4(base, c: tl.constexpr, step: tl.constexpr, stride, x, qmask, C: tl.constexpr):
-    lo, hi = tl.split(x)
-    _put2(base, c, 2 * step, stride, lo, qmask, C)
-    _put2(base, c + step, 2 * step, stride, hi, qmask, C)
-
-
-@triton.jit
-def _put8(base, c: tl.constexpr, step: tl.constexpr, stride, x, qmask, C: tl.constexpr):
-    lo, hi = tl.split(x)
-    _put4(base, c, 2 * step, stride, lo, qmask, C)
-    _put4(base, c + step, 2 * step, stride, hi, qmask, C)
-
-
-@triton.jit
-def _put16(base, c: tl.constexpr, step: tl.constexpr, stride, x, qmask, C: tl.constexpr):
-    lo, hi = tl.split(x)
-    _put8(base, c, 2 * step, stride, lo, qmask, C)
-    _put8(base, c + step, 2 * step, stride, hi, qmask, C)
-
-
 @triton.jit
 def _split_store_chunk(base, k: tl.constexpr, stride, x, qmask, C: tl.constexpr, VEC: tl.constexpr):
-    c = k * VEC
-    if VEC == 1:
-        _put1(base, c, stride, tl.reshape(x, [x.shape[0]]), qmask, C)
-    elif VEC == 2:
-        _put2(base, c, 1, stride, x, qmask, C)
-    elif VEC == 4:
-        _put4(base, c, 1, stride, tl.reshape(x, [x.shape[0], 2, 2]), qmask, C)
-    elif VEC == 8:
-        _put8(base, c, 1, stride, tl.reshape(x, [x.shape[0], 2, 2, 2]), qmask, C)
-    else:
-        _put16(base, c, 1, stride, tl.reshape(x, [x.shape[0], 2, 2, 2, 2]), qmask, C)
+    """The store of ``_split_chunk``: channel by channel, each column of ``x`` (whose rows stay with their
+    threads) picked out inside the thread."""
+    cols = tl.arange(0, VEC)
+    for t in tl.static_range(VEC):
+        if k * VEC + t < C:
+            col = _row_sum(tl.where(cols[None, :] == t, x, 0.))
+            tl.store(base + (k * VEC + t) * stride, col.to(base.dtype.element_ty), mask=qmask)
 
 
 @triton.jit
