@@ -489,7 +489,10 @@ def test_kernels_compile_for_sm90(h, k, g, c, dtype):
     rpb = torch.empty(g, 2 * k - 1, 2 * k - 1, dtype=dtype, device='meta')
     for label, launch in tb.plan_softmax_av(proj[..., 25:], rpb, value, k, gpu=True):
         code = static_gpu.kernel_code(launch)
-        assert code.spill_bytes == 0, f'{label}: {code.spill_bytes} bytes of local memory per thread'
+        # The forward's register cap (maxnreg) costs ptxas 16-48 bytes of spills per thread at these shapes
+        # (mostly outside the loops); the other kernels must not spill.
+        limit = 64 if launch.max_registers else 0
+        assert code.spill_bytes <= limit, f'{label}: {code.spill_bytes} bytes of spills per thread'
         assert code.registers <= 96, f'{label}: {code.registers} registers per thread'
 
 

@@ -99,9 +99,9 @@ def use_interpreter(enabled: bool = True) -> None:
 
 _NUM_WARPS = 4
 # The forward keeps two queries' accumulators per thread; left alone, ptxas hoists the loads of a whole
-# window row and takes up to 144 registers (3 programs per SM). Capped at 80 it needs no spill at OverLoCK's
-# shapes (the sm_90 compile test checks), 6 programs fit on an SM, and the static model counts no more
-# instructions than at 96 (64 would cost 5-10 % more).
+# window row and takes up to 144 registers (3 programs per SM). Capped at 80, 6 programs fit on an SM and the
+# static model counts no more instructions than at 96 (64 would cost 5-10 % more); ptxas then spills 16-48
+# bytes per thread at OverLoCK's shapes, mostly outside the loops (the sm_90 compile test bounds it).
 _FORWARD_MAX_REGISTERS = 80
 
 

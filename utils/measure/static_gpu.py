@@ -213,7 +213,9 @@ def _compile(kernel: str, signature: tuple, constants: tuple, attrs: tuple, num_
         sass = subprocess.run([str(_tool('nvdisasm')), '-c', str(cubin)],
                               capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r'REG:(\d+)', usage).group(1))
-    spills = int(re.search(r'LOCAL:(\d+)', usage).group(1))
+    # ptxas puts spilled registers in the thread's stack frame (STACK); LOCAL stays 0 for them. These kernels
+    # call no functions and keep no local arrays, so the frame is all spills ("N bytes spill stores" of -v).
+    spills = int(re.search(r'STACK:(\d+)', usage).group(1))
     outside, loops = _loops(sass)
     return KernelCode(registers, spills, compiled.metadata.shared, num_warps, outside, loops)
 
