@@ -389,7 +389,9 @@ def measure_call(call: ContMixCall, backward: bool, device: torch.device, warmup
     from .timing import time_ms
     x, logits = _materialise(call.x, device), _materialise(call.logits, device)
     rpb_small, rpb_large = _materialise(call.rpb_small, device), _materialise(call.rpb_large, device)
-    grad = torch.randn_like(x)
+    # the output's gradient has the output's dtype (promoted over logits, rpb and x), laid out like x
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, rpb_small.dtype), x.dtype)
+    grad = torch.randn_like(x, dtype=dtype)
     launches = triton_backend.plan_contmix(x, logits, rpb_small, rpb_large, call.small, call.large,
                                            backward=backward, gpu=True, grad=grad)
     for label, launch in launches:
