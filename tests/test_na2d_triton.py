@@ -351,6 +351,24 @@ def test_split_rows_wide_channels(split):
     _check(('out',), (got,), (reference_na2d_av(attn.cpu(), value.cpu(), k),), 1e-12)
 
 
+def test_forward_register_cap_passed(monkeypatch):
+    """The forward's launch gives the compiler its register cap (``maxnreg``) when compiled, and nothing the
+    interpreter does not take when interpreted; the gradient launches leave ptxas its own choice."""
+    k, shape = 3, (1, 1, 4, 4, 4)
+    logits, rpb, value = torch.randn(*shape[:4], k * k), torch.randn(1, 5, 5), torch.randn(shape)
+    plans = dict(tb.plan_softmax_av(logits, rpb, value, k))
+    assert plans['fwd'].max_registers == tb._FORWARD_MAX_REGISTERS
+    assert plans['grad_logits'].max_registers is None and plans['grad_value'].max_registers is None
+    seen = []
+    kernel = lambda *args, **kwargs: seen.append(kwargs)  # noqa: E731
+    monkeypatch.setattr(tb, '_KERNELS', {'fwd': {plans['fwd'].grid: kernel}})
+    for interpret in (False, True):
+        monkeypatch.setattr(tb, 'INTERPRET', interpret)
+        plans['fwd'].run()
+    assert seen[0]['maxnreg'] == tb._FORWARD_MAX_REGISTERS and 'maxnreg' not in seen[1]
+    assert seen[0]['num_warps'] == seen[1]['num_warps'] == plans['fwd'].num_warps
+
+
 def test_bf16_logits():
     """bfloat16 logits with float32 rpb and value (what ContMix would pass if the projection stayed in bf16
     under autocast): float32 output; exact up to float32 rounding on the rounded logits, and within 1e-2 of
