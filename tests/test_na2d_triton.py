@@ -237,8 +237,11 @@ def test_forward_column_pairs(k, w):
     logits, rpb, value = fused_inputs(k, shape, torch.float64, 'channel_last')
     pairs = (w + 1) // 2
     assert tb.plan_forward(logits, rpb, value, k)[0].args[5:10] == (b * g * h * pairs, g, h, w, pairs)
-    got = tb.na2d_softmax_av(logits, rpb, value, k)
+    got, lse = tb._forward(logits, rpb, value, k)
     _check(('out',), (got,), (ref_softmax_av(logits.cpu(), rpb.cpu(), value.cpu(), k),), 1e-12)
+    # every query's log-sum-exp, the second of a pair included (the backward recomputes the weights from it)
+    ref_lse = torch.logsumexp(logits.double().cpu() + _bias(rpb.cpu(), h, w, k), -1)
+    assert (lse.cpu() - ref_lse).abs().max() < 1e-12
     attn = torch.softmax(logits, -1)
     got = tb.na2d_av(attn, value, k)
     _check(('out',), (got,), (reference_na2d_av(attn.cpu(), value.cpu(), k),), 1e-12)
@@ -331,6 +334,39 @@ def test_split_rows(dtype):
         assert torch.equal(a, b_), name
     ref = tb.contmix_softmax_av(*[t.double() for t in inputs], s, k)
     assert rel_err(got[True][0].double().cpu(), ref.cpu()) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize('split', [None, True])
+def test_split_rows_wide_channels(split):
+    """More than 64 channels (chunks of 32) at strides not divisible by 16: read with vector loads whatever
+    SPLIT_ROWS says (the channel-by-channel reads stack at most 16 channels), equal to brute force."""
+    k, shape = 3, (1, 1, 3, 5, 72)
+    attn = torch.randn(*shape[:4], k * k, dtype=torch.float64, device=DEVICE)
+    value = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tb, 'SPLIT_ROWS', split)
+        launch = tb.plan_forward(attn, None, value, k)[0]
+        assert launch.constexprs['VEC'] == 32 and launch.constexprs['SPLIT'] is False
+        got = tb.na2d_av(attn, value, k)
+    _check(('out',), (got,), (reference_na2d_av(attn.cpu(), value.cpu(), k),), 1e-12)
+
+
+def test_forward_register_cap_passed(monkeypatch):
+    """The forward's launch gives the compiler its register cap (``maxnreg``) when compiled, and nothing the
+    interpreter does not take when interpreted; the gradient launches leave ptxas its own choice."""
+    k, shape = 3, (1, 1, 4, 4, 4)
+    logits, rpb, value = torch.randn(*shape[:4], k * k), torch.randn(1, 5, 5), torch.randn(shape)
+    plans = dict(tb.plan_softmax_av(logits, rpb, value, k))
+    assert plans['fwd'].max_registers == tb._FORWARD_MAX_REGISTERS
+    assert plans['grad_logits'].max_registers is None and plans['grad_value'].max_registers is None
+    seen = []
+    kernel = lambda *args, **kwargs: seen.append(kwargs)  # noqa: E731
+    monkeypatch.setattr(tb, '_KERNELS', {'fwd': {plans['fwd'].grid: kernel}})
+    for interpret in (False, True):
+        monkeypatch.setattr(tb, 'INTERPRET', interpret)
+        plans['fwd'].run()
+    assert seen[0]['maxnreg'] == tb._FORWARD_MAX_REGISTERS and 'maxnreg' not in seen[1]
+    assert seen[0]['num_warps'] == seen[1]['num_warps'] == plans['fwd'].num_warps
 
 
 def test_bf16_logits():
@@ -471,7 +507,10 @@ def test_kernels_compile_for_sm90(h, k, g, c, dtype):
     rpb = torch.empty(g, 2 * k - 1, 2 * k - 1, dtype=dtype, device='meta')
     for label, launch in tb.plan_softmax_av(proj[..., 25:], rpb, value, k, gpu=True):
         code = static_gpu.kernel_code(launch)
-        assert code.spill_bytes == 0, f'{label}: {code.spill_bytes} bytes of local memory per thread'
+        # The forward's register cap (maxnreg) costs ptxas 16-48 bytes of spills per thread at these shapes
+        # (mostly outside the loops); the other kernels must not spill.
+        limit = 64 if launch.max_registers else 0
+        assert code.spill_bytes <= limit, f'{label}: {code.spill_bytes} bytes of spills per thread'
         assert code.registers <= 96, f'{label}: {code.registers} registers per thread'
 
 

@@ -121,6 +121,21 @@ def test_measured_beside_estimates(tiny_kwargs):
     assert table.splitlines()[1].count('---') == 17
 
 
+def test_spills_are_read():
+    """A register cap too tight for the forward makes ptxas spill, and the model reports those bytes (ptxas
+    counts them in the stack frame, not as LOCAL)."""
+    import dataclasses
+
+    from models.ops import triton_backend as tb
+    k, (b, g, h, w, c) = 5, (1, 2, 14, 14, 16)
+    logits = torch.empty(b, g, h, w, k * k, device='meta')
+    value = torch.empty(b, g, h, w, c, device='meta')
+    rpb = torch.empty(g, 2 * k - 1, 2 * k - 1, device='meta')
+    launch = tb.plan_forward(logits, rpb, value, k, gpu=True)[0]
+    tight = static_gpu.kernel_code(dataclasses.replace(launch, max_registers=40))
+    assert tight.registers <= 40 and tight.spill_bytes > 0
+
+
 def test_measure_needs_cuda(monkeypatch):
     from models.ops import triton_backend as tb
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)

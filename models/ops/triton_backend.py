@@ -99,9 +99,9 @@ def use_interpreter(enabled: bool = True) -> None:
 
 _NUM_WARPS = 4
 # The forward keeps two queries' accumulators per thread; left alone, ptxas hoists the loads of a whole
-# window row and takes up to 144 registers (3 programs per SM). Capped at 80 it needs no spill at OverLoCK's
-# shapes (the sm_90 compile test checks), 6 programs fit on an SM, and the static model counts no more
-# instructions than at 96 (64 would cost 5-10 % more).
+# window row and takes up to 144 registers (3 programs per SM). Capped at 80, 6 programs fit on an SM and the
+# static model counts no more instructions than at 96 (64 would cost 5-10 % more); ptxas then spills 16-48
+# bytes per thread at OverLoCK's shapes, mostly outside the loops (the sm_90 compile test bounds it).
 _FORWARD_MAX_REGISTERS = 80
 
 
@@ -164,7 +164,7 @@ def _bf16_pairs(value: torch.Tensor, config: Dict[str, int]) -> bool:
             and all(s % 2 == 0 for s in value.stride()[:-1]))
 
 
-def _split_rows(*rows: torch.Tensor) -> bool:
+def _split_rows(config: Dict[str, int], *rows: torch.Tensor) -> bool:
     """Whether the kernels read these [B, G, H, W, C] tensors' rows channel by channel (``SPLIT``).
 
     A chunk of a row is one vector load only when the compiler can prove its alignment: Triton marks a
@@ -172,8 +172,11 @@ def _split_rows(*rows: torch.Tensor) -> bool:
     are aligned, so a view's storage offset decides). A row at ``g * 14`` channels is not provably aligned;
     Triton then lays a [queries, channels] chunk out with a row's channels across lanes, and every step
     that scales a row by its query's weight moves data through shared memory. :data:`SPLIT_ROWS` forces
-    either way (the results are the same bits).
+    either way (the results are the same bits). Chunks wider than 16 channels (more than 64 channels) are
+    always vector reads: the scalar reads stack at most 16 channels per chunk.
     """
+    if config['VEC'] > 16:
+        return False
     if SPLIT_ROWS is not None:
         return SPLIT_ROWS
     return any(t.stride(-1) == 1 and (t.storage_offset() * t.element_size() % 16 != 0
@@ -284,7 +287,7 @@ def plan_forward(attn: torch.Tensor, rpb: Optional[torch.Tensor], value: torch.T
     pairs_w = (w + 1) // 2  # two horizontally adjacent queries per thread
     grid = _grid(config, b * g * h * pairs_w)
     k2 = kernel_size * kernel_size
-    split = _split_rows(value, out)
+    split = _split_rows(config, value, out)
     pairs = _bf16_pairs(value, config)
     if pairs:  # VEC: 32-bit words (channel pairs) per chunk, an accumulator each for even and odd channels
         config['VEC'] //= 2
@@ -339,7 +342,7 @@ def plan_grad_attn(grad: torch.Tensor, value: torch.Tensor, kernel_size: int, lo
     flops = b * g * h * w * k2 * (2 * c + (6 if fused else 0))
     launch = Launch('grad_attn', grid, args,
                     dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), **config,
-                         SPLIT=_split_rows(grad, value, out if fused else None)), num_warps,
+                         SPLIT=_split_rows(config, grad, value, out if fused else None)), num_warps,
                     inputs + ((lse, out) if fused else ()), (ga,), flops, lambda: ())
     return launch, ga
 
@@ -389,7 +392,7 @@ def plan_grad_value(grad: torch.Tensor, attn: torch.Tensor, kernel_size: int, va
 
     launch = Launch('grad_value', grid, args,
                     dict(K=kernel_size, FUSED=fused, ACC_DTYPE=_acc_dtype(*inputs), BY_PIXEL=by_pixel, **config,
-                         SPLIT=_split_rows(grad, gv)),
+                         SPLIT=_split_rows(config, grad, gv)),
                     num_warps,
                     inputs + ((lse,) if fused else ()), (gv,), flops, trips)
     return launch, gv

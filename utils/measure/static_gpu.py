@@ -213,7 +213,9 @@ def _compile(kernel: str, signature: tuple, constants: tuple, attrs: tuple, num_
         sass = subprocess.run([str(_tool('nvdisasm')), '-c', str(cubin)],
                               capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r'REG:(\d+)', usage).group(1))
-    spills = int(re.search(r'LOCAL:(\d+)', usage).group(1))
+    # ptxas puts spilled registers in the thread's stack frame (STACK); LOCAL stays 0 for them. These kernels
+    # call no functions and keep no local arrays, so the frame is all spills ("N bytes spill stores" of -v).
+    spills = int(re.search(r'STACK:(\d+)', usage).group(1))
     outside, loops = _loops(sass)
     return KernelCode(registers, spills, compiled.metadata.shared, num_warps, outside, loops)
 
@@ -387,7 +389,9 @@ def measure_call(call: ContMixCall, backward: bool, device: torch.device, warmup
     from .timing import time_ms
     x, logits = _materialise(call.x, device), _materialise(call.logits, device)
     rpb_small, rpb_large = _materialise(call.rpb_small, device), _materialise(call.rpb_large, device)
-    grad = torch.randn_like(x)
+    # the output's gradient has the output's dtype (promoted over logits, rpb and x), laid out like x
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, rpb_small.dtype), x.dtype)
+    grad = torch.randn_like(x, dtype=dtype)
     launches = triton_backend.plan_contmix(x, logits, rpb_small, rpb_large, call.small, call.large,
                                            backward=backward, gpu=True, grad=grad)
     for label, launch in launches:
