@@ -247,6 +247,23 @@ def test_forward_column_pairs(k, w):
     _check(('out',), (got,), (reference_na2d_av(attn.cpu(), value.cpu(), k),), 1e-12)
 
 
+def test_forward_nonfinite_value_stays_in_its_windows():
+    """An inf in value reaches exactly the queries whose windows hold it: the second query of a thread's pair
+    leaves out the shared column outside its window rather than adding it times zero (0 * inf is NaN)."""
+    k, shape = 3, (1, 1, 4, 6, 2)
+    logits, rpb, value = fused_inputs(k, shape, torch.float64, 'channel_last')
+    value[0, 0, 1, 1, 0] = float('inf')
+    value[0, 0, 2, 4, 1] = float('-inf')
+    attn = torch.softmax(logits, -1)
+    fused = tb.na2d_softmax_av(logits, rpb, value, k), ref_softmax_av(logits.cpu(), rpb.cpu(), value.cpu(), k)
+    plain = tb.na2d_av(attn, value, k), reference_na2d_av(attn.cpu(), value.cpu(), k)
+    for got, ref in (fused, plain):
+        finite = torch.isfinite(ref)
+        assert 0 < finite.sum() < finite.numel()
+        assert torch.equal(torch.isfinite(got.cpu()), finite)
+        assert torch.allclose(got.cpu()[finite], ref[finite], rtol=1e-12, atol=0)
+
+
 def test_grad_value_key_order_choice():
     """The plan takes pixel blocks where they need fewer loop iterations: a 5 x 5 window on a 7 x 7 map
     with many (batch, group) slices (25 instead of 49 per key), not a single small slice."""
@@ -352,12 +369,14 @@ def test_split_rows_wide_channels(split):
 
 
 def test_forward_register_cap_passed(monkeypatch):
-    """The forward's launch gives the compiler its register cap (``maxnreg``) when compiled, and nothing the
-    interpreter does not take when interpreted; the gradient launches leave ptxas its own choice."""
+    """A register cap set for the forward reaches the compiler (``maxnreg``) when compiled, and is left out
+    when interpreted; the gradient launches leave ptxas its own choice, and so does the default."""
     k, shape = 3, (1, 1, 4, 4, 4)
     logits, rpb, value = torch.randn(*shape[:4], k * k), torch.randn(1, 5, 5), torch.randn(shape)
+    assert dict(tb.plan_softmax_av(logits, rpb, value, k))['fwd'].max_registers is None
+    monkeypatch.setattr(tb, '_FORWARD_MAX_REGISTERS', 80)
     plans = dict(tb.plan_softmax_av(logits, rpb, value, k))
-    assert plans['fwd'].max_registers == tb._FORWARD_MAX_REGISTERS
+    assert plans['fwd'].max_registers == 80
     assert plans['grad_logits'].max_registers is None and plans['grad_value'].max_registers is None
     seen = []
     kernel = lambda *args, **kwargs: seen.append(kwargs)  # noqa: E731
@@ -507,11 +526,11 @@ def test_kernels_compile_for_sm90(h, k, g, c, dtype):
     rpb = torch.empty(g, 2 * k - 1, 2 * k - 1, dtype=dtype, device='meta')
     for label, launch in tb.plan_softmax_av(proj[..., 25:], rpb, value, k, gpu=True):
         code = static_gpu.kernel_code(launch)
-        # The forward's register cap (maxnreg) costs ptxas 16-48 bytes of spills per thread at these shapes
-        # (mostly outside the loops); the other kernels must not spill.
-        limit = 64 if launch.max_registers else 0
-        assert code.spill_bytes <= limit, f'{label}: {code.spill_bytes} bytes of spills per thread'
-        assert code.registers <= 96, f'{label}: {code.registers} registers per thread'
+        assert code.spill_bytes == 0, f'{label}: {code.spill_bytes} bytes of spills per thread'
+        # the forward holds two queries per thread and takes what ptxas needs without spilling (up to 115
+        # at these shapes); the gradients hold one
+        if label != 'fwd':
+            assert code.registers <= 96, f'{label}: {code.registers} registers per thread'
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -234,44 +234,48 @@ def _weight(a_ptr, r_ptr, m, ok, FUSED: tl.constexpr, ACC_DTYPE: tl.constexpr, M
 def _window_max(a_row, r_row, sa_n, sr_h, sr_w, K: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """max over the window of logits + bias, in log2 units (``a_row``/``r_row``: position (0, 0))."""
     m = tl.full(a_row.shape, float('-inf'), ACC_DTYPE)
-    for n in range(0, K * K):
-        ki = n // K
-        kj = n - ki * K
-        x = tl.load(a_row + n * sa_n).to(ACC_DTYPE) + tl.load(r_row + ki * sr_h + kj * sr_w).to(ACC_DTYPE)
-        m = tl.maximum(m, x)
+    for ki in range(0, K):  # a row's positions unrolled: constant offsets, no division for (ki, kj)
+        a_k = a_row + ki * K * sa_n
+        r_k = r_row + ki * sr_h
+        for kj in tl.static_range(K):
+            m = tl.maximum(m, tl.load(a_k + kj * sa_n).to(ACC_DTYPE) + tl.load(r_k + kj * sr_w).to(ACC_DTYPE))
     return m * 1.4426950408889634
 
 
 @triton.jit
-def _add_weighted(acc, bcc, wa, wb, x, USE_A: tl.constexpr):
+def _add_weighted(acc, bcc, wa, wb, x, ok_b, USE_A: tl.constexpr, GUARD_B: tl.constexpr):
     if USE_A:
         acc += wa[:, None] * x
-    bcc += wb[:, None] * x
+    if GUARD_B:  # x may lie outside b's window: leave it out there (adding 0 * x would turn an inf into NaN)
+        bcc = tl.where(ok_b[:, None], bcc + wb[:, None] * x, bcc)
+    else:
+        bcc += wb[:, None] * x
     return acc, bcc
 
 
 @triton.jit
-def _accumulate2(a0, a1, a2, a3, b0, b1, b2, b3, wa, wb, v, sv_c, C: tl.constexpr, VEC: tl.constexpr,
+def _accumulate2(a0, a1, a2, a3, b0, b1, b2, b3, wa, wb, v, sv_c, ok_b, C: tl.constexpr, VEC: tl.constexpr,
                  NCH: tl.constexpr, ACC_DTYPE: tl.constexpr, PAIRS: tl.constexpr, SPLIT: tl.constexpr,
-                 USE_A: tl.constexpr):
+                 USE_A: tl.constexpr, GUARD_B: tl.constexpr):
     """A value row read (and widened) once, added to two queries' accumulators: ``a*`` with weight ``wa``
-    (unless not USE_A), ``b*`` with ``wb``. With PAIRS (bf16 read as channel pairs) a0/a1 hold the even/odd
-    channels of chunk 0 and a2/a3 those of chunk 1; otherwise a_k holds chunk k."""
+    (unless not USE_A), ``b*`` with ``wb`` (with GUARD_B only where ``ok_b``). With PAIRS (bf16 read as
+    channel pairs) a0/a1 hold the even/odd channels of chunk 0 and a2/a3 those of chunk 1; otherwise a_k
+    holds chunk k."""
     if PAIRS:
         even, odd = _pairs(v, 0, C, VEC, SPLIT)
-        a0, b0 = _add_weighted(a0, b0, wa, wb, even, USE_A)
-        a1, b1 = _add_weighted(a1, b1, wa, wb, odd, USE_A)
+        a0, b0 = _add_weighted(a0, b0, wa, wb, even, ok_b, USE_A, GUARD_B)
+        a1, b1 = _add_weighted(a1, b1, wa, wb, odd, ok_b, USE_A, GUARD_B)
         if NCH > 1:
             even, odd = _pairs(v, 1, C, VEC, SPLIT)
-            a2, b2 = _add_weighted(a2, b2, wa, wb, even, USE_A)
-            a3, b3 = _add_weighted(a3, b3, wa, wb, odd, USE_A)
+            a2, b2 = _add_weighted(a2, b2, wa, wb, even, ok_b, USE_A, GUARD_B)
+            a3, b3 = _add_weighted(a3, b3, wa, wb, odd, ok_b, USE_A, GUARD_B)
     else:
-        a0, b0 = _add_weighted(a0, b0, wa, wb, _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE, SPLIT), USE_A)
+        a0, b0 = _add_weighted(a0, b0, wa, wb, _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE, SPLIT), ok_b, USE_A, GUARD_B)
         if NCH > 1:
-            a1, b1 = _add_weighted(a1, b1, wa, wb, _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE, SPLIT), USE_A)
+            a1, b1 = _add_weighted(a1, b1, wa, wb, _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE, SPLIT), ok_b, USE_A, GUARD_B)
         if NCH > 2:
-            a2, b2 = _add_weighted(a2, b2, wa, wb, _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE, SPLIT), USE_A)
-            a3, b3 = _add_weighted(a3, b3, wa, wb, _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE, SPLIT), USE_A)
+            a2, b2 = _add_weighted(a2, b2, wa, wb, _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE, SPLIT), ok_b, USE_A, GUARD_B)
+            a3, b3 = _add_weighted(a3, b3, wa, wb, _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE, SPLIT), ok_b, USE_A, GUARD_B)
     return a0, a1, a2, a3, b0, b1, b2, b3
 
 
@@ -321,6 +325,7 @@ def _na2d_fwd_kernel(
     aa_row = A + b * sa_b + g * sa_g + i * sa_h + ja * sa_w
     ab_row = A + b * sa_b + g * sa_g + i * sa_h + jb * sa_w - d * sa_n
     v_row = V + b * sv_b + g * sv_g + si * sv_h + sja * sv_w
+    sv_w = sv_w.to(tl.int64)  # column offsets t * sv_w in 64 bits: ptxas keeps them out of the loop
     a0 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
     a1 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
     a2 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
@@ -354,19 +359,22 @@ def _na2d_fwd_kernel(
                 la += wa
             else:
                 wa = la  # not used
+            ok_b = amask  # b's window holds shared column t (0 < t < K always; 0 and K as d says)
             if t == 0:
-                wb = _weight(ab_k, rb_k, mb, first, FUSED, ACC_DTYPE, True)
+                ok_b = first
+                wb = _weight(ab_k, rb_k, mb, ok_b, FUSED, ACC_DTYPE, True)
             elif t == K:
-                wb = _weight(ab_k + K * sa_n, rb_k + K * sr_w, mb, last, FUSED, ACC_DTYPE, True)
+                ok_b = last
+                wb = _weight(ab_k + K * sa_n, rb_k + K * sr_w, mb, ok_b, FUSED, ACC_DTYPE, True)
             else:
-                wb = _weight(ab_k + t * sa_n, rb_k + t * sr_w, mb, amask, FUSED, ACC_DTYPE, False)
+                wb = _weight(ab_k + t * sa_n, rb_k + t * sr_w, mb, ok_b, FUSED, ACC_DTYPE, False)
             lb += wb
             if t < K:
                 v = v_k + t * sv_w
-            else:  # column K exists only when d = 1; otherwise re-read column K - 1 (weighted by zero)
+            else:  # column K exists only when d = 1; otherwise re-read column K - 1 (and leave it out)
                 v = v_k + (K - 1 + d) * sv_w
-            a0, a1, a2, a3, b0, b1, b2, b3 = _accumulate2(a0, a1, a2, a3, b0, b1, b2, b3, wa, wb, v, sv_c, C, VEC,
-                                                          NCH, ACC_DTYPE, PAIRS, SPLIT, t < K)
+            a0, a1, a2, a3, b0, b1, b2, b3 = _accumulate2(a0, a1, a2, a3, b0, b1, b2, b3, wa, wb, v, sv_c, ok_b, C,
+                                                          VEC, NCH, ACC_DTYPE, PAIRS, SPLIT, t < K, t == 0)
     if FUSED:
         inv = 1. / la
         a0 *= inv[:, None]

@@ -98,11 +98,12 @@ def use_interpreter(enabled: bool = True) -> None:
 
 
 _NUM_WARPS = 4
-# The forward keeps two queries' accumulators per thread; left alone, ptxas hoists the loads of a whole
-# window row and takes up to 144 registers (3 programs per SM). Capped at 80, 6 programs fit on an SM and the
-# static model counts no more instructions than at 96 (64 would cost 5-10 % more); ptxas then spills 16-48
-# bytes per thread at OverLoCK's shapes, mostly outside the loops (the sm_90 compile test bounds it).
-_FORWARD_MAX_REGISTERS = 80
+# Register cap of the forward launches (ptxas ``maxnreg``; None: ptxas decides). The forward keeps two
+# queries' accumulators per thread and ptxas hoists a window row's loads: at OverLoCK's shapes it takes 72-115
+# registers without a spill. Caps of 80, 96 or 112 made it spill (8-104 bytes per thread, read from the
+# stack frame) for at most 1 % fewer estimated instructions (3 % more at 80), so none is set; a GPU
+# measurement of occupancy against spills may change that.
+_FORWARD_MAX_REGISTERS: Optional[int] = None
 
 
 # How the kernels read channel rows: None lets each plan decide (see ``_split_rows``); True or False forces
