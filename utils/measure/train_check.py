@@ -260,7 +260,8 @@ def _row(r: RunResult) -> Dict[str, str]:
         'steps': f'{r.steps} / {r.expected_steps}', 'wall s': f'{r.wall_s:.0f}',
         '1st epoch s': _num(r.first_epoch_s, '.1f'), 'img/s': _num(r.images_per_s, '.0f'),
         'train loss 1st → last epoch': loss, 'top-1': _num(r.top1, '.2f'), 'EMA top-1': _num(r.ema_top1, '.2f'),
-        'peak mem GiB': _num(r.peak_mem_gib, '.2f'), 'skipped steps': '–' if r.skipped is None else str(r.skipped),
+        'peak mem GiB': _num(r.peak_mem_gib, '.2f'),
+        'non-finite skipped': '–' if r.skipped is None else str(r.skipped),
     }
 
 
