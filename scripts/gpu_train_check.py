@@ -74,19 +74,18 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f'--out {args.out}: folder {folder} does not exist')
         if not os.access(folder, os.W_OK):
             raise UsageError(f'--out {args.out}: folder {folder} is not writable')
+    if not args.smoke:
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError('no CUDA device; use --smoke for a CPU run of the check itself')
+        if args.gpus > torch.cuda.device_count():
+            raise UsageError(f'--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) visible')
     try:
         args.work.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f'--work {args.work}: cannot create it ({e.strerror})') from None
     if not os.access(args.work, os.W_OK):
         raise UsageError(f'--work {args.work} is not writable')
-    if args.smoke:
-        return
-    import torch
-    if not torch.cuda.is_available():
-        raise UsageError('no CUDA device; use --smoke for a CPU run of the check itself')
-    if args.gpus > torch.cuda.device_count():
-        raise UsageError(f'--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) visible')
 
 
 def main(argv=None) -> int:
