@@ -352,9 +352,11 @@ class Trainer:
             barrier(info)
             ema_msg = f'  ema top1 {row["eval_ema_top1"]:.2f}' if self.ema is not None else ''
             aux_msg = f' (aux {row["train_loss_aux"]:.4f})' if row['train_loss_aux'] is not None else ''
-            _logger.info('Epoch %d/%d: train loss %.4f%s  eval loss %.4f  top1 %.2f  top5 %.2f%s  %.1fs',
+            mem_msg = (f'  peak mem {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB'
+                       if self.device.type == 'cuda' else '')
+            _logger.info('Epoch %d/%d: train loss %.4f%s  eval loss %.4f  top1 %.2f  top5 %.2f%s  %.1fs%s',
                          epoch + 1, self.num_epochs, row['train_loss'], aux_msg, row['eval_loss'], row['eval_top1'],
-                         row['eval_top5'], ema_msg, row['epoch_time'])
+                         row['eval_top5'], ema_msg, row['epoch_time'], mem_msg)
             if epoch + 1 < self.num_epochs and any_true(self.preemption.requested, info):
                 _logger.info('Preempted after epoch %d: continue with --resume %s', epoch + 1, self.saver.last_path)
                 return 0
