@@ -14,13 +14,11 @@ if __name__ == '__main__' and not __package__:
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import os  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 from utils.demo_data import build_digits_imagefolder  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.measure.train_check import launch  # noqa: E402
 
 # A small OverLoCK (~0.3M params) that learns the digits in a few CPU minutes.
 MODEL_KWARGS = ['depth=[1,1,1,1]', 'sub_depth=[1,1]', 'embed_dim=[16,32,48,64]', 'sub_num_heads=[2,2]',
@@ -31,15 +29,7 @@ def run(cmd, log, show=False):
     """Run ``cmd`` from the repository root, its output into ``log``; with ``show`` also onto the terminal,
     line by line as it comes (training: the epochs' progress)."""
     print('$', ' '.join(cmd), flush=True)
-    with open(log, 'w') as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, env=dict(os.environ, PYTHONUNBUFFERED='1'))
-        for line in proc.stdout:
-            f.write(line)
-            f.flush()
-            if show:
-                print('  ' + line, end='', flush=True)
-        returncode = proc.wait()
+    returncode, _ = launch(cmd, log, show=show)
     if returncode:
         with open(log) as f:
             tail = f.read()[-3000:]

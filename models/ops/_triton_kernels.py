@@ -395,6 +395,19 @@ def _na2d_fwd_kernel(
 
 
 @triton.jit
+def _dot_chunks(go0, go1, go2, go3, base, stride, C: tl.constexpr, VEC: tl.constexpr, NCH: tl.constexpr,
+                ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr):
+    """Per query, <its grad_out row (chunks go0..go3), the row at ``base``>, summed inside each thread."""
+    dot = _row_sum(go0 * _chunk(base, 0, stride, C, VEC, ACC_DTYPE, SPLIT))
+    if NCH > 1:
+        dot += _row_sum(go1 * _chunk(base, 1, stride, C, VEC, ACC_DTYPE, SPLIT))
+    if NCH > 2:
+        dot += _row_sum(go2 * _chunk(base, 2, stride, C, VEC, ACC_DTYPE, SPLIT))
+        dot += _row_sum(go3 * _chunk(base, 3, stride, C, VEC, ACC_DTYPE, SPLIT))
+    return dot
+
+
+@triton.jit
 def _na2d_grad_attn_kernel(
         GO, V, A, RPB, LSE, O, GA,
         N, G, H, W,
@@ -428,12 +441,7 @@ def _na2d_grad_attn_kernel(
     ga_row = GA + b * sga_b + g * sga_g + i * sga_h + j * sga_w
     if FUSED:
         o_row = O + b * so_b + g * so_g + i * so_h + j * so_w
-        d = _row_sum(go0 * _chunk(o_row, 0, so_c, C, VEC, ACC_DTYPE, SPLIT))
-        if NCH > 1:
-            d += _row_sum(go1 * _chunk(o_row, 1, so_c, C, VEC, ACC_DTYPE, SPLIT))
-        if NCH > 2:
-            d += _row_sum(go2 * _chunk(o_row, 2, so_c, C, VEC, ACC_DTYPE, SPLIT))
-            d += _row_sum(go3 * _chunk(o_row, 3, so_c, C, VEC, ACC_DTYPE, SPLIT))
+        d = _dot_chunks(go0, go1, go2, go3, o_row, so_c, C, VEC, NCH, ACC_DTYPE, SPLIT)
         lse2 = tl.load(LSE + b * sl_b + g * sl_g + i * sl_h + j * sl_w).to(ACC_DTYPE) * 1.4426950408889634
         a_row = A + b * sa_b + g * sa_g + i * sa_h + j * sa_w
         r_row = RPB + g * sr_g + (si - i + K - 1) * sr_h + (sj - j + K - 1) * sr_w
@@ -441,12 +449,7 @@ def _na2d_grad_attn_kernel(
         ki = n // K
         kj = n - ki * K
         v = v_row + (ki * sv_h + kj * sv_w)
-        dp = _row_sum(go0 * _chunk(v, 0, sv_c, C, VEC, ACC_DTYPE, SPLIT))
-        if NCH > 1:
-            dp += _row_sum(go1 * _chunk(v, 1, sv_c, C, VEC, ACC_DTYPE, SPLIT))
-        if NCH > 2:
-            dp += _row_sum(go2 * _chunk(v, 2, sv_c, C, VEC, ACC_DTYPE, SPLIT))
-            dp += _row_sum(go3 * _chunk(v, 3, sv_c, C, VEC, ACC_DTYPE, SPLIT))
+        dp = _dot_chunks(go0, go1, go2, go3, v, sv_c, C, VEC, NCH, ACC_DTYPE, SPLIT)
         if FUSED:
             x = tl.load(a_row + n * sa_n).to(ACC_DTYPE) + tl.load(r_row + ki * sr_h + kj * sr_w).to(ACC_DTYPE)
             dp = tl.exp2(x * 1.4426950408889634 - lse2) * (dp - d)
@@ -500,17 +503,20 @@ def _na2d_grad_value_kernel(
         g = (bg % G).to(tl.int64)
         y = pix // W
         x = pix - y * W
-        lo_h, hi_h = _inverse_range(y, H, K)
-        lo_w, hi_w = _inverse_range(x, W, K)
-        go_base = GO + b * sg_b + g * sg_g
-        a_base = A + b * sa_b + g * sa_g + x * sa_n
-        if FUSED:
-            r_base = RPB + g * sr_g + (y + K - 1) * sr_h + (x + K - 1) * sr_w
-            l_base = LSE + b * sl_b + g * sl_g
-        acc0 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
-        acc1 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
-        acc2 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
-        acc3 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    else:
+        b, g, y, x, kmask = _query_block(N, G, H, W, BLOCK_Q)
+    lo_h, hi_h = _inverse_range(y, H, K)
+    lo_w, hi_w = _inverse_range(x, W, K)
+    go_base = GO + b * sg_b + g * sg_g
+    a_base = A + b * sa_b + g * sa_g + x * sa_n
+    if FUSED:
+        r_base = RPB + g * sr_g + (y + K - 1) * sr_h + (x + K - 1) * sr_w
+        l_base = LSE + b * sl_b + g * sl_g
+    acc0 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc1 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc2 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    acc3 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
+    if BY_PIXEL:
         for qi in range(lo_h, hi_h + 1):
             a_row = a_base + (qi * sa_h + (y - _window_start(qi, H, K)) * K * sa_n)
             go_row = go_base + qi * sg_h
@@ -524,21 +530,7 @@ def _na2d_grad_value_kernel(
                                  - tl.load(l_row + qj * sl_w).to(ACC_DTYPE)) * 1.4426950408889634)
                 go = go_row + qj * sg_w
                 acc0, acc1, acc2, acc3 = _accumulate(acc0, acc1, acc2, acc3, a, go, sg_c, C, VEC, NCH, ACC_DTYPE, SPLIT)
-        gv_row = GV + b * sgv_b + g * sgv_g + y * sgv_h + x * sgv_w
-        _store_chunks(gv_row, sgv_c, acc0, acc1, acc2, acc3, kmask, C, VEC, NCH, SPLIT)
     else:
-        b, g, y, x, kmask = _query_block(N, G, H, W, BLOCK_Q)
-        lo_h, hi_h = _inverse_range(y, H, K)
-        lo_w, hi_w = _inverse_range(x, W, K)
-        go_base = GO + b * sg_b + g * sg_g
-        a_base = A + b * sa_b + g * sa_g + x * sa_n
-        if FUSED:
-            r_base = RPB + g * sr_g + (y + K - 1) * sr_h + (x + K - 1) * sr_w
-            l_base = LSE + b * sl_b + g * sl_g
-        acc0 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
-        acc1 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
-        acc2 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
-        acc3 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
         for dh in range(0, NH):
             # Everything that depends on the query row only is hoisted out of the inner loop.
             qi = lo_h + dh
@@ -561,5 +553,5 @@ def _na2d_grad_value_kernel(
                 a = tl.where(ok, a, 0.)
                 go = go_row + qj * sg_w
                 acc0, acc1, acc2, acc3 = _accumulate(acc0, acc1, acc2, acc3, a, go, sg_c, C, VEC, NCH, ACC_DTYPE, SPLIT)
-        gv_row = GV + b * sgv_b + g * sgv_g + y * sgv_h + x * sgv_w
-        _store_chunks(gv_row, sgv_c, acc0, acc1, acc2, acc3, kmask, C, VEC, NCH, SPLIT)
+    gv_row = GV + b * sgv_b + g * sgv_g + y * sgv_h + x * sgv_w
+    _store_chunks(gv_row, sgv_c, acc0, acc1, acc2, acc3, kmask, C, VEC, NCH, SPLIT)

@@ -374,9 +374,8 @@ def _around_rows(call: ContMixCall, backward: bool, device: Device) -> List[Row]
 
 
 def _materialise(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A random tensor on ``device`` with the shape, dtype and memory layout of the meta tensor ``t``."""
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
-    return torch.empty_permuted(t.shape, order, dtype=t.dtype, device=device).normal_()
+    """A random tensor on ``device`` with the shape, dtype and memory layout of the (dense) meta tensor ``t``."""
+    return torch.empty_like(t, device=device).normal_()
 
 
 def measure_call(call: ContMixCall, backward: bool, device: torch.device, warmup: int = 2,
