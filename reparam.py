@@ -17,7 +17,7 @@ import os
 import torch
 
 from utils.checkpoint import atomic_save
-from utils.cli import UsageError, run_cli
+from utils.cli import UsageError, add_na2d_backend_arg, apply_na2d_backend, run_cli
 from utils.evaluate import build_model, is_deploy
 from utils.measure import time_ms
 from utils.export import DEFAULT_OPSET, check_opset, export_and_check
@@ -41,12 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--bench-iters', type=int, default=3, help='timed forward passes of each form (0: skip)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', type=int, default=0)
+    add_na2d_backend_arg(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
+    apply_na2d_backend(args.na2d_backend, args.device)
     if args.model.endswith('_reparam'):
         raise UsageError(f'--model {args.model}: give the training-form name ({args.model[:-len("_reparam")]})')
     if not args.output and not args.onnx:

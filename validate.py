@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from utils.cli import UsageError, run_cli
+from utils.cli import UsageError, add_na2d_backend_arg, apply_na2d_backend, run_cli
 from utils.evaluate import (
     amp_dtype, append_results, build_model, eval_dataset, evaluate, expand_model_names, is_deploy, markdown_table,
 )
@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--amp', action='store_true', help='mixed precision')
     p.add_argument('--amp-dtype', default='bfloat16', help='float16 or bfloat16')
     p.add_argument('--channels-last', action='store_true')
+    add_na2d_backend_arg(p)
     p.add_argument('--skip-corrupt', action='store_true', help='skip unreadable images (logged)')
     p.add_argument('--results-file', default='', metavar='F', help='append results to F.csv or F.json')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
+    apply_na2d_backend(args.na2d_backend, 'cpu' if args.onnx else args.device)
     if args.onnx:
         return _validate_onnx(args)
     names = expand_model_names(args.model)

@@ -25,7 +25,7 @@ import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from utils.cli import parse_kwargs  # noqa: E402
+from utils.cli import add_na2d_backend_arg, apply_na2d_backend, parse_kwargs, run_cli  # noqa: E402
 from utils.evaluate import markdown_table  # noqa: E402
 from utils.measure.dtypes import dtype_name, parse_dtype  # noqa: E402
 
@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument('--iters', type=int, default=5, help='timed steps (na2d: timed samples)')
     p.add_argument('--no-flops', action='store_true', help='skip the FLOP count')
     p.add_argument('--out', default='', help='also append the table to this markdown file')
+    add_na2d_backend_arg(p)  # the models' backend (--mode infer/train); --mode na2d times --backends
     op = p.add_argument_group('--mode na2d')
     op.add_argument('--backends', nargs='*', default=None, help='backends to time (default: all available)')
     op.add_argument('--baseline', action='store_true', help='also time the naive K*K loop through autograd')
@@ -192,6 +193,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         sys.exit(f'benchmark.py: --device {args.device}: CUDA is not available on this machine')
+    apply_na2d_backend(args.na2d_backend, args.device)
     extra = ''
     if args.mode == 'na2d':
         header, rows, cols, totals = run_na2d(args)
@@ -211,4 +213,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_cli(main)

@@ -16,7 +16,7 @@ import argparse
 import logging
 import os
 
-from utils.cli import UsageError, run_cli
+from utils.cli import UsageError, add_na2d_backend_arg, apply_na2d_backend, run_cli
 from utils.evaluate import build_model, expand_model_names, markdown_table
 from utils.export import (
     DEFAULT_OPSET, MIN_OPSET, benchmark_onnx, check_opset, deploy_copy, export_and_check, input_size_arg,
@@ -50,12 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--threads', type=int, default=2, help='intra-op threads of both runtimes in the benchmark')
     p.add_argument('--iters', type=int, default=10, help='timed calls per batch size (median reported)')
     p.add_argument('--warmup', type=int, default=2, help='untimed calls before timing')
+    add_na2d_backend_arg(p)  # the PyTorch side of the check and the benchmark; the file holds standard ops
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
+    apply_na2d_backend(args.na2d_backend, 'cpu')
     if any(c in args.model for c in '*?['):
         raise UsageError(f'--model {args.model}: give one model name, not a pattern')
     (name,) = expand_model_names([args.model])

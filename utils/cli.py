@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     'UsageError', 'run_cli', 'parse_kwargs', 'add_model_args', 'parse_args_with_config', 'load_config_file', 'BASE_KEY',
-    'create_model_from_args', 'model_kwargs_from_args', 'user_error_types', 'one_line',
+    'create_model_from_args', 'model_kwargs_from_args', 'user_error_types', 'one_line', 'NA2D_BACKENDS',
+    'add_na2d_backend_arg', 'apply_na2d_backend', 'na2d_backend_advice', 'FALLBACK_HINT',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -117,6 +118,54 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help='with --grad-checkpoint: checkpoint the first N blocks of each of the 4 stages '
                             '(4 numbers)')
     return group
+
+
+NA2D_BACKENDS = ('auto', 'triton', 'torch', 'natten')
+FALLBACK_HINT = '--na2d-backend torch (or OVERLOCK_NA2D_BACKEND=torch)'
+
+
+def add_na2d_backend_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--na2d-backend``, the scripts' spelling of the environment variable OVERLOCK_NA2D_BACKEND."""
+    parser.add_argument('--na2d-backend', default='auto', metavar='|'.join(NA2D_BACKENDS),
+                        help='backend of the ContMix aggregation op; auto: OVERLOCK_NA2D_BACKEND when set, else '
+                             'the fastest one available for the device (triton on CUDA); torch is the plain PyTorch '
+                             'reference, the fallback when another backend misbehaves')
+
+
+def apply_na2d_backend(name: Optional[str], device: Any = None) -> str:
+    """Use backend ``name`` for the rest of the process (``models.ops.set_backend``) and return the one the
+    ContMix op will run on ``device`` (default: the CPU).
+
+    'auto' keeps OVERLOCK_NA2D_BACKEND's choice, or the automatic one. An unknown or unavailable backend, or
+    one that cannot take tensors of ``device``, raises :class:`UsageError` naming the option.
+    """
+    from models import ops  # lazy: models imports timm, slow for `--help`
+    device_type = getattr(device, 'type', None) or str(device or 'cpu').split(':')[0]
+
+    def usage(e: ValueError) -> UsageError:
+        msg = one_line(e)
+        return UsageError(f'--na2d-backend {msg.split(": ", 1)[1] if msg.startswith("set_backend: ") else msg}')
+
+    try:
+        ops.set_backend(name or 'auto')
+    except ValueError as e:
+        raise usage(e) from None
+    try:
+        return ops.get_backend(device_type)
+    except ValueError as e:  # the chosen backend cannot take this device's tensors (or a bad environment value)
+        raise usage(e) from None
+
+
+def na2d_backend_advice(device_type: str) -> str:
+    """One sentence for an error about non-finite numbers: which backend ran ContMix, how to rule it out."""
+    from models import ops
+    try:
+        name = ops.get_backend(device_type)
+    except ValueError:
+        return ''
+    if name == 'torch':
+        return 'ContMix ran on the torch na2d backend (the reference)'
+    return f'ContMix ran on the {name} na2d backend; to rule it out, cross-check with {FALLBACK_HINT}'
 
 
 BASE_KEY = '_base_'

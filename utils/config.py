@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from .cli import UsageError, add_model_args
+from .cli import UsageError, add_model_args, add_na2d_backend_arg
 
 __all__ = ['build_train_parser', 'check_train_args', 'args_to_yaml', 'RUN_FILES', 'STALE_FILES', 'run_files_in']
 
@@ -65,6 +65,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                        help='channels-last memory layout')
     group.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                        help='torch.compile the model')
+    add_na2d_backend_arg(group)
     group.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=False,
                        help='keep an EMA of the weights and validate it every epoch')
     group.add_argument('--model-ema-decay', default=0.9999, type=float, metavar='D', help='EMA decay')

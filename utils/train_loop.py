@@ -25,7 +25,7 @@ from .checkpoint import (
     CheckpointSaver, ResumePoint, atomic_write_text, get_rng_state, restore_training_state, set_rng_state, to_plain,
     training_state,
 )
-from .cli import parse_args_with_config
+from .cli import apply_na2d_backend, parse_args_with_config
 from .config import args_to_yaml, build_train_parser, check_train_args
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier, cleanup, init_distributed
 from . import train_setup as setup
@@ -299,9 +299,10 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.setup()
         _logger.info('Output %s | %d process(es) x batch %d x %d accumulation = global batch %d | lr %.3g | '
-                     '%d epochs (%d + %d cool-down), %d updates per epoch', args.output, info.world_size,
-                     args.batch_size, args.grad_accum_steps, self.global_batch, args.lr, self.num_epochs,
-                     args.epochs, self.num_epochs - args.epochs, self.loaders.updates_per_epoch)
+                     '%d epochs (%d + %d cool-down), %d updates per epoch | ContMix on the %s na2d backend',
+                     args.output, info.world_size, args.batch_size, args.grad_accum_steps, self.global_batch, args.lr,
+                     self.num_epochs, args.epochs, self.num_epochs - args.epochs, self.loaders.updates_per_epoch,
+                     apply_na2d_backend(args.na2d_backend, self.device))
         self._restore_rng()
         self.preemption.install()
         try:
@@ -377,9 +378,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args_with_config(parser, argv)
     check_train_args(args)
     info = init_distributed(args.device, args.local_rank)
-    trainer = Trainer(args, info)
     try:
-        return trainer.run()
+        apply_na2d_backend(args.na2d_backend, info.device)  # a bad value stops here, before any data is read
+        return Trainer(args, info).run()
     except NonFiniteLoss as e:
         _logger.error('error: %s', e)
         return EXIT_NONFINITE

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .cli import na2d_backend_advice
 from .data import seed_worker
 from .distributed import DistInfo, all_reduce_sum, any_true
 
@@ -181,9 +182,12 @@ class NonFiniteGuard:
     def advice(self) -> str:
         last = os.path.join(self.output, 'last.pth')
         skip = '' if self.tolerate else ', or pass --skip-nonfinite to skip such steps'
+        backend = na2d_backend_advice(self.info.device.type)
+        backend = f'. {backend}' if backend else ''
         if os.path.isfile(last):
-            return f'last good checkpoint: {last}. Resume from it in float32 (drop --amp) or with a lower --lr{skip}'
-        return f'no checkpoint written yet; restart in float32 (drop --amp) or with a lower --lr{skip}'
+            return (f'last good checkpoint: {last}. Resume from it in float32 (drop --amp) or with a lower '
+                    f'--lr{skip}{backend}')
+        return f'no checkpoint written yet; restart in float32 (drop --amp) or with a lower --lr{skip}{backend}'
 
     def _persist_message(self, epoch: int, batch: int) -> str:
         return (f'non-finite loss in {self.streak} consecutive updates (the last at epoch {epoch + 1}, step '
