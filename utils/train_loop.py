@@ -101,6 +101,7 @@ class Trainer:
             self.scheduler.step(self.resume.epoch)
             if args.sched_on_updates:
                 self.scheduler.step_update(num_updates=self.global_step)
+        setup.prepare_kernel_cache(args, info, self.model, self.data_config, self.amp_dtype if args.amp else None)
         self.train_model, self.eval_model, self.ddp_model = setup.wrap_model(args, info, self.model)
 
     def _restore_rng(self) -> None:

@@ -3,11 +3,14 @@ loaders, loss and schedule. Each takes the parsed options (and what earlier buil
 what it built, so each can be called and tested alone; :class:`utils.train_loop.Trainer` calls them in order.
 """
 import argparse
+import copy
 import datetime
 import logging
 import math
 import os
 import random
+import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -27,7 +30,8 @@ from .train_step import worker_init
 __all__ = [
     'setup_logging', 'remove_log_handlers', 'seed_all',
     'resolve_output', 'build_datasets', 'resolve_batch', 'resolve_lr', 'build_model', 'build_ema', 'build_scaler',
-    'build_optimizer', 'wrap_model', 'Loaders', 'build_loaders', 'build_device_augment', 'build_loss', 'build_scheduler',
+    'build_optimizer', 'wrap_model', 'triton_cache_dir', 'triton_cache_problem', 'compile_model_kernels',
+    'prepare_kernel_cache', 'Loaders', 'build_loaders', 'build_device_augment', 'build_loss', 'build_scheduler',
 ]
 
 _logger = logging.getLogger('train')
@@ -215,6 +219,77 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.O
             layer_decay=args.layer_decay, **opt_kwargs)
     except (AssertionError, ValueError, KeyError) as e:  # timm's factory rejects unknown names this way
         raise UsageError(f'--opt {args.opt}: {e}') from None
+
+
+def triton_cache_dir() -> str:
+    """The folder Triton keeps compiled kernels in (TRITON_CACHE_DIR, default ~/.triton/cache)."""
+    try:
+        import triton
+        return str(triton.knobs.cache.dir)
+    except (ImportError, AttributeError):  # no triton, or one without knobs: its documented default
+        return os.environ.get('TRITON_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.triton', 'cache')
+
+
+def triton_cache_problem() -> Optional[str]:
+    """None when Triton's kernel cache is writable, else one line saying which folder, why, and what to set."""
+    path = triton_cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix='.write_check'):
+            pass
+    except OSError as e:
+        return (f'Triton kernel cache {path} is not writable ({e.strerror or e}): every process compiles the '
+                f'kernels again at every start; set TRITON_CACHE_DIR to a writable folder, e.g. '
+                f'export TRITON_CACHE_DIR=/tmp/$USER/triton')
+    return None
+
+
+def compile_model_kernels(model: nn.Module, input_size: Tuple[int, ...], batch_size: int, device: torch.device,
+                          amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> float:
+    """Run one forward and backward of a copy of ``model`` as training runs it (batch, resolution, layout,
+    autocast) so that Triton compiles its kernels into the cache; returns the seconds it took.
+
+    The copy runs in eval mode: BatchNorm (SyncBN too) neither updates its statistics nor talks to the other
+    processes, and no random numbers are drawn, so the run itself is left exactly as it was.
+    """
+    start = time.perf_counter()
+    clone = copy.deepcopy(model).eval()
+    gen = torch.Generator(device='cpu').manual_seed(0)
+    x = torch.randn(batch_size, *input_size, generator=gen).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = clone(x)
+    out = out['main'] if isinstance(out, dict) else out
+    out.float().square().mean().backward()
+    del clone, out
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    return time.perf_counter() - start
+
+
+def prepare_kernel_cache(args: argparse.Namespace, info: DistInfo, model: nn.Module, data_config: Dict[str, Any],
+                         amp_dtype: Optional[torch.dtype] = None) -> None:
+    """On CUDA with the Triton backend: say in one line when the kernel cache is not writable; with several
+    processes, local rank 0 of each node compiles the model's kernels while the others wait, so that they read
+    the compiled kernels from the cache instead of all compiling the same ones at the first step."""
+    if info.device.type != 'cuda':
+        return
+    from models import ops
+    if ops.get_backend('cuda') != 'triton':
+        return
+    problem = triton_cache_problem()
+    if problem and info.local_rank == 0:
+        _logger.warning(problem)
+    if not info.distributed:
+        return  # one process compiles at its first step anyway
+    if info.local_rank == 0 and not problem:  # without a cache each process compiles its own
+        seconds = compile_model_kernels(model, tuple(data_config['input_size']), args.batch_size, info.device,
+                                        amp_dtype, args.channels_last)
+        _logger.info('Compiled the Triton kernels into %s in %.1fs (local rank 0; the others waited)',
+                     triton_cache_dir(), seconds)
+    barrier(info)  # every process, whatever its node found, so that none waits alone
 
 
 def wrap_model(args: argparse.Namespace, info: DistInfo, model: nn.Module):
