@@ -1,10 +1,13 @@
-"""Correctness of the compiled Triton kernels on a CUDA device, at OverLoCK-T's real ContMix shapes.
+"""Correctness of the compiled Triton kernels on a CUDA device, at the variants' real ContMix shapes.
 
-Unfused (``na2d_av``) and fused (``na2d_softmax_av``) ops, float32/float16/bfloat16, output and every input
-gradient, against the torch backend run in float64 on the same (rounded) inputs. Bound on the relative
-Frobenius error: float32 <= 1e-5, float16/bfloat16 <= 1e-2. Skipped without CUDA; the CPU path of the same
-kernels is tested through the Triton interpreter elsewhere. ``python -m scripts.gpu_report`` runs these
-and tabulates the recorded errors.
+``test_node_check_case``: the cases of the GPU node check (``utils.measure.gpu_check.kernel_cases``, one list
+for both): ``contmix_softmax_av`` (the op the model calls), ``na2d_softmax_av`` and ``na2d_av`` at every distinct
+ContMix shape of the eight variants, batch 8, float32/float16/bfloat16 and AMP's mixes (low-precision logits,
+float32 value and bias), value channels-last and channel-first. ``test_triton_matches_float64_reference``:
+OverLoCK-T's windows at the benchmarks' batches. Output and every input gradient against the torch backend run
+in float64 on the same (rounded) inputs. Bound on the relative Frobenius error: float32 <= 1e-5, float16/bfloat16
+(and their AMP mixes) <= 1e-2. Skipped without CUDA; the CPU path of the same kernels is tested through the
+Triton interpreter elsewhere. ``python -m scripts.gpu_report`` runs these and tabulates the recorded errors.
 """
 import math
 
@@ -39,6 +42,28 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _node_cases():
+    """The GPU node check's kernel cases (only where the tests can run: reading the shapes builds 8 models)."""
+    if not torch.cuda.is_available():
+        return []
+    import models
+    from utils.measure.gpu_check import kernel_cases
+    from utils.measure.shapes import contmix_block_calls
+    return kernel_cases(contmix_block_calls(models.list_variants()), batch=8)
+
+
+@pytest.mark.parametrize('case', _node_cases(), ids=lambda c: c.label.replace(' ', '-'))
+def test_node_check_case(case, record_property):
+    from utils.measure.gpu_check import BOUNDS, run_case
+    errors = run_case(case, torch.device('cuda'))
+    bound = BOUNDS[case.mix]
+    record_property('shape', case.shape.label)
+    record_property('worst_rel_err', max(errors.values()))
+    record_property('bound', bound)
+    bad = {k: v for k, v in errors.items() if not (math.isfinite(v) and v <= bound)}
+    assert not bad, f'{case.label}: relative errors above {bound:g}: {bad}'
 
 
 @pytest.mark.parametrize('batch', BATCHES)

@@ -5,7 +5,7 @@ writes its output once; a backward reads the output gradient and every input onc
 gradient per input (the fused kernels' float32 log-sum-exp is not counted).
 """
 from contextlib import nullcontext
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,24 +18,30 @@ __all__ = ['na2d_inputs', 'na2d_op', 'loop_baseline', 'bytes_to_move', 'time_na2
 
 
 def na2d_inputs(call: Na2dCall, batch: int, dtype: torch.dtype, device: torch.device, fused: bool,
-                seed: int = 0) -> List[torch.Tensor]:
+                seed: int = 0, channels_last: bool = False, value_dtype: Optional[torch.dtype] = None,
+                bias_dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     """Inputs laid out as ContMix passes them, from a seeded CPU generator (the same numbers on any device).
 
-    value is a channel-first view of a ``[B, 2*G*C, H, W]`` feature map; the logits (fused) are a slice of a
-    wider projection; the weights (unfused) are their softmax. Returns [attn, value] or [logits, rpb, value].
+    value is a view of a ``[B, 2*G*C, H, W]`` feature map (channel-first, or channels-last as the model runs it);
+    the logits (fused) are a slice of a wider projection; the weights (unfused) are their softmax. ``dtype`` is
+    the weights' (logits or attn); value and the bias table default to it (AMP: low-precision logits, float32
+    value and bias). Returns [attn, value] or [logits, rpb, value].
     """
     gen = torch.Generator(device='cpu').manual_seed(seed)
     b, g, h, w, c, k = batch, call.groups, call.height, call.width, call.channels, call.kernel_size
 
-    def randn(*size):
-        return torch.randn(*size, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    def randn(*size, to=dtype):
+        return torch.randn(*size, generator=gen, dtype=torch.float32).to(device=device, dtype=to)
 
     extra = 25  # the other window's logits share the last axis in ContMix: the slice is not contiguous
     logits = randn(b, g, h, w, extra + k * k)[..., extra:]
-    value = randn(b, 2 * g * c, h, w).view(b, 2, g, c, h, w).permute(1, 0, 2, 4, 5, 3)[1]
+    fmap = randn(b, 2 * g * c, h, w, to=value_dtype or dtype)
+    if channels_last:
+        fmap = fmap.contiguous(memory_format=torch.channels_last)
+    value = fmap.view(b, 2, g, c, h, w).permute(1, 0, 2, 4, 5, 3)[1]
     if not fused:
         return [torch.softmax(logits.float(), -1).to(dtype), value]
-    return [logits, randn(g, 2 * k - 1, 2 * k - 1), value]
+    return [logits, randn(g, 2 * k - 1, 2 * k - 1, to=bias_dtype or dtype), value]
 
 
 def loop_baseline(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:

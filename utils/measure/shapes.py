@@ -8,13 +8,15 @@ same for the depthwise ``nn.Conv2d`` calls (the Base-Net's and ``lepe``'s large 
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
+from unittest import mock
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ['Na2dCall', 'contmix_calls', 'DWConv', 'depthwise_convs', 'meta_model']
+__all__ = ['Na2dCall', 'contmix_calls', 'ContMixCall', 'contmix_block_calls', 'DWConv', 'depthwise_convs',
+           'meta_model']
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,56 @@ def contmix_calls(name: str = 'overlock_t', img_size: int = 224, **kwargs) -> Li
         model(torch.empty(1, model.in_chans, img_size, img_size, device='meta'))
     calls = [Na2dCall(c.groups, c.height, c.width, c.channels, c.kernel_size, n) for c, n in recorder.calls.items()]
     return sorted(calls, key=lambda c: (-c.height * c.width, -c.kernel_size))
+
+
+@dataclass(frozen=True)
+class ContMixCall:
+    """One ContMix block's call of ``models.ops.contmix_softmax_av``: x ``[B, channels, height, width]``, logits
+    ``[B, groups, height, width, small**2 + large**2]``, the two windows ``small`` and ``large``."""
+    channels: int
+    groups: int
+    height: int
+    width: int
+    small: int
+    large: int
+    calls: int = 1
+
+    @property
+    def label(self) -> str:
+        return f'{self.height}x{self.width} C{self.channels} G{self.groups} s{self.small} K{self.large}'
+
+    def windows(self) -> Tuple[Na2dCall, Na2dCall]:
+        """The two ``na2d_softmax_av`` calls the block makes where the backend has no fused ContMix op."""
+        c = self.channels // (2 * self.groups)
+        return (Na2dCall(self.groups, self.height, self.width, c, self.small),
+                Na2dCall(self.groups, self.height, self.width, c, self.large))
+
+
+def contmix_block_calls(names: Sequence[str] = ('overlock_t',), img_size: int = 224, **kwargs) -> List[ContMixCall]:
+    """The distinct ContMix block calls of one forward pass of each model in ``names`` at ``img_size``² (the
+    arguments ``models.contmix`` passes to ``contmix_softmax_av``, after its resize of small maps), largest map
+    first, ``calls`` summed over the models.
+
+    Args:
+        names: registered OverLoCK models (training and ``_reparam`` forms make the same calls).
+        img_size: input side.
+        kwargs: constructor overrides (e.g. a tiny variant).
+    """
+    from models import contmix
+    seen: Counter = Counter()
+    op = contmix.contmix_softmax_av
+
+    def record(x, logits, rpb_small, rpb_large, small, large, backend=None):
+        b, c, h, w = x.shape
+        seen[ContMixCall(c, logits.shape[1], h, w, small, large)] += 1
+        return op(x, logits, rpb_small, rpb_large, small, large, backend=backend)
+
+    for name in names:
+        model = meta_model(name, **kwargs)
+        with mock.patch.object(contmix, 'contmix_softmax_av', record), torch.no_grad():
+            model(torch.empty(1, model.in_chans, img_size, img_size, device='meta'))
+    calls = [ContMixCall(c.channels, c.groups, c.height, c.width, c.small, c.large, n) for c, n in seen.items()]
+    return sorted(calls, key=lambda c: (-c.height * c.width, -c.large, -c.channels, -c.groups))
 
 
 @dataclass(frozen=True)
