@@ -133,3 +133,23 @@ def test_smoke_run_on_the_cpu(tmp_path):
             assert f'| kernels {op} {mix} | PASS |' in text
     assert '| train step bfloat16 | PASS |' in text and '| 2-process step | PASS |' in text
     assert '| second device | SKIP |' in text and text.strip().splitlines()[-1].startswith('PASS')
+
+
+def test_device_checks_skip_without_a_second_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    cfg = gc.CheckConfig()
+    assert gc.second_device_check(cfg).status == gc.SKIP
+    assert gc.dist_step_check(cfg).status == gc.SKIP
+    assert gc.cache_check().status in (gc.PASS, gc.WARN)
+
+
+@pytest.mark.slow
+def test_train_step_agrees_when_both_backends_are_the_same(monkeypatch):
+    """The training-step comparison itself: identical backends give identical losses and gradients."""
+    from models import ops
+    real = ops.set_backend
+    monkeypatch.setattr(ops, 'set_backend', lambda name: real(None if name == 'triton' else name))
+    cfg = gc.CheckConfig(device='cpu', model_kwargs=dict(TINY_KWARGS), train_model='overlock_xt', train_img_size=32,
+                         train_batch=4)
+    result = gc.train_step_check(cfg, torch.device('cpu'), 'bfloat16')
+    assert result.status == gc.PASS and 'loss 0.0e+00' in result.detail and 'grad 0.0e+00' in result.detail
