@@ -97,12 +97,15 @@ def test_case_inputs_are_laid_out_as_the_model_runs_them(op):
 
 
 def test_run_case_compares_with_the_float64_reference(monkeypatch):
-    """With the torch backend standing in for triton the errors are rounding only; a backend returning NaN is
-    reported as an infinite error."""
+    """With the torch backend standing in for triton (and counted as triton) the errors are rounding only; a
+    backend returning NaN is reported as an infinite error; an op that ran no Triton kernel is a failure."""
     from models import ops
     real = ops.contmix_softmax_av
     monkeypatch.setattr(ops, 'contmix_softmax_av', lambda *a, backend=None: real(*a, backend='torch'))
     case = gc.Case('contmix_softmax_av', ContMixCall(16, 2, 5, 5, 3, 5), 'fp32', 'channels_last', 2)
+    with pytest.raises(RuntimeError, match='no Triton kernel ran'):
+        gc.run_case(case, torch.device('cpu'))
+    monkeypatch.setattr(gc._TritonOps, 'expect', lambda self, what: None)
     errors = gc.run_case(case, torch.device('cpu'))
     assert set(errors) == {'out', 'grad0', 'grad1', 'grad2', 'grad3'} and max(errors.values()) < 1e-5
     monkeypatch.setattr(ops, 'contmix_softmax_av',
@@ -149,6 +152,7 @@ def test_train_step_agrees_when_both_backends_are_the_same(monkeypatch):
     from models import ops
     real = ops.set_backend
     monkeypatch.setattr(ops, 'set_backend', lambda name: real(None if name == 'triton' else name))
+    monkeypatch.setattr(gc._TritonOps, 'expect', lambda self, what: None)
     cfg = gc.CheckConfig(device='cpu', model_kwargs=dict(TINY_KWARGS), train_model='overlock_xt', train_img_size=32,
                          train_batch=4)
     result = gc.train_step_check(cfg, torch.device('cpu'), 'bfloat16')

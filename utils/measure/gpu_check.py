@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from utils.cli import FALLBACK_HINT
 
@@ -197,16 +198,36 @@ def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
+class _TritonOps(TorchDispatchMode):
+    """Counts the Triton backend's ops that really ran: an op that fell back to another backend (a self-check
+    of the backend, say) must not pass as a checked kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        self.count += name.startswith('overlock::') and 'triton' in name
+        return func(*args, **(kwargs or {}))
+
+    def expect(self, what: str) -> None:
+        if not self.count:
+            raise RuntimeError(f'{what}: no Triton kernel ran (the op went to another backend)')
+
+
 def run_case(case: Case, device: torch.device) -> Dict[str, float]:
     """Forward and backward of the case on the triton backend and of the torch backend in float64 on the same
     rounded inputs; the relative error of the output and of each input gradient (inf where not finite)."""
     inputs, op = case_inputs(case, device)
     leaves = [t.detach().requires_grad_() for t in inputs]
     ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
-    out = op('triton', *leaves)
     ref = op('torch', *ref_leaves)
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
-    grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    with _TritonOps() as ran:
+        out = op('triton', *leaves)
+        grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    ran.expect(case.op)
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad)
     errors = {'out': _rel_err(out, ref)}
     if not bool(torch.isfinite(out).all()):
@@ -322,8 +343,11 @@ def train_step_check(cfg: CheckConfig, device: torch.device, dtype_name: str) ->
         for backend in ('triton', 'torch'):
             ops.set_backend(backend)
             model.zero_grad(set_to_none=True)
-            loss = _loss(model, x, y, device, amp_dtype)
-            loss.backward()
+            with _TritonOps() as ran:
+                loss = _loss(model, x, y, device, amp_dtype)
+                loss.backward()
+            if backend == 'triton':
+                ran.expect(cfg.train_model)
             grad = torch.cat([p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None])
             found[backend] = (float(loss.detach()), grad)
     except Exception as e:
