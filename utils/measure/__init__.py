@@ -4,7 +4,8 @@ and the GPU report. The command lines over it are ``python -m scripts.benchmark`
 
 Modules: ``timing`` (the timer), ``dtypes``, ``shapes`` (ContMix and depthwise-conv calls of a variant),
 ``ops`` (op-level timing), ``model`` (images/s, memory, profiler), ``loader`` (input-pipeline throughput),
-``report`` (the GPU report, which includes the static cost model of ``static_gpu`` where that module exists).
+``report`` (the GPU report, which includes the static cost model of ``static_gpu`` where that module exists),
+``gpu_check`` (the check of a new GPU node, ``python -m scripts.gpu_check``).
 """
 from .dtypes import DTYPES, dtype_name, parse_dtype
 from .shapes import DWConv, Na2dCall, contmix_calls, depthwise_convs
