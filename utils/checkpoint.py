@@ -10,7 +10,8 @@ plain containers only)::
     {'version': 1, 'arch': str, 'epoch': int (epochs completed), 'step_in_epoch': int (batches done in the
      next epoch; > 0 only for a recovery checkpoint), 'state_dict', 'state_dict_ema' (with EMA), 'optimizer',
      'scaler', 'scheduler', 'args': dict, 'metric': float | None, 'global_step', 'best_k', 'summary',
-     'rng' (per-rank RNG states), 'epoch_stats', 'nonfinite_skipped', 'best_k_ema' (with EMA)}
+     'rng' (per-rank RNG states), 'epoch_stats' (per rank), 'nonfinite_skipped', 'best_k_ema' (with EMA),
+     'rank_bn' (mid-epoch, several processes: every rank's BatchNorm running statistics)}
 """
 import logging
 import math
@@ -329,6 +330,7 @@ class ResumePoint:
     nonfinite_skipped: int = 0
     summary: List[Dict[str, Any]] = field(default_factory=list)
     rng: Optional[List[Any]] = None
+    rank_bn: Optional[List[Any]] = None  # mid-epoch: every rank's BatchNorm running statistics
     best_k: List[Tuple[float, int]] = field(default_factory=list)
     best_k_ema: List[Tuple[float, int]] = field(default_factory=list)
     checkpoint_args: Dict[str, Any] = field(default_factory=dict)
@@ -417,7 +419,7 @@ def restore_training_state(path: str, args, *, model, optimizer, scheduler, ema=
         scheduler.load_state_dict(ckpt['scheduler'])
     point = ResumePoint(
         epoch=int(ckpt['epoch']), step=int(ckpt.get('step_in_epoch', 0)), epoch_stats=ckpt.get('epoch_stats'),
-        nonfinite_skipped=int(ckpt.get('nonfinite_skipped', 0)), rng=ckpt.get('rng'),
+        nonfinite_skipped=int(ckpt.get('nonfinite_skipped', 0)), rng=ckpt.get('rng'), rank_bn=ckpt.get('rank_bn'),
         best_k=[(float(m), int(e)) for m, e in ckpt.get('best_k', [])],
         best_k_ema=[(float(m), int(e)) for m, e in ckpt.get('best_k_ema', [])],
         checkpoint_args=old_args, schedule_changes=changes)

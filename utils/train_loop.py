@@ -295,6 +295,28 @@ class Trainer:
         except (ImportError, OSError, ValueError) as e:  # a plot must never stop a run
             _logger.warning('could not draw curves.png: %s', e)
 
+    def _bn_modules(self) -> Dict[str, nn.Module]:
+        return {'model': self.model, **({'ema': self.ema.module} if self.ema is not None else {})}
+
+    def _rank_bn(self) -> Optional[List[Dict[str, Dict[str, torch.Tensor]]]]:
+        """Every rank's BatchNorm running statistics (mid-epoch they differ per rank, and ``--dist-bn``
+        averages them at the epoch's end, so each rank must resume its own)."""
+        if not self.info.distributed:
+            return None
+        mine = {key: {n: b.detach().cpu() for n, b in m.named_buffers() if 'running_' in n}
+                for key, m in self._bn_modules().items()}
+        return all_gather_objects(mine, self.info)
+
+    def _restore_rank_bn(self) -> None:
+        saved = self.resume.rank_bn
+        if not saved or len(saved) != self.info.world_size:
+            return
+        for key, m in self._bn_modules().items():
+            buffers = dict(m.named_buffers())
+            for name, value in saved[self.info.rank].get(key, {}).items():
+                if name in buffers:
+                    buffers[name].copy_(value)
+
     def _epoch_stats(self, stats: torch.Tensor) -> List[List[float]]:
         """Every rank's partial epoch sums (each rank resumes its own)."""
         return all_gather_objects(stats.tolist(), self.info)
@@ -303,6 +325,7 @@ class Trainer:
         """``--recovery-interval``: ``recovery.pth`` mid-epoch (the newest only), for a hard kill, which leaves
         no time to save; training goes on."""
         state = self._checkpoint_state(epoch, step_in_epoch, None, epoch_stats=self._epoch_stats(stats))
+        state['rank_bn'] = self._rank_bn()
         if self.info.is_main:
             self.saver.save_recovery(state, self.saver.recovery_path)
             _logger.info('Recovery checkpoint: epoch %d, batch %d of %d (%s)', epoch + 1, step_in_epoch,
@@ -311,6 +334,7 @@ class Trainer:
 
     def _save_recovery(self, epoch: int, step_in_epoch: int, stats: torch.Tensor) -> None:
         state = self._checkpoint_state(epoch, step_in_epoch, None, epoch_stats=self._epoch_stats(stats))
+        state['rank_bn'] = self._rank_bn()
         if self.info.is_main:
             self.saver.save_recovery(state)
         barrier(self.info)
@@ -334,6 +358,7 @@ class Trainer:
                      '%d epochs (%d + %d cool-down), %d updates per epoch', args.output, info.world_size,
                      args.batch_size, args.grad_accum_steps, self.global_batch, args.lr, self.num_epochs,
                      args.epochs, self.num_epochs - args.epochs, self.loaders.updates_per_epoch)
+        self._restore_rank_bn()
         self._restore_rng()
         self.preemption.install()
         try:
