@@ -21,6 +21,8 @@ from tests._train_helpers import (
 
 HAS_WDS = importlib.util.find_spec('webdataset') is not None
 needs_wds = pytest.mark.skipif(not HAS_WDS, reason='webdataset is not installed (pip install webdataset)')
+needs_hfds = pytest.mark.skipif(importlib.util.find_spec('datasets') is None,
+                                reason='datasets is not installed (pip install datasets)')
 
 
 # --- data builders ---------------------------------------------------------------------------------------------
@@ -50,8 +52,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def make_wds(root: Path, per_class: int = 8, shards: int = 4, val_shards: int = 2, label_is_index: bool = False):
-    """Webdataset shards of the digits (4/5 for training, 1/5 for validation) in ``root`` (``train-00000.tar`` ..., ``val-...``) and the ``_info.json``
-    timm's reader sizes the splits from. ``label_is_index``: each sample's label is its own index (to check
+    """Webdataset shards of the digits (4/5 for training, 1/5 for validation) in ``root`` (``train-00000.tar``
+    ..., ``val-...``) and the ``_info.json`` timm's reader sizes the splits from. ``label_is_index``: each sample's label is its own index (to check
     which samples a process saw)."""
     root.mkdir(parents=True, exist_ok=True)
     samples = _digits(per_class)
@@ -85,6 +87,21 @@ def make_tars(root: Path, per_class: int = 4) -> Path:
         with tarfile.open(root / f'{split}.tar', 'w') as tar:
             for j, (png, label) in enumerate(items):
                 _add(tar, f'{label}/{j:04d}.png', png)
+    return root
+
+
+def make_hf_parquet(root: Path, per_class: int = 4) -> Path:
+    """A local Hugging Face dataset: ``root/data/{train,validation}-00000-of-00001.parquet`` with an image column
+    and class labels (what ``datasets.load_dataset(root)`` reads without a network)."""
+    import datasets
+    samples = _digits(per_class)
+    features = datasets.Features({'image': datasets.Image(),
+                                  'label': datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    (root / 'data').mkdir(parents=True, exist_ok=True)
+    for split, items in (('train', [x for i, x in enumerate(samples) if i % 5]), ('validation', samples[::5])):
+        ds = datasets.Dataset.from_dict({'image': [{'bytes': b, 'path': None} for b, _ in items],
+                                         'label': [label for _, label in items]}, features=features)
+        ds.to_parquet(str(root / 'data' / f'{split}-00000-of-00001.parquet'))
     return root
 
 
@@ -257,6 +274,26 @@ def test_tar_files_train_and_validate_and_recovery_does_not_perturb(tmp_path):
                           '--model-kwargs', *TINY[3:TINY.index('--img-size')], '--img-size', '32', '-j', '0',
                           '--device', 'cpu', '--no-progress', '--results-file', str(tmp_path / 'r.json')]) == 0
     assert json.loads((tmp_path / 'r.json').read_text())[0]['images'] == 10
+
+
+@pytest.mark.slow
+@needs_hfds
+def test_hugging_face_dataset_trains_and_validates(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    name = 'hfds/' + str(make_hf_parquet(tmp_path / 'digits'))
+    out = tmp_path / 'run'
+    code, err = run_inprocess(TINY + FAST + ['--dataset', name, '--data-dir', str(tmp_path / 'cache'), '--val-split',
+                                             'validation', '--epochs', '1', '--output', str(out), '--no-aug'])
+    assert code == 0, err
+    ckpt = load(out / 'last.pth')
+    assert ckpt['args']['num_classes'] == 10 and ckpt['global_step'] == 32 // 4  # classes from the labels
+    from validate import main as validate_main
+    assert validate_main([str(tmp_path / 'cache'), '--dataset', name, '--split', 'validation', '--model', 'overlock_xt',
+                          '--checkpoint', str(out / 'last.pth'), '--model-kwargs', *TINY[3:TINY.index('--img-size')],
+                          '--img-size', '32', '-j', '0', '--device', 'cpu', '--no-progress', '--results-file',
+                          str(tmp_path / 'r.json')]) == 0
+    assert json.loads((tmp_path / 'r.json').read_text())[0]['images'] == 8
 
 
 @pytest.mark.slow

@@ -152,7 +152,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     group.add_argument('--overwrite', action='store_true', default=False,
                        help='replace a previous run in --output')
     group.add_argument('--resume', default='', metavar='PATH',
-                       help='continue a run from its checkpoint (last.pth); "auto": OUTPUT/last.pth when it exists')
+                       help='continue a run from its checkpoint (last.pth, recovery.pth, or the original '
+                            'release\'s last.pth.tar); "auto": the newer of OUTPUT/last.pth and OUTPUT/recovery.pth '
+                            'when one exists')
     group.add_argument('--recovery-interval', default=0, type=int, metavar='N',
                        help='also write recovery.pth every N optimizer updates (0: only at epoch ends and on '
                             'preemption); --resume auto takes the newer of last.pth and recovery.pth')

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    'DistInfo', 'init_distributed', 'barrier', 'all_reduce_sum', 'all_gather_objects', 'any_true', 'distribute_bn_stats',
-    'cleanup',
+    'DistInfo', 'init_distributed', 'barrier', 'all_reduce_sum', 'all_gather_objects', 'any_true',
+    'distribute_bn_stats', 'cleanup',
 ]
 
 _logger = logging.getLogger(__name__)
