@@ -234,8 +234,9 @@ def test_dataset_options_are_checked_in_one_line(tmp_path, monkeypatch):
 def test_webdataset_shards_train_and_validate(tmp_path):
     shards = make_wds(tmp_path / 'wds')
     out = tmp_path / 'run'
-    argv = TINY + FAST + ['--dataset', 'wds/digits', '--data-dir', str(shards), '--epochs', '2', '--output', str(out),
-                          '--no-aug', '--lr', '2e-3']
+    data_args = TINY + FAST + ['--dataset', 'wds/digits', '--data-dir', str(shards), '--no-aug', '--lr', '2e-3',
+                               '--epochs', '2']
+    argv = data_args + ['--output', str(out)]
     code, err = run_inprocess(argv)
     assert code == 2 and 'wds/digits: the data does not list its classes; pass --num-classes' in err
     code, err = run_inprocess(argv + ['--num-classes', '10'])
@@ -252,6 +253,17 @@ def test_webdataset_shards_train_and_validate(tmp_path):
     assert validate_main(cmd) == 0
     res = json.loads((tmp_path / 'res.json').read_text())
     assert res[0]['images'] == 16 and res[0]['top1'] == pytest.approx(float(rows[-1]['eval_top1']))
+
+    # A mid-epoch checkpoint of a streamed dataset (3 batches into epoch 2): the step count is exact, the data
+    # restarts the epoch's shard stream, and one line says so.
+    ckpt.update(epoch=1, step_in_epoch=3, global_step=16 + 3, epoch_stats=None)
+    resumed = tmp_path / 'resumed'
+    resumed.mkdir()
+    torch.save(ckpt, resumed / 'recovery.pth')
+    code, err = run_inprocess(data_args + ['--num-classes', '10', '--output', str(resumed), '--resume', 'auto'])
+    assert code == 0, err
+    assert 'Streamed dataset: epoch 2 restarts its shard stream' in err and 'remaining 13 of 16 batches' in err
+    assert load(resumed / 'last.pth')['global_step'] == 32
 
 
 @pytest.mark.slow

@@ -120,9 +120,9 @@ def _build_timm_datasets(args: argparse.Namespace):
         raise DataError(f'--num-classes {args.num_classes} but {where} has {len(classes)} classes')
     train_set.root = val_set.root = where  # named in messages
     if is_streamed(train_set):
-        _logger.info('%s: streamed (%d training samples); shards are split over processes and loader workers, '
-                     'a resume continues at an epoch boundary of the shard stream', where,
-                     getattr(train_set.reader, 'num_samples', 0))
+        _logger.info('%s: streamed (%d training samples); shards are split over processes and loader workers, and '
+                     'a resume restores the data at epoch granularity (a mid-epoch resume restarts that epoch\'s '
+                     'shard stream)', where, getattr(train_set.reader, 'num_samples', 0))
     return train_set, val_set
 
 
