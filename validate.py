@@ -69,7 +69,7 @@ def _dataset(args: argparse.Namespace, transform):
     """The evaluation set: an image folder, or tar / ``--dataset`` wds, hfds through timm's dataset factory."""
     from utils.data import build_timm_dataset, dataset_classes, split_tar
     tar = split_tar(args.data, args.split) if os.path.exists(args.data) else None
-    if not args.dataset and tar is None:
+    if not args.dataset and tar is None and not args.class_map:
         dataset = eval_dataset(args.data, transform, skip_corrupt=args.skip_corrupt)
         return dataset, len(dataset.classes)
     dataset = build_timm_dataset(args.dataset, tar or args.data, args.split, is_training=False,

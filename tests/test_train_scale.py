@@ -227,6 +227,15 @@ def test_dataset_options_are_checked_in_one_line(tmp_path, monkeypatch):
     assert split_tar(str(tmp_path), 'train') is None  # a folder wins: the image folder path is unchanged
 
 
+def test_class_map_fixes_the_class_indices(tmp_path):
+    from utils.data import build_timm_dataset, dataset_classes
+    make_image_folder(tmp_path / 'data', n_train=1, n_val=1)
+    (tmp_path / 'map.txt').write_text('red\nblue\ngreen\n')
+    ds = build_timm_dataset('', str(tmp_path / 'data'), 'train', is_training=True, class_map=str(tmp_path / 'map.txt'))
+    assert dataset_classes(ds) == {'red': 0, 'blue': 1, 'green': 2}  # not the sorted folder order
+    assert sorted(ds[i][1] for i in range(len(ds))) == [0, 1, 2]
+
+
 # --- slow: through train.py and validate.py ---------------------------------------------------------------------
 
 @pytest.mark.slow

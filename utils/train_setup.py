@@ -128,8 +128,8 @@ def _build_timm_datasets(args: argparse.Namespace):
 
 def build_datasets(args: argparse.Namespace) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
     """The training and validation folders (same classes); sets ``args.num_classes`` from the data when unset.
-    ``--dataset`` wds/hfds and tar files go through timm's dataset factory."""
-    if args.dataset or (args.data_dir and split_tar(args.data_dir, args.train_split)):
+    ``--dataset`` wds/hfds, tar files and ``--class-map`` go through timm's dataset factory."""
+    if args.dataset or args.class_map or (args.data_dir and split_tar(args.data_dir, args.train_split)):
         return _build_timm_datasets(args)
     train_dir = resolve_split(args.data_dir, args.train_split)
     val_dir = resolve_split(args.data_dir, args.val_split)
