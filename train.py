@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Train OverLoCK on an ImageFolder dataset (one process, one GPU, or torchrun over GPUs and nodes).
+"""Train OverLoCK on an ImageFolder dataset (one process, one GPU, or torchrun over GPUs and nodes); tar files,
+webdataset shards (--dataset wds/...) and Hugging Face datasets (--dataset hfds/...) through timm's factory.
 
     python train.py -c configs/overlock_xt.yaml --data-dir /data/imagenet
     torchrun --nproc_per_node=8 train.py -c configs/overlock_xt.yaml --data-dir /data/imagenet

@@ -13,6 +13,7 @@ or deploy checkpoints from reparam.py (detected from the keys). See docs/evaluat
 """
 import argparse
 import logging
+import os
 
 import torch
 
@@ -29,6 +30,11 @@ TABLE_COLUMNS = ['model', 'checkpoint', 'top1', 'top5', 'loss', 'images_per_sec'
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('data', metavar='DATA', help='dataset root (with val/) or a class-folder root')
+    p.add_argument('--dataset', default='', metavar='NAME',
+                   help='empty: image folders or DATA/val.tar; wds/NAME: webdataset shards in DATA; hfds/NAME: a '
+                        'Hugging Face dataset (DATA: its cache folder)')
+    p.add_argument('--split', default='val', metavar='NAME', help='the split to evaluate (val also finds validation)')
+    p.add_argument('--class-map', default='', metavar='FILE', help='class name -> index file (tar, wds, hfds)')
     p.add_argument('--model', nargs='+', default=['overlock_xt'], metavar='NAME',
                    help='model name(s) or patterns such as "overlock*"')
     src = p.add_mutually_exclusive_group()
@@ -60,6 +66,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _dataset(args: argparse.Namespace, transform):
+    """The evaluation set: an image folder, or tar / ``--dataset`` wds, hfds through timm's dataset factory."""
+    from utils.data import build_timm_dataset, dataset_classes, split_tar
+    tar = split_tar(args.data, args.split) if os.path.exists(args.data) else None
+    if not args.dataset and tar is None and not args.class_map:
+        dataset = eval_dataset(args.data, transform, skip_corrupt=args.skip_corrupt)
+        return dataset, len(dataset.classes)
+    dataset = build_timm_dataset(args.dataset, tar or args.data, args.split, is_training=False,
+                                 class_map=args.class_map, batch_size=args.batch_size, num_workers=args.workers)
+    dataset.transform = transform
+    dataset.root = args.dataset or tar
+    return dataset, len(dataset_classes(dataset))
+
+
 def _validate_onnx(args: argparse.Namespace) -> int:
     """Evaluate exported files in ONNX Runtime (CPU, float32) with the preprocessing stored at export."""
     import timm.data
@@ -83,9 +103,9 @@ def _validate_onnx(args: argparse.Namespace) -> int:
         overrides = {k: v for k, v in (('crop_pct', args.crop_pct), ('interpolation', args.interpolation)) if v}
         cfg = timm.data.resolve_data_config(overrides, pretrained_cfg=meta)
         transform = timm.data.create_transform(**cfg, is_training=False)
-        dataset = eval_dataset(args.data, transform, skip_corrupt=args.skip_corrupt)
-        if model.num_classes and model.num_classes != len(dataset.classes):
-            raise UsageError(f'{dataset.root} has {len(dataset.classes)} class folders but {path} has '
+        dataset, n_classes = _dataset(args, transform)
+        if model.num_classes and n_classes and model.num_classes != n_classes:
+            raise UsageError(f'{dataset.root} has {n_classes} class folders but {path} has '
                              f'{model.num_classes} outputs')
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                              num_workers=args.workers, persistent_workers=False)
@@ -146,11 +166,11 @@ def main(argv=None) -> int:
             overrides['input_size'] = (3, args.img_size, args.img_size)
         cfg = timm.data.resolve_data_config(overrides, model=model)
         transform = timm.data.create_transform(**cfg, is_training=False)
-        dataset = eval_dataset(args.data, transform, skip_corrupt=args.skip_corrupt)
+        dataset, n_classes = _dataset(args, transform)
         num_out = getattr(model, 'num_classes', None)
-        if num_out and num_out != len(dataset.classes):
+        if num_out and n_classes and num_out != n_classes:
             raise UsageError(
-                f'{dataset.root} has {len(dataset.classes)} class folders but the classifier of {arch} has '
+                f'{dataset.root} has {n_classes} class folders but the classifier of {arch} has '
                 f'{num_out} outputs; use a checkpoint trained on these classes (or --num-classes to fine-tune)')
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,

@@ -10,7 +10,8 @@ plain containers only)::
     {'version': 1, 'arch': str, 'epoch': int (epochs completed), 'step_in_epoch': int (batches done in the
      next epoch; > 0 only for a recovery checkpoint), 'state_dict', 'state_dict_ema' (with EMA), 'optimizer',
      'scaler', 'scheduler', 'args': dict, 'metric': float | None, 'global_step', 'best_k', 'summary',
-     'rng' (per-rank RNG states), 'epoch_stats', 'nonfinite_skipped', 'best_k_ema' (with EMA)}
+     'rng' (per-rank RNG states), 'epoch_stats' (per rank), 'nonfinite_skipped', 'best_k_ema' (with EMA),
+     'rank_bn' (mid-epoch, several processes: every rank's BatchNorm running statistics)}
 """
 import logging
 import math
@@ -27,7 +28,8 @@ from .fileio import atomic_save, atomic_write_text, link_or_copy as _link_or_cop
 __all__ = [
     'CHECKPOINT_VERSION', 'atomic_save', 'atomic_write_text', 'read_training_checkpoint', 'to_plain',
     'get_rng_state', 'set_rng_state', 'BestCheckpoints', 'CheckpointSaver', 'training_state', 'ResumePoint', 'restore_training_state',
-    'SCHEDULE_OPTIONS', 'changed_options', 'describe_changes',
+    'SCHEDULE_OPTIONS', 'changed_options', 'describe_changes', 'RECOVERY_NAME', 'newest_checkpoint',
+    'is_original_checkpoint', 'from_original',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -67,13 +69,63 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state['cuda'])
 
 
+# The version timm's CheckpointSaver writes (timm 0.6.12, the original release's train.py): 'epoch' is the
+# 0-based epoch just finished, 'args' an argparse.Namespace, the float16 loss scaler under 'amp_scaler'.
+ORIGINAL_VERSION = 2
+
+
+def is_original_checkpoint(checkpoint: Dict[str, Any]) -> bool:
+    """Whether a loaded training checkpoint was written by the original release's train.py (timm's saver)."""
+    return checkpoint.get('version') == ORIGINAL_VERSION and 'global_step' not in checkpoint
+
+
+def from_original(checkpoint: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """An original-release training checkpoint (timm 0.6.12's ``CheckpointSaver``: ``last.pth.tar`` /
+    ``checkpoint-N.pth.tar``) in our layout: epochs completed, plain args, the loss scaler under 'scaler'. It
+    has no scheduler, RNG or in-epoch state: the schedule of the command line is stepped to the next epoch
+    (as timm's resume does) and the random streams restart from ``--seed``."""
+    from models import CheckpointError
+    from models.weights import extract_state_dict
+    try:
+        epoch = int(checkpoint['epoch']) + 1  # timm's saver: the epoch just done, 0-based
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f'checkpoint {path} (original release layout) has no valid epoch') from None
+    args = checkpoint.get('args')
+    args = to_plain(args) if args is not None else {}
+    if not isinstance(args, dict):
+        args = {}
+    out = {
+        'version': CHECKPOINT_VERSION, 'arch': checkpoint.get('arch'), 'epoch': epoch, 'step_in_epoch': 0,
+        'state_dict': extract_state_dict(checkpoint['state_dict'], use_ema=False, source=f'checkpoint {path}'),
+        'optimizer': checkpoint['optimizer'],
+        # Only what identifies the weights is compared; the original's lr/epochs options are its command line's
+        # (e.g. --lr before --auto-lr scaling), not the schedule it ran.
+        'args': {k: args[k] for k in ('model', 'num_classes', 'in_chans') if k in args},
+        'metric': checkpoint.get('metric'), 'original': True,
+    }
+    if isinstance(checkpoint.get('state_dict_ema'), dict):
+        out['state_dict_ema'] = extract_state_dict(checkpoint['state_dict_ema'], use_ema=False,
+                                                   source=f'checkpoint {path}')
+    scaler = checkpoint.get('amp_scaler')
+    if isinstance(scaler, dict):
+        out['scaler'] = scaler
+    return out
+
+
 def read_training_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint written by train.py (``--resume``); errors are one-line :class:`CheckpointError`."""
+    """Read a checkpoint written by train.py (``--resume``), or by the original release's train.py (converted
+    with :func:`from_original`); errors are one-line :class:`CheckpointError`."""
+    import argparse
     from models import CheckpointError, read_checkpoint_file
-    checkpoint = read_checkpoint_file(path)
+    # weights_only=True, with one class allowed beyond plain data: the original's saver stores the parsed
+    # command line as an argparse.Namespace.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'optimizer' not in checkpoint:
         raise CheckpointError(f'checkpoint {path} is not a training checkpoint of train.py (no optimizer '
                               f'state); use --finetune {path} to start a new run from its weights')
+    if is_original_checkpoint(checkpoint):
+        return from_original(checkpoint, path)
     version = checkpoint.get('version')
     if version != CHECKPOINT_VERSION:
         raise CheckpointError(f'checkpoint {path} has format version {version}, this train.py reads '
@@ -190,12 +242,52 @@ class CheckpointSaver:
         if self.ranking_ema is not None:
             self.ranking_ema.keep(self.last_path, epoch, new_ema)
 
-    def save_recovery(self, state: Dict[str, Any]) -> None:
-        """Write ``last.pth`` mid-epoch (preemption): best-k unchanged."""
+    @property
+    def recovery_path(self) -> str:
+        return os.path.join(self.output_dir, RECOVERY_NAME)
+
+    def save_recovery(self, state: Dict[str, Any], path: Optional[str] = None) -> None:
+        """Write a mid-epoch checkpoint, best-k unchanged: ``last.pth`` (preemption) or ``path``
+        (``recovery.pth`` every ``--recovery-interval`` updates, replacing the previous one)."""
         state['best_k'] = [[m, e] for m, e in self.ranking.entries]
         if self.ranking_ema is not None:
             state['best_k_ema'] = [[m, e] for m, e in self.ranking_ema.entries]
-        atomic_save(state, self.last_path)
+        atomic_save(state, path or self.last_path)
+
+    def drop_recovery(self) -> None:
+        """Remove ``recovery.pth`` once a newer ``last.pth`` holds the run."""
+        if os.path.exists(self.recovery_path):
+            os.remove(self.recovery_path)
+
+
+RECOVERY_NAME = 'recovery.pth'
+
+
+def _progress(path: str) -> Optional[Tuple[int, int, int]]:
+    """``(epoch, step_in_epoch, global_step)`` of a training checkpoint; None when unreadable."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 -- any unreadable file just does not compete (atomic writes make it rare)
+        return None
+    if not isinstance(ckpt, dict) or 'epoch' not in ckpt:
+        return None
+    return int(ckpt['epoch']), int(ckpt.get('step_in_epoch', 0)), int(ckpt.get('global_step', 0))
+
+
+def newest_checkpoint(output_dir: str) -> str:
+    """``--resume auto``: the one of ``last.pth`` and ``recovery.pth`` in ``output_dir`` that is furthest into
+    the run ('' when neither exists)."""
+    found = []
+    for name in ('last.pth', RECOVERY_NAME):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            progress = _progress(path)
+            if progress is not None:
+                found.append((progress, name == 'last.pth', path))  # a tie goes to last.pth
+    if not found:
+        last = os.path.join(output_dir, 'last.pth')
+        return last if os.path.isfile(last) else ''  # unreadable: let --resume name the problem
+    return max(found)[2]
 
 
 def training_state(args, *, epoch: int, step_in_epoch: int, global_step: int, model, optimizer, scheduler,
@@ -238,6 +330,7 @@ class ResumePoint:
     nonfinite_skipped: int = 0
     summary: List[Dict[str, Any]] = field(default_factory=list)
     rng: Optional[List[Any]] = None
+    rank_bn: Optional[List[Any]] = None  # mid-epoch: every rank's BatchNorm running statistics
     best_k: List[Tuple[float, int]] = field(default_factory=list)
     best_k_ema: List[Tuple[float, int]] = field(default_factory=list)
     checkpoint_args: Dict[str, Any] = field(default_factory=dict)
@@ -326,7 +419,7 @@ def restore_training_state(path: str, args, *, model, optimizer, scheduler, ema=
         scheduler.load_state_dict(ckpt['scheduler'])
     point = ResumePoint(
         epoch=int(ckpt['epoch']), step=int(ckpt.get('step_in_epoch', 0)), epoch_stats=ckpt.get('epoch_stats'),
-        nonfinite_skipped=int(ckpt.get('nonfinite_skipped', 0)), rng=ckpt.get('rng'),
+        nonfinite_skipped=int(ckpt.get('nonfinite_skipped', 0)), rng=ckpt.get('rng'), rank_bn=ckpt.get('rank_bn'),
         best_k=[(float(m), int(e)) for m, e in ckpt.get('best_k', [])],
         best_k_ema=[(float(m), int(e)) for m, e in ckpt.get('best_k_ema', [])],
         checkpoint_args=old_args, schedule_changes=changes)
@@ -344,6 +437,11 @@ def restore_training_state(path: str, args, *, model, optimizer, scheduler, ema=
         point.step -= point.step % args.grad_accum_steps  # at an optimizer-update boundary
     if point.step >= batches_per_epoch:
         point.step = 0  # the data changed; restart the epoch
+    if ckpt.get('original'):
+        _logger.info('%s was written by the original release\'s train.py: weights, optimizer%s%s restored; the '
+                     'schedule of the command line continues at epoch %d', path,
+                     ', EMA' if 'state_dict_ema' in ckpt else '', ', loss scaler' if 'scaler' in ckpt else '',
+                     point.epoch + 1)
     _logger.info('Resumed %s: %d epochs done%s', path, point.epoch,
                  f', {point.step} batches into epoch {point.epoch + 1}' if point.step else '')
     if changes:

@@ -17,7 +17,7 @@ __all__ = ['build_train_parser', 'check_train_args', 'args_to_yaml', 'RUN_FILES'
 
 # Files that mark a directory as holding a run that made progress (refused as --output unless --resume or
 # --overwrite). A run that stopped before its first checkpoint leaves only STALE_FILES, which a new run replaces.
-RUN_FILES = ('last.pth', 'model_best.pth', 'model_best_ema.pth', 'summary.csv', 'checkpoints_ema')
+RUN_FILES = ('last.pth', 'recovery.pth', 'model_best.pth', 'model_best_ema.pth', 'summary.csv', 'checkpoints_ema')
 STALE_FILES = ('args.yaml', 'log.txt', 'curves.png')
 
 
@@ -37,16 +37,25 @@ def build_train_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Data')
     group.add_argument('--data-dir', default='', metavar='DIR',
-                       help='dataset root holding train/ and val/ (or validation/) class folders')
-    group.add_argument('--train-split', default='train', metavar='NAME', help='training folder inside --data-dir')
+                       help='dataset root holding train/ and val/ (or validation/) class folders (or '
+                            'train.tar / val.tar); with wds/: the shards\' folder; with hfds/: the cache folder')
+    group.add_argument('--dataset', default='', metavar='NAME',
+                       help='empty: image folders (or tar files) in --data-dir; wds/NAME: webdataset shards, '
+                            'hfds/NAME: a Hugging Face dataset, through timm\'s dataset factory (docs/training.md)')
+    group.add_argument('--train-split', default='train', metavar='NAME',
+                       help='training split (folder inside --data-dir, or the wds/hfds split name)')
     group.add_argument('--val-split', default='val', metavar='NAME',
-                       help='validation folder inside --data-dir (val also finds validation/)')
+                       help='validation split (val also finds validation/)')
+    group.add_argument('--class-map', default='', metavar='FILE',
+                       help='class name -> index file (one name per line, or name index) for tar, wds and hfds')
     group.add_argument('-b', '--batch-size', default=128, type=int, metavar='N', help='batch size per process')
     group.add_argument('--global-batch-size', default=None, type=int, metavar='N',
                        help='total batch over processes and accumulation steps; sets -b (must divide evenly)')
     group.add_argument('-vb', '--validation-batch-size', default=None, type=int, metavar='N',
                        help='validation batch size per process; None: -b')
     group.add_argument('-j', '--workers', default=8, type=int, metavar='N', help='data loading processes per GPU')
+    group.add_argument('--persistent-workers', action=argparse.BooleanOptionalAction, default=True,
+                       help='keep loader workers across epochs (as the original) instead of starting them anew')
     group.add_argument('--pin-mem', action=argparse.BooleanOptionalAction, default=False,
                        help='pin CPU memory of batches')
     group.add_argument('--skip-corrupt', action=argparse.BooleanOptionalAction, default=False,
@@ -144,7 +153,15 @@ def build_train_parser() -> argparse.ArgumentParser:
     group.add_argument('--overwrite', action='store_true', default=False,
                        help='replace a previous run in --output')
     group.add_argument('--resume', default='', metavar='PATH',
-                       help='continue a run from its checkpoint (last.pth); "auto": OUTPUT/last.pth when it exists')
+                       help='continue a run from its checkpoint (last.pth, recovery.pth, or the original '
+                            'release\'s last.pth.tar); "auto": the newer of OUTPUT/last.pth and OUTPUT/recovery.pth '
+                            'when one exists')
+    group.add_argument('--recovery-interval', default=0, type=int, metavar='N',
+                       help='also write recovery.pth every N optimizer updates (0: only at epoch ends and on '
+                            'preemption); --resume auto takes the newer of last.pth and recovery.pth')
+    group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
+                       help='after each epoch, make BatchNorm statistics equal on all processes: reduce averages '
+                            'them, broadcast copies rank 0\'s, "" leaves them (as the original; no-op with SyncBN)')
     group.add_argument('--checkpoint-hist', default=3, type=int, metavar='K',
                        help='best checkpoints to keep (and as many by EMA top-1 with --model-ema)')
     group.add_argument('--eval-metric', default='top1', choices=('top1', 'ema_top1'),
@@ -206,6 +223,8 @@ def check_train_args(args: argparse.Namespace) -> None:
     if args.apex_amp:
         raise UsageError('--apex-amp: NVIDIA Apex is not supported; --native-amp (or --amp) gives the same float16 '
                          'mixed precision with torch\'s loss scaler')
+    if args.recovery_interval < 0:
+        _fail('--recovery-interval', f'must be >= 0, got {args.recovery_interval}')
     if args.nonfinite_limit < 0:
         _fail('--nonfinite-limit', f'must be >= 0, got {args.nonfinite_limit}')
     if args.ckpt_stg is not None:
@@ -213,8 +232,11 @@ def check_train_args(args: argparse.Namespace) -> None:
             _fail('--ckpt-stg', f'needs 4 numbers >= 0 (blocks per stage), got {" ".join(map(str, args.ckpt_stg))}')
         if any(args.ckpt_stg) and not args.grad_checkpoint:
             args.grad_checkpoint = True  # the stage counts only mean something under checkpointing
-    if not args.data_dir:
+    if not args.data_dir and not args.dataset.lower().startswith('hfds/'):
         raise UsageError('--data-dir is required (a folder holding train/ and val/ class folders)')
+    if args.dataset and args.dataset.split('/')[0].lower() not in ('wds', 'hfds'):
+        raise UsageError(f'--dataset {args.dataset}: use wds/NAME (webdataset shards) or hfds/NAME (a Hugging Face '
+                         f'dataset); image folders and tar files need no --dataset')
 
 
 def run_files_in(folder: str) -> List[str]:

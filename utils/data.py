@@ -11,11 +11,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler
 
 __all__ = [
     'DataError', 'IMG_EXTENSIONS', 'resolve_split', 'build_image_folder', 'ImageFolderDataset',
-    'check_same_classes', 'ResumableSampler', 'EvalShardSampler', 'seed_worker',
+    'check_same_classes', 'ResumableSampler', 'EvalShardSampler', 'seed_worker', 'EpochSeed',
+    'split_tar', 'build_timm_dataset', 'dataset_classes', 'is_streamed', 'samples_per_rank',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -263,3 +264,132 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def epoch_worker_seed(seed: int, epoch: int, rank: int, worker_id: int) -> int:
+    """The seed of one loader worker's random streams for one epoch."""
+    return (seed * 1000003 + epoch * 1009 + rank * 101 + worker_id) % 2 ** 31
+
+
+class EpochSeed:
+    """Re-seeds each loader worker's python / numpy / torch random streams at the start of every epoch, from
+    ``(seed, epoch, rank, worker)``: persistent workers (kept across epochs) then draw the same augmentation
+    as workers started afresh each epoch, and a run resumed at an epoch boundary repeats it exactly.
+
+    Wraps the dataset's transform; the epoch lives in shared memory, so the main process's
+    :meth:`set_epoch` reaches workers that were started earlier. Without worker processes it does nothing
+    (the main process's streams are part of the checkpoint).
+
+    Args:
+        transform: the per-image transform to call.
+        seed: the run's ``--seed``.
+        rank: this process.
+    """
+
+    def __init__(self, transform: Callable, seed: int, rank: int = 0):
+        import multiprocessing
+        self.transform = transform
+        self.seed = seed
+        self.rank = rank
+        self._epoch = multiprocessing.Value('i', 0, lock=False)
+        self._seeded_for = -1  # per worker (each holds its own copy of this attribute)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
+
+    def __call__(self, img):
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._seeded_for != self._epoch.value:
+            self._seeded_for = self._epoch.value
+            s = epoch_worker_seed(self.seed, self._seeded_for, self.rank, info.id)
+            random.seed(s)
+            np.random.seed(s)
+            torch.manual_seed(s)
+        return self.transform(img)
+
+
+# --- timm's dataset factory: tar files, webdataset shards, Hugging Face datasets ----------------------------
+
+# The package each --dataset prefix needs (imported on use: the image folder path needs neither).
+_PREFIX_PACKAGES = {'wds': 'webdataset', 'hfds': 'datasets'}
+
+
+def split_tar(data_dir: str, split: str) -> Optional[str]:
+    """``data_dir`` itself when it is a .tar file, else ``data_dir/<split>.tar`` (``val`` also finds
+    ``validation.tar``) when there is no ``<split>/`` folder; None otherwise (an image folder)."""
+    if os.path.isfile(data_dir) and data_dir.endswith('.tar'):
+        return data_dir
+    if not os.path.isdir(data_dir):
+        return None
+    names = _SPLIT_DIRS.get(split, (split,))
+    if any(os.path.isdir(os.path.join(data_dir, n)) for n in names):
+        return None
+    for name in names:
+        path = os.path.join(data_dir, f'{name}.tar')
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def build_timm_dataset(name: str, root: str, split: str, *, is_training: bool, class_map: str = '',
+                       batch_size: int = 1, seed: int = 42, num_workers: int = 0):
+    """A dataset from timm's ``create_dataset``: ``name`` '' with ``root`` a .tar file (image tar),
+    ``wds/NAME`` (webdataset shards in ``root``, an ``IterableDataset`` that splits its shards over processes
+    and workers itself) or ``hfds/NAME`` (a Hugging Face dataset, ``root`` its cache folder).
+
+    Args:
+        name: ``--dataset``.
+        root: ``--data-dir``.
+        split: ``--train-split`` / ``--val-split``.
+        is_training: shuffle shards and samples (wds).
+        class_map: ``--class-map`` file.
+        batch_size: per process; a streamed epoch is a whole number of batches per worker.
+        seed: shard shuffling seed, the same on every process (wds).
+        num_workers: loader workers per process (a streamed epoch's length depends on it).
+    """
+    from timm.data import create_dataset
+    prefix = name.partition('/')[0].lower() if '/' in name else ''
+    package = _PREFIX_PACKAGES.get(prefix)
+    if package is not None:
+        import importlib.util
+        if importlib.util.find_spec(package) is None:
+            raise DataError(f'--dataset {name} needs the {package} package: pip install {package}')
+    if class_map and not os.path.isfile(class_map):
+        raise DataError(f'--class-map {class_map} does not exist')
+    if prefix != 'hfds' and root and not os.path.exists(root):
+        raise DataError(f'data directory {root} does not exist')
+    what = f'--dataset {name}' if name else root
+    try:
+        ds = create_dataset(name, root=root or None, split=split, is_training=is_training,
+                            class_map=class_map or None, batch_size=batch_size, seed=seed)
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError, AssertionError) as e:
+        # timm and its readers raise these for a missing split, shard list or info file
+        detail = ' '.join(str(e).split())[:300]
+        raise DataError(f'{what}: cannot read split {split!r} from {root or "the Hugging Face cache"} ({detail})') \
+            from None
+    if isinstance(ds, IterableDataset):
+        ds.set_loader_cfg(num_workers=num_workers)
+    if len(ds) == 0:
+        raise DataError(f'{what}: split {split!r} in {root} holds no samples')
+    return ds
+
+
+def dataset_classes(dataset) -> Dict[str, int]:
+    """Class name -> index of any of our or timm's datasets ({} when the data does not say)."""
+    if hasattr(dataset, 'class_to_idx'):
+        return dict(dataset.class_to_idx)
+    reader = getattr(dataset, 'reader', None)
+    # timm's readers: class_to_idx (folder, hfds, wds with a class map), class_name_to_idx (image tar)
+    return dict(getattr(reader, 'class_to_idx', None) or getattr(reader, 'class_name_to_idx', None) or {})
+
+
+def is_streamed(dataset) -> bool:
+    """Whether ``dataset`` is read as a stream (no random access: no sampler, resume at epoch granularity)."""
+    return isinstance(dataset, IterableDataset)
+
+
+def samples_per_rank(dataset, world_size: int) -> int:
+    """Training samples one process reads per epoch."""
+    if is_streamed(dataset):
+        return math.ceil(getattr(dataset.reader, 'num_samples', 0) / world_size)
+    return math.ceil(len(dataset) / world_size)

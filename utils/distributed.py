@@ -11,7 +11,10 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ['DistInfo', 'init_distributed', 'barrier', 'all_reduce_sum', 'all_gather_objects', 'any_true', 'cleanup']
+__all__ = [
+    'DistInfo', 'init_distributed', 'barrier', 'all_reduce_sum', 'all_gather_objects', 'any_true',
+    'distribute_bn_stats', 'cleanup',
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -104,6 +107,23 @@ def all_gather_objects(obj: Any, info: DistInfo) -> List[Any]:
     out: List[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def distribute_bn_stats(modules, info: DistInfo, mode: str) -> bool:
+    """``--dist-bn``: make the BatchNorm running statistics of ``modules`` equal on all processes with timm's
+    ``distribute_bn``: 'reduce' averages them, 'broadcast' copies rank 0's; '' leaves them. SyncBatchNorm keeps
+    them equal already (nothing to do). Returns whether anything was done.
+
+    Without it each process keeps the statistics of its own shard of the data, and rank 0 saves its own."""
+    if not info.distributed or not mode:
+        return False
+    modules = [m for m in modules if m is not None]
+    if any(isinstance(sub, torch.nn.SyncBatchNorm) for m in modules for sub in m.modules()):
+        return False
+    from timm.utils import distribute_bn
+    for m in modules:
+        distribute_bn(m, info.world_size, reduce=mode == 'reduce')
+    return True
 
 
 def cleanup() -> None:

@@ -11,6 +11,7 @@ The pieces live beside this file: ``train_setup`` builds (data, model, optimizer
 import argparse
 import csv
 import io
+import itertools
 import logging
 import math
 import os
@@ -27,7 +28,9 @@ from .checkpoint import (
 )
 from .cli import apply_na2d_backend, parse_args_with_config
 from .config import args_to_yaml, build_train_parser, check_train_args
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier, cleanup, init_distributed
+from .distributed import (
+    DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier, cleanup, distribute_bn_stats, init_distributed,
+)
 from . import train_setup as setup
 from .train_step import (
     NonFiniteGuard, NonFiniteLoss, Preemption, ProgressLog, accumulation_group, autocast, close_loader,
@@ -132,19 +135,31 @@ class Trainer:
         if self.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             self.mixup.mixup_enabled = False
         start = self.resume.step if epoch == self.resume.epoch else 0
-        self.loaders.sampler.set_epoch(epoch)
-        self.loaders.sampler.set_start(start * args.batch_size)
+        self.loaders.set_epoch(epoch, start * args.batch_size)
         self.loaders.generator.manual_seed(args.seed * 1000003 + epoch * 1009 + info.rank)
         # loss_sum, aux_sum, batches (restored for a run resumed mid-epoch so the epoch means stay exact)
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
-        if start and self.resume.epoch_stats:
-            stats += torch.tensor(self.resume.epoch_stats, dtype=torch.float64, device=self.device)
+        saved = self.resume.epoch_stats
+        if saved and isinstance(saved[0], (list, tuple)):  # one row per rank
+            saved = saved[info.rank] if len(saved) == info.world_size else None
+        if start and saved:
+            stats += torch.tensor(saved, dtype=torch.float64, device=self.device)
         t_epoch = time.time()
-        batches = iter(self.loaders.train)
+        batches = loader_iter = iter(self.loaders.train)
+        if self.loaders.streamed:
+            if start:
+                _logger.info('Streamed dataset: epoch %d restarts its shard stream (shard order of this epoch) and '
+                             'trains its remaining %d of %d batches; model, optimizer, schedule and step count are '
+                             'restored exactly, the images of the batches done before are not skipped',
+                             epoch + 1, self.loaders.batches_per_epoch - start, self.loaders.batches_per_epoch)
+            batches = itertools.islice(batches, self.loaders.batches_per_epoch - start)
+        finished = False
         try:
             result = self._train_batches(epoch, start, batches, stats)
+            finished = result is not None
         finally:
-            close_loader(batches)
+            if not (finished and self.loaders.persistent):  # persistent workers serve the next epoch too
+                close_loader(loader_iter)
         if result is not None:
             result['epoch_time'] = time.time() - t_epoch
         return result
@@ -227,8 +242,11 @@ class Trainer:
                 log.reset()
             if self._preempt_requested(update_idx, last, preempt_every):
                 self.guard.check()
-                self._save_recovery(epoch, i + 1, stats.tolist())
+                self._save_recovery(epoch, i + 1, stats)
                 return None
+            if args.recovery_interval and not last and self.global_step % args.recovery_interval == 0:
+                self.guard.check()  # never save weights a non-finite loss spoiled
+                self._save_periodic_recovery(epoch, i + 1, stats)
             t_data = time.time()
 
         self.guard.check()
@@ -246,7 +264,7 @@ class Trainer:
     # --- outputs -------------------------------------------------------------------------------------------
 
     def _checkpoint_state(self, epoch: int, step_in_epoch: int, metric: Optional[float],
-                          epoch_stats: Optional[List[float]] = None) -> Dict[str, Any]:
+                          epoch_stats: Optional[List[List[float]]] = None) -> Dict[str, Any]:
         """Everything resume needs; gathers every rank's RNG states (all ranks must call this)."""
         return training_state(
             self.args, epoch=epoch, step_in_epoch=step_in_epoch, global_step=self.global_step, model=self.model,
@@ -278,8 +296,46 @@ class Trainer:
         except (ImportError, OSError, ValueError) as e:  # a plot must never stop a run
             _logger.warning('could not draw curves.png: %s', e)
 
-    def _save_recovery(self, epoch: int, step_in_epoch: int, stats: List[float]) -> None:
-        state = self._checkpoint_state(epoch, step_in_epoch, None, epoch_stats=stats)
+    def _bn_modules(self) -> Dict[str, nn.Module]:
+        return {'model': self.model, **({'ema': self.ema.module} if self.ema is not None else {})}
+
+    def _rank_bn(self) -> Optional[List[Dict[str, Dict[str, torch.Tensor]]]]:
+        """Every rank's BatchNorm running statistics (mid-epoch they differ per rank, and ``--dist-bn``
+        averages them at the epoch's end, so each rank must resume its own)."""
+        if not self.info.distributed:
+            return None
+        mine = {key: {n: b.detach().cpu() for n, b in m.named_buffers() if 'running_' in n}
+                for key, m in self._bn_modules().items()}
+        return all_gather_objects(mine, self.info)
+
+    def _restore_rank_bn(self) -> None:
+        saved = self.resume.rank_bn
+        if not saved or len(saved) != self.info.world_size:
+            return
+        for key, m in self._bn_modules().items():
+            buffers = dict(m.named_buffers())
+            for name, value in saved[self.info.rank].get(key, {}).items():
+                if name in buffers:
+                    buffers[name].copy_(value)
+
+    def _epoch_stats(self, stats: torch.Tensor) -> List[List[float]]:
+        """Every rank's partial epoch sums (each rank resumes its own)."""
+        return all_gather_objects(stats.tolist(), self.info)
+
+    def _save_periodic_recovery(self, epoch: int, step_in_epoch: int, stats: torch.Tensor) -> None:
+        """``--recovery-interval``: ``recovery.pth`` mid-epoch (the newest only), for a hard kill, which leaves
+        no time to save; training goes on."""
+        state = self._checkpoint_state(epoch, step_in_epoch, None, epoch_stats=self._epoch_stats(stats))
+        state['rank_bn'] = self._rank_bn()
+        if self.info.is_main:
+            self.saver.save_recovery(state, self.saver.recovery_path)
+            _logger.info('Recovery checkpoint: epoch %d, batch %d of %d (%s)', epoch + 1, step_in_epoch,
+                         self.loaders.batches_per_epoch, self.saver.recovery_path)
+        barrier(self.info)
+
+    def _save_recovery(self, epoch: int, step_in_epoch: int, stats: torch.Tensor) -> None:
+        state = self._checkpoint_state(epoch, step_in_epoch, None, epoch_stats=self._epoch_stats(stats))
+        state['rank_bn'] = self._rank_bn()
         if self.info.is_main:
             self.saver.save_recovery(state)
         barrier(self.info)
@@ -304,12 +360,20 @@ class Trainer:
                      args.output, info.world_size, args.batch_size, args.grad_accum_steps, self.global_batch, args.lr,
                      self.num_epochs, args.epochs, self.num_epochs - args.epochs, self.loaders.updates_per_epoch,
                      apply_na2d_backend(args.na2d_backend, self.device))
+        self._restore_rank_bn()
         self._restore_rng()
         self.preemption.install()
         try:
             return self._loop()
         finally:
             self.preemption.restore()
+            self.loaders.close()
+
+    def _distribute_bn(self) -> None:
+        """``--dist-bn`` after each epoch, before evaluation and saving, for the model and its EMA (as the
+        original's train.py)."""
+        distribute_bn_stats([self.model, self.ema.module if self.ema is not None else None], self.info,
+                            self.args.dist_bn)
 
     def _epoch_row(self, epoch: int, stats: Dict[str, float]) -> Dict[str, Optional[float]]:
         """Evaluate the model (and the EMA) after ``epoch``: the summary row."""
@@ -332,6 +396,7 @@ class Trainer:
             stats = self.train_one_epoch(epoch)
             if stats is None:
                 return 0  # preempted; recovery checkpoint written
+            self._distribute_bn()
             lr = float(np.mean([g['lr'] for g in self.optimizer.param_groups]))
             row = self._epoch_row(epoch, stats)
             row.update(lr=lr, epoch_time=stats['epoch_time'])
@@ -350,6 +415,7 @@ class Trainer:
             state = self._checkpoint_state(epoch + 1, 0, metric)
             if info.is_main:
                 self.saver.save_epoch(state, epoch + 1, metric, metric_ema)
+                self.saver.drop_recovery()  # last.pth is newer now
                 self._write_summary()
             barrier(info)
             ema_msg = f'  ema top1 {row["eval_ema_top1"]:.2f}' if self.ema is not None else ''

@@ -21,8 +21,8 @@ from torch import nn
 from .cli import UsageError, create_model_from_args
 from .config import STALE_FILES, run_files_in
 from .data import (
-    DataError, EvalShardSampler, ImageFolderDataset, ResumableSampler, build_image_folder, check_same_classes,
-    resolve_split,
+    DataError, EpochSeed, EvalShardSampler, ImageFolderDataset, ResumableSampler, build_image_folder,
+    build_timm_dataset, check_same_classes, dataset_classes, is_streamed, resolve_split, samples_per_rank, split_tar,
 )
 from .distributed import DistInfo, all_gather_objects, barrier
 from .train_step import worker_init
@@ -75,8 +75,8 @@ def resolve_output(args: argparse.Namespace, info: DistInfo) -> None:
     if args.resume == 'auto':
         if not args.output:
             raise UsageError('--resume auto needs --output (the run directory to continue)')
-        last = os.path.join(args.output, 'last.pth')
-        args.resume = last if os.path.isfile(last) else ''
+        from .checkpoint import newest_checkpoint
+        args.resume = newest_checkpoint(args.output)  # last.pth or a newer recovery.pth
     if args.resume:
         if not os.path.exists(args.resume):
             raise UsageError(f'--resume {args.resume} does not exist')
@@ -106,8 +106,35 @@ def resolve_output(args: argparse.Namespace, info: DistInfo) -> None:
     barrier(info)
 
 
+def _build_timm_datasets(args: argparse.Namespace):
+    """Training and validation sets of ``--dataset`` wds/hfds, or of tar files (timm's dataset factory)."""
+    common = dict(class_map=args.class_map, batch_size=args.batch_size, seed=args.seed, num_workers=args.workers)
+    sources = [split_tar(args.data_dir, s) or args.data_dir for s in (args.train_split, args.val_split)]
+    train_set = build_timm_dataset(args.dataset, sources[0], args.train_split, is_training=True, **common)
+    val_set = build_timm_dataset(args.dataset, sources[1], args.val_split, is_training=False, **common)
+    where = args.dataset or sources[0]
+    classes = dataset_classes(train_set)
+    if classes and dataset_classes(val_set) and set(dataset_classes(val_set)) != set(classes):
+        check_same_classes(list(classes), list(dataset_classes(val_set)), where)
+    if args.num_classes is None:
+        if not classes:
+            raise DataError(f'{where}: the data does not list its classes; pass --num-classes (or --class-map)')
+        args.num_classes = len(classes)
+    elif classes and args.num_classes < len(classes):
+        raise DataError(f'--num-classes {args.num_classes} but {where} has {len(classes)} classes')
+    train_set.root = val_set.root = where  # named in messages
+    if is_streamed(train_set):
+        _logger.info('%s: streamed (%d training samples); shards are split over processes and loader workers, and '
+                     'a resume restores the data at epoch granularity (a mid-epoch resume restarts that epoch\'s '
+                     'shard stream)', where, getattr(train_set.reader, 'num_samples', 0))
+    return train_set, val_set
+
+
 def build_datasets(args: argparse.Namespace) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
-    """The training and validation folders (same classes); sets ``args.num_classes`` from the data when unset."""
+    """The training and validation folders (same classes); sets ``args.num_classes`` from the data when unset.
+    ``--dataset`` wds/hfds, tar files and ``--class-map`` go through timm's dataset factory."""
+    if args.dataset or args.class_map or (args.data_dir and split_tar(args.data_dir, args.train_split)):
+        return _build_timm_datasets(args)
     train_dir = resolve_split(args.data_dir, args.train_split)
     val_dir = resolve_split(args.data_dir, args.val_split)
     train_set = build_image_folder(train_dir, skip_corrupt=args.skip_corrupt)
@@ -152,9 +179,9 @@ def resolve_batch(args: argparse.Namespace, info: DistInfo, train_set: ImageFold
         _logger.info('--auto-lr: lr = %g x global batch %d / %d = %g; --lr %g is not used (as in the original)',
                      args.lr_base, global_batch, args.lr_base_size, lr, args.lr)
     args.lr = lr
-    per_rank = math.ceil(len(train_set) / info.world_size)
+    per_rank = samples_per_rank(train_set, info.world_size)
     if per_rank < args.batch_size:
-        raise DataError(f'{train_set.root} has {len(train_set)} images, fewer than one batch of '
+        raise DataError(f'{train_set.root} has {per_rank * info.world_size} images, fewer than one batch of '
                         f'{args.batch_size} per process x {info.world_size} processes; lower -b')
     return global_batch
 
@@ -317,10 +344,33 @@ class Loaders:
     """The run's loaders and what the loop needs to drive them."""
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader
-    sampler: ResumableSampler
+    sampler: Optional[ResumableSampler]  # None for a streamed dataset (it splits its shards itself)
     generator: torch.Generator  # re-seeded every epoch: worker seeds follow (seed, epoch, rank)
     batches_per_epoch: int
     updates_per_epoch: int
+    epoch_seed: Optional[EpochSeed] = None  # re-seeds the workers' augmentation every epoch
+    persistent: bool = False  # workers kept across epochs
+
+    @property
+    def streamed(self) -> bool:
+        return self.sampler is None
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Point the sampler (or the shard stream) and the workers' seeds at ``epoch``; ``start``: samples of
+        this process to skip (a mid-epoch resume; map-style datasets only)."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+            self.sampler.set_start(start)
+        elif hasattr(self.train.dataset, 'set_epoch'):
+            self.train.dataset.set_epoch(epoch)  # shared with the workers: the shard order of this epoch
+        if self.epoch_seed is not None:
+            self.epoch_seed.set_epoch(epoch)
+
+    def close(self) -> None:
+        """Stop persistent workers (they ignore SIGTERM, so interpreter exit must not be left to do it)."""
+        from .train_step import close_loader
+        for loader in (self.train, self.val):
+            close_loader(getattr(loader, '_iterator', None))  # the iterator a persistent loader keeps
 
 
 def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: ImageFolderDataset,
@@ -339,17 +389,31 @@ def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: ImageFold
     val_set.transform = build_eval_transform(
         cfg['input_size'], interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
         crop_pct=cfg['crop_pct'], use_prefetcher=True)
-    sampler = ResumableSampler(len(train_set), info.world_size, info.rank, True, args.seed)
+    epoch_seed = EpochSeed(train_set.transform, args.seed, info.rank)
+    train_set.transform = epoch_seed
     generator = torch.Generator()
+    persistent = args.workers > 0 and args.persistent_workers
     common = dict(num_workers=args.workers, pin_memory=args.pin_mem and info.device.type == 'cuda',
-                  worker_init_fn=worker_init, generator=generator, collate_fn=fast_collate)
-    train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                        **common)
-    val = torch.utils.data.DataLoader(
-        val_set, batch_size=args.validation_batch_size or args.batch_size,
-        sampler=EvalShardSampler(len(val_set), info.world_size, info.rank), **common)
-    batches = sampler.per_replica // args.batch_size
-    return Loaders(train, val, sampler, generator, batches, math.ceil(batches / args.grad_accum_steps))
+                  worker_init_fn=worker_init, generator=generator, collate_fn=fast_collate,
+                  persistent_workers=persistent)
+    val_batch = args.validation_batch_size or args.batch_size
+    if is_streamed(train_set):
+        # The shard reader splits shards over processes and workers and sizes the epoch in whole batches.
+        for ds, batch in ((train_set, args.batch_size), (val_set, val_batch)):
+            ds.reader.batch_size = batch
+            ds.set_loader_cfg(num_workers=args.workers)
+        sampler = None
+        train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, drop_last=True, **common)
+        batches = len(train_set) // args.batch_size
+    else:
+        sampler = ResumableSampler(len(train_set), info.world_size, info.rank, True, args.seed)
+        train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                                            drop_last=True, **common)
+        batches = sampler.per_replica // args.batch_size
+    val_sampler = None if is_streamed(val_set) else EvalShardSampler(len(val_set), info.world_size, info.rank)
+    val = torch.utils.data.DataLoader(val_set, batch_size=val_batch, sampler=val_sampler, **common)
+    return Loaders(train, val, sampler, generator, batches, math.ceil(batches / args.grad_accum_steps),
+                   epoch_seed=epoch_seed, persistent=persistent)
 
 
 def build_device_augment(args: argparse.Namespace, data_config: Dict[str, Any], device: torch.device,

@@ -319,8 +319,9 @@ def evaluate(model: nn.Module, loader, info: DistInfo, amp_context: Callable, nu
             sums[1] += hit[:, :1].sum()
             sums[2] += hit.sum()
             sums[3] += y.numel()
-    finally:
-        close_loader(batches)
+    except BaseException:
+        close_loader(batches)  # an exhausted iterator stops its own workers (unless they persist)
+        raise
     all_reduce_sum(sums, info)
     loss, top1, top5, count = sums.tolist()
     count = max(count, 1.0)
