@@ -13,7 +13,7 @@ import models  # noqa: F401  (registers the overlock models)
 from models.ops import na2d_av
 from scripts import benchmark
 from tests.helpers import REPO, TINY_KWARGS, tiny_cli_kwargs
-from utils.flops import count_macs
+from utils.measure.macs import count_macs
 from utils.measure import contmix_calls, depthwise_convs, dtype_name, parse_dtype, time_ms
 from utils.measure.ops import time_depthwise_convs, time_na2d
 

@@ -3,7 +3,7 @@ and the GPU report. The command lines over it are ``python -m scripts.benchmark`
 ``python -m scripts.gpu_report``.
 
 Modules: ``timing`` (the timer), ``dtypes``, ``shapes`` (ContMix and depthwise-conv calls of a variant),
-``ops`` (op-level timing), ``model`` (images/s, memory, profiler), ``loader`` (input-pipeline throughput),
+``ops`` (op-level timing), ``macs`` (multiply-accumulate counter), ``model`` (images/s, memory, profiler), ``loader`` (input-pipeline throughput),
 ``report`` (the GPU report, which includes the static cost model of ``static_gpu`` where that module exists).
 """
 from .dtypes import DTYPES, dtype_name, parse_dtype
