@@ -18,7 +18,7 @@ import torch
 
 from utils.cli import UsageError, run_cli
 from utils.evaluate import (
-    amp_dtype, append_results, build_model, eval_dataset, evaluate, expand_model_names, is_deploy, markdown_table,
+    amp_dtype, append_results, build_eval_model, eval_dataset, evaluate, expand_model_names, is_deploy, markdown_table,
 )
 
 _logger = logging.getLogger('validate')
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
     results = []
     for name, ckpt in zip(names, checkpoints):
-        model = build_model(name, checkpoint=ckpt, pretrained=args.pretrained, use_ema=args.use_ema,
+        model = build_eval_model(name, checkpoint=ckpt, pretrained=args.pretrained, use_ema=args.use_ema,
                             num_classes=args.num_classes, model_kwargs=args.model_kwargs)
         arch = model.pretrained_cfg.get('architecture', name)
         if args.reparam:

@@ -45,7 +45,7 @@ def expand_model_names(names: List[str]) -> List[str]:
     return out
 
 
-def build_model(
+def build_eval_model(
         name: str,
         checkpoint: Optional[str] = None,
         pretrained: bool = False,
