@@ -14,7 +14,7 @@ from models.ops import na2d_av
 from scripts import benchmark
 from tests.helpers import REPO, TINY_KWARGS, tiny_cli_kwargs
 from utils.measure.macs import count_macs
-from utils.measure import contmix_calls, depthwise_convs, dtype_name, parse_dtype, time_ms
+from utils.measure import depthwise_convs, dtype_name, na2d_calls, parse_dtype, time_ms
 from utils.measure.ops import time_depthwise_convs, time_na2d
 
 
@@ -62,11 +62,11 @@ def test_timer_reports_per_call_time():
 
 
 @pytest.mark.parametrize('name', ['overlock_xt', 'overlock_t', 'overlock_s', 'overlock_b'])
-def test_contmix_calls_follow_the_variant(name):
+def test_na2d_calls_follow_the_variant(name):
     """Read off the model: two calls per ContMix block (windows s and K), value [G, H, W, dim / (2 G)],
     the Focus-Net's stage 3 at 224 / 16 and stage 4 at 224 / 32."""
     from models.contmix import DynamicConvBlock
-    calls = contmix_calls(name)
+    calls = na2d_calls(name)
     with torch.device('meta'):
         model = timm.create_model(name)
     expected = Counter()
@@ -79,8 +79,8 @@ def test_contmix_calls_follow_the_variant(name):
     assert Counter({(c.groups, c.height, c.width, c.channels, c.kernel_size): c.calls for c in calls}) == expected
 
 
-def test_contmix_calls_of_a_tiny_variant_at_small_input():
-    calls = contmix_calls('overlock_xt', 32, **TINY_KWARGS)
+def test_na2d_calls_of_a_tiny_variant_at_small_input():
+    calls = na2d_calls('overlock_xt', 32, **TINY_KWARGS)
     # 32 px: maps of 2x2 and 1x1 are upsampled to the window size before the aggregation
     assert {(c.height, c.kernel_size) for c in calls} == {(13, 13), (13, 5), (7, 7), (7, 5)}
     assert all(c.calls == 1 for c in calls)
@@ -101,7 +101,7 @@ def test_depthwise_conv_census_and_timing():
 
 
 def test_time_na2d_rows_and_bytes():
-    call = contmix_calls('overlock_xt', 32, **TINY_KWARGS)[-1]
+    call = na2d_calls('overlock_xt', 32, **TINY_KWARGS)[-1]
     rows = time_na2d(call, 2, torch.float32, torch.device('cpu'), ['torch', 'loop'], warmup=0, repeat=1)
     assert [r['backend'] for r in rows] == ['torch', 'loop']
     b, g, h, w, c = call.value_shape(2)

@@ -24,8 +24,8 @@ def _calls():
     """OverLoCK-T's distinct ContMix calls at 224 px, read off the model (only where the tests can run)."""
     if not torch.cuda.is_available():
         return []
-    from utils.measure.shapes import contmix_calls
-    return contmix_calls('overlock_t')
+    from utils.measure.shapes import na2d_calls
+    return na2d_calls('overlock_t')
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

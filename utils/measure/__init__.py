@@ -7,8 +7,8 @@ Modules: ``timing`` (the timer), ``dtypes``, ``shapes`` (ContMix and depthwise-c
 ``report`` (the GPU report, which includes the static cost model of ``static_gpu`` where that module exists).
 """
 from .dtypes import DTYPES, dtype_name, parse_dtype
-from .shapes import DWConv, Na2dCall, contmix_calls, depthwise_convs
+from .shapes import DWConv, Na2dCall, depthwise_convs, na2d_calls
 from .timing import Timing, synchronize, time_ms
 
-__all__ = ['DTYPES', 'dtype_name', 'parse_dtype', 'DWConv', 'Na2dCall', 'contmix_calls', 'depthwise_convs',
+__all__ = ['DTYPES', 'dtype_name', 'parse_dtype', 'DWConv', 'Na2dCall', 'depthwise_convs', 'na2d_calls',
            'Timing', 'synchronize', 'time_ms']
