@@ -275,7 +275,7 @@ def test_pretrained_cfg(name, crop):
 
 def test_unknown_model_name_lists_overlock_models():
     with pytest.raises(ValueError, match='overlock_xt.*overlock_b_reparam'):
-        models.create_model('overlock_xxl')
+        models.create_overlock('overlock_xxl')
 
 
 def test_kernel_size_without_table():
