@@ -28,7 +28,8 @@ def _calls():
     return na2d_calls('overlock_t')
 
 
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+def _norm_rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| over the whole tensor (Frobenius norm, float64)."""
     x, ref = x.detach().double(), ref.detach().double()
     return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
@@ -63,7 +64,7 @@ def test_triton_matches_float64_reference(call, fused, dtype, batch, record_prop
         names = ('logits', 'rpb', 'value') if fused else ('attn', 'value')
         results += [(f'grad {n}', g, r) for n, g, r in zip(names, grads, ref_grads)]
     bound = BOUNDS[dtype]
-    errors = {what: _rel_err(x, r) for what, x, r in results}
+    errors = {what: _norm_rel_err(x, r) for what, x, r in results}
     record_property('shape', call.label)
     record_property('worst_rel_err', max(errors.values()))
     record_property('bound', bound)
