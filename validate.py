@@ -18,8 +18,9 @@ import torch
 
 from utils.cli import UsageError, run_cli
 from utils.evaluate import (
-    amp_dtype, append_results, build_eval_model, eval_dataset, evaluate, expand_model_names, is_deploy, markdown_table,
+    append_results, build_eval_model, eval_dataset, evaluate, expand_model_names, is_deploy, markdown_table,
 )
+from utils.measure.dtypes import dtype_name, parse_dtype
 
 _logger = logging.getLogger('validate')
 TABLE_COLUMNS = ['model', 'checkpoint', 'top1', 'top5', 'loss', 'images_per_sec', 'img_size', 'crop_pct', 'reparam',
@@ -50,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('-j', '--workers', type=int, default=4)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', action='store_true', help='mixed precision')
-    p.add_argument('--amp-dtype', default='bfloat16', help='float16 or bfloat16')
+    p.add_argument('--amp-dtype', default='bfloat16', type=dtype_name, help='bfloat16 (bf16) or float16 (fp16)')
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--skip-corrupt', action='store_true', help='skip unreadable images (logged)')
     p.add_argument('--results-file', default='', metavar='F', help='append results to F.csv or F.json')
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         raise UsageError('--batch-size must be >= 1')
     device = torch.device(args.device)
-    amp = amp_dtype(args.amp_dtype) if args.amp else None
+    amp = parse_dtype(args.amp_dtype) if args.amp else None
 
     results = []
     for name, ckpt in zip(names, checkpoints):

@@ -16,16 +16,6 @@ from .data import DataError, build_image_folder
 
 _logger = logging.getLogger(__name__)
 
-_DTYPES = {'float16': torch.float16, 'fp16': torch.float16, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
-           'float32': torch.float32, 'fp32': torch.float32}
-
-
-def amp_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise UsageError(f'--amp-dtype {name} is not one of {", ".join(_DTYPES)}')
-    return _DTYPES[name]
-
-
 def expand_model_names(names: List[str]) -> List[str]:
     """Model names with shell-style patterns (``'overlock*'``) expanded over the registered models."""
     import timm

@@ -28,6 +28,7 @@ from .checkpoint import (
 from .cli import parse_args_with_config
 from .config import args_to_yaml, build_train_parser, check_train_args
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier, cleanup, init_distributed
+from .measure.dtypes import parse_dtype
 from . import train_setup as setup
 from .train_step import (
     NonFiniteGuard, NonFiniteLoss, Preemption, ProgressLog, accumulation_group, autocast, close_loader,
@@ -70,7 +71,7 @@ class Trainer:
         self.global_batch = setup.resolve_batch(args, info, self.train_set)
         self.model, self.data_config = setup.build_model(args, info)
         self.ema = setup.build_ema(args, self.model)
-        self.amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.amp_dtype]
+        self.amp_dtype = parse_dtype(args.amp_dtype)
         self.scaler = setup.build_scaler(args, self.device)
         self.optimizer = setup.build_optimizer(args, self.model)
         self.loaders = setup.build_loaders(args, info, self.train_set, self.val_set, self.data_config)
