@@ -28,11 +28,28 @@ __all__ = [
     'CHECKPOINT_VERSION', 'atomic_save', 'atomic_write_text', 'read_training_checkpoint', 'to_plain',
     'get_rng_state', 'set_rng_state', 'BestCheckpoints', 'CheckpointSaver', 'training_state', 'ResumePoint', 'restore_training_state',
     'SCHEDULE_OPTIONS', 'changed_options', 'describe_changes',
+    'LAST_FILE', 'BEST_FILE', 'BEST_EMA_FILE', 'EMA_FOLDER', 'epoch_file', 'is_epoch_file',
 ]
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+
+# The checkpoint file names of a run folder, spelled only here.
+LAST_FILE = 'last.pth'  # every epoch, and mid-epoch on preemption: what --resume reads
+BEST_FILE = 'model_best.pth'
+BEST_EMA_FILE = 'model_best_ema.pth'
+EMA_FOLDER = 'checkpoints_ema'  # the EMA's best-k epoch files
+_EPOCH_PREFIX, _EPOCH_SUFFIX = 'checkpoint-', '.pth'
+
+
+def epoch_file(epoch: int) -> str:
+    """The name of one of the best-k epoch files."""
+    return f'{_EPOCH_PREFIX}{epoch}{_EPOCH_SUFFIX}'
+
+
+def is_epoch_file(name: str) -> bool:
+    return name.startswith(_EPOCH_PREFIX) and name.endswith(_EPOCH_SUFFIX)
 
 
 def get_rng_state() -> Dict[str, Any]:
@@ -104,7 +121,7 @@ class BestCheckpoints:
         self.entries.sort(key=lambda x: (-x[0], x[1]))
 
     def path_for(self, epoch: int) -> str:
-        return os.path.join(self.folder, f'checkpoint-{epoch}.pth')
+        return os.path.join(self.folder, epoch_file(epoch))
 
     @property
     def best(self) -> Optional[Tuple[float, int]]:
@@ -148,14 +165,14 @@ class CheckpointSaver:
     def __init__(self, output_dir: str, max_history: int = 3, best_k: Optional[List[Tuple[float, int]]] = None,
                  ema: bool = False, best_k_ema: Optional[List[Tuple[float, int]]] = None):
         self.output_dir = output_dir
-        self.ranking = BestCheckpoints(output_dir, os.path.join(output_dir, 'model_best.pth'), max_history, best_k)
-        self.ranking_ema = BestCheckpoints(os.path.join(output_dir, 'checkpoints_ema'),
-                                           os.path.join(output_dir, 'model_best_ema.pth'), max_history,
+        self.ranking = BestCheckpoints(output_dir, os.path.join(output_dir, BEST_FILE), max_history, best_k)
+        self.ranking_ema = BestCheckpoints(os.path.join(output_dir, EMA_FOLDER),
+                                           os.path.join(output_dir, BEST_EMA_FILE), max_history,
                                            best_k_ema) if ema else None
 
     @property
     def last_path(self) -> str:
-        return os.path.join(self.output_dir, 'last.pth')
+        return os.path.join(self.output_dir, LAST_FILE)
 
     @property
     def best_path(self) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import LAST_FILE
 from .cli import UsageError, create_model_from_args
 from .config import STALE_FILES, run_files_in
 from .data import (
@@ -71,7 +72,7 @@ def resolve_output(args: argparse.Namespace, info: DistInfo) -> None:
     if args.resume == 'auto':
         if not args.output:
             raise UsageError('--resume auto needs --output (the run directory to continue)')
-        last = os.path.join(args.output, 'last.pth')
+        last = os.path.join(args.output, LAST_FILE)
         args.resume = last if os.path.isfile(last) else ''
     if args.resume:
         if not os.path.exists(args.resume):
@@ -83,7 +84,7 @@ def resolve_output(args: argparse.Namespace, info: DistInfo) -> None:
         args.output = os.path.join('output', 'train', f'{args.model}-{stamp}')
     existing = run_files_in(args.output)
     if existing and not args.resume and not args.overwrite:
-        last = os.path.join(args.output, 'last.pth')
+        last = os.path.join(args.output, LAST_FILE)
         raise UsageError(f'--output {args.output} holds another run ({", ".join(existing[:4])}); pass --resume '
                          f'{last} to continue it, --overwrite to replace it, or another --output')
     if os.path.exists(args.output) and not os.path.isdir(args.output):

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .checkpoint import LAST_FILE
 from .data import seed_worker
 from .distributed import DistInfo, all_reduce_sum, any_true
 
@@ -179,7 +180,7 @@ class NonFiniteGuard:
             raise NonFiniteLoss(self._persist_message(epoch, batch))
 
     def advice(self) -> str:
-        last = os.path.join(self.output, 'last.pth')
+        last = os.path.join(self.output, LAST_FILE)
         skip = '' if self.tolerate else ', or pass --skip-nonfinite to skip such steps'
         if os.path.isfile(last):
             return f'last good checkpoint: {last}. Resume from it in float32 (drop --amp) or with a lower --lr{skip}'
