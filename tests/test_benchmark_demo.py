@@ -196,6 +196,16 @@ def test_photo_folder_is_real_jpegs(tmp_path):
     assert len({f.read_bytes() for f in files}) == 6  # distinct images
 
 
+def test_loader_benchmark_reads_the_recipe_from_the_config(tmp_path):
+    from utils.measure.loader import BASE_CONFIG, recipe_augmentation
+    shipped = recipe_augmentation()
+    assert shipped['auto_augment'] == 'rand-m9-mstd0.5-inc1' and shipped['re_prob'] == 0.25
+    assert shipped['scale'] == (0.08, 1.0) and shipped['interpolation'] == 'random'
+    cfg = tmp_path / 'changed.yaml'
+    cfg.write_text(f'_base_: {BASE_CONFIG}\naa: rand-m5\nreprob: 0.1\n')
+    assert recipe_augmentation(str(cfg)) == dict(shipped, auto_augment='rand-m5', re_prob=0.1)
+
+
 def test_loader_benchmark_on_a_tiny_folder(tmp_path, capsys):
     from utils.measure.loader import build_photo_folder
     build_photo_folder(str(tmp_path), 8, size=(160, 120))
