@@ -18,7 +18,7 @@ import torch
 
 from utils.cli import UsageError, run_cli
 from utils.evaluate import (
-    append_results, build_eval_model, eval_dataset, evaluate, expand_model_names, is_deploy, markdown_table,
+    append_results, build_eval_model, eval_dataset, evaluate, expand_model_names, is_deploy, markdown_table, rounded,
 )
 from utils.measure.dtypes import dtype_name, parse_dtype
 
@@ -91,7 +91,7 @@ def _validate_onnx(args: argparse.Namespace) -> int:
                                              num_workers=args.workers, persistent_workers=False)
         _logger.info('%s (%s, ONNX Runtime): %d images, input %s, crop_pct %s, %s', arch, path, len(dataset),
                      cfg['input_size'][1:], cfg['crop_pct'], cfg['interpolation'])
-        metrics = evaluate(model, loader, device, progress=not args.no_progress, desc=arch)
+        metrics = rounded(evaluate(model, loader, device, progress=not args.no_progress, desc=arch))
         if getattr(dataset, 'num_skipped', 0):
             _logger.warning('%d unreadable images were skipped', dataset.num_skipped)
         row = {'model': arch, 'checkpoint': path, **metrics, 'img_size': cfg['input_size'][-1],
@@ -156,8 +156,8 @@ def main(argv=None) -> int:
             pin_memory=device.type == 'cuda', persistent_workers=False)
         _logger.info('%s: %d images, input %s, crop_pct %s, %s', arch, len(dataset), cfg['input_size'][1:],
                      cfg['crop_pct'], cfg['interpolation'])
-        metrics = evaluate(model, loader, device, amp=amp, channels_last=args.channels_last,
-                           progress=not args.no_progress, desc=arch)
+        metrics = rounded(evaluate(model, loader, device, amp=amp, channels_last=args.channels_last,
+                                   progress=not args.no_progress, desc=arch))
         if getattr(dataset, 'num_skipped', 0):
             _logger.warning('%d unreadable images were skipped', dataset.num_skipped)
         row = {'model': arch, 'checkpoint': ckpt or ('pretrained' if args.pretrained else 'random init'),
