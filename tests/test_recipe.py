@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
-from tests._train_helpers import REPO, TINY, make_image_folder, read_summary, run_inprocess
+from tests.helpers import REPO, TINY, make_image_folder, read_summary, run_inprocess
 from utils.augment import build_train_transform, install_posterize, posterize
 
 CONFIGS = sorted((REPO / 'configs').glob('overlock_*.yaml'))

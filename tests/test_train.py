@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from tests._train_helpers import (
-    FAST, REPO, TINY, free_port, load, make_image_folder, read_summary, run_inprocess, run_train, state_dicts_equal,
+from tests.helpers import (
+    FAST, REPO, TINY, free_port, load, read_summary, run_inprocess, run_train, state_dicts_equal,
     subprocess_env,
 )
 from utils.checkpoint import CheckpointSaver, atomic_save
@@ -34,11 +34,6 @@ RESUME_ARGS = TINY + FAST + [
     '--sched', 'step', '--decay-epochs', '1', '--decay-rate', '0.5', '--lr', '2e-3', '--model-ema',
     '--mixup', '0.8', '--cutmix', '1.0', '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--drop-path', '0.1',
     '--clip-grad', '5', '--log-interval', '1']
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp('data'))
 
 
 @pytest.fixture(scope='module')

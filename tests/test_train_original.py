@@ -2,23 +2,17 @@
 import math
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests._train_helpers import FAST, TINY, load, make_image_folder, read_summary, run_inprocess
+from tests.helpers import FAST, TINY, load, read_summary, run_inprocess
 from utils.checkpoint import CheckpointSaver
 from utils.distributed import DistInfo
 from utils.train_step import NonFiniteGuard, NonFiniteLoss
 
 TINY_MODEL = TINY[2:]  # --model-kwargs ... --img-size 32 (the model name comes from the original flags)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp('data'))
 
 
 def _one_error(err: str) -> str:

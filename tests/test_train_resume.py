@@ -2,21 +2,13 @@
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests._train_helpers import (
-    FAST, REPO, TINY, free_port, load, make_image_folder, read_summary, run_inprocess, subprocess_env,
-)
+from tests.helpers import FAST, REPO, TINY, free_port, load, read_summary, run_inprocess, subprocess_env
 from utils.cli import parse_args_with_config
 from utils.config import build_train_parser
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp('data'))
 
 
 def _fresh_schedule_lrs(argv, epochs: int):
