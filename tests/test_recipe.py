@@ -132,24 +132,13 @@ def test_config_pipeline_loss_optimizer_schedule(config: str, tmp_path: Path):
     assert lrs[-1] == pytest.approx(args.min_lr)
 
 
-@pytest.mark.parametrize('config', [c.stem for c in CONFIGS])
-def test_shipped_config_resolves_to_the_recipe(config: str):
-    """Each shipped config gives train.py its model and the recipe of configs/base.yaml (the one training run
-    below is enough for the code they share)."""
-    args = _config_args(config, '--data-dir', 'x')
-    assert args.model == config and args.drop_path == _recipe_value('drop_path', config)
-    for key in ('aa', 'amp', 'amp_dtype', 'model_ema', 'mixup', 'cutmix', 'reprob', 'smoothing', 'sync_bn', 'epochs',
-                'lr_base', 'opt', 'sched', 'clip_grad', 'aux_loss_ratio', 'batch_size'):
-        assert getattr(args, key) == _recipe_value(key, config), key
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('config,n_train', [('overlock_xt', 100)])
 def test_shipped_config_trains_on_the_cpu(tmp_path: Path, config: str, n_train: int):
     """``train.py -c configs/overlock_xt.yaml`` as shipped (float16 AMP, EMA, SyncBN, the full augmentation,
     the config's loss, optimizer and schedule) with only data, model size, batch, image size, epochs and
     workers made small: 300 augmented images. The other configs differ only in the model and drop path
-    (test_shipped_config_resolves_to_the_recipe)."""
+    (tests/test_train_config.py checks what each resolves to)."""
     data = make_image_folder(tmp_path / 'data', n_train=n_train, n_val=4, size=40)
     out = tmp_path / 'out'
     argv = ['-c', str(REPO / 'configs' / f'{config}.yaml'), '--data-dir', str(data), '--output', str(out),
