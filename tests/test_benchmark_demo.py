@@ -143,6 +143,7 @@ def test_benchmark_bad_input():
         benchmark.parse_args(['--dtype', 'int7'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['benchmark', 'gpu_report', 'demo'])
 def test_scripts_run_as_files_say_the_module_form(script):
     proc = subprocess.run([sys.executable, f'scripts/{script}.py'], cwd=REPO, capture_output=True, text=True,
@@ -152,6 +153,7 @@ def test_scripts_run_as_files_say_the_module_form(script):
         (' [OUTDIR] (or bash scripts/demo.sh)' if script == 'demo' else ' [--help]')
 
 
+@pytest.mark.slow
 def test_demo_reduced(tmp_path):
     """The whole demo path (data, train, validate, reparam, validate) with 1 epoch on a few images; the
     training's epochs are shown as they run and kept in the log."""
@@ -166,6 +168,7 @@ def test_demo_reduced(tmp_path):
     assert (tmp_path / 'demo' / 'overlock_digits_deploy.pth').exists()
 
 
+@pytest.mark.slow
 def test_gpu_report_smoke(tmp_path):
     """The one-call GPU report runs end to end on the CPU (tiny models, Triton interpreter)."""
     out = tmp_path / 'report.md'

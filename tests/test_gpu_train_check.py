@@ -13,6 +13,7 @@ from tests.helpers import REPO
 from utils.measure.train_check import RunPlan, RunResult, plan_epochs, read_run, report_markdown
 
 
+@pytest.mark.slow
 def test_smoke_two_processes_end_to_end(tmp_path, monkeypatch, cli):
     """Both AMP dtypes through torchrun with 2 CPU processes (gloo, DDP): one table, both runs pass with every
     planned step done and a finite loss, and the markdown file holds what was printed."""
@@ -41,6 +42,7 @@ def test_smoke_two_processes_end_to_end(tmp_path, monkeypatch, cli):
         assert f'amp_dtype: {dtype}' in args and 'model: overlock_t' in args and 'channels_last: true' in args
 
 
+@pytest.mark.slow
 def test_failed_run_shows_its_log_and_fails_the_check(tmp_path, monkeypatch, cli):
     """A run that train.py refuses: the row says FAIL with the exit code, the log's last lines follow, exit 1."""
     from utils.measure import train_check

@@ -93,6 +93,7 @@ def test_export_mode_is_scoped():
     torch.testing.assert_close(out, na2d_av(attn, value, 5))
 
 
+@pytest.mark.slow
 def test_plain_torch_onnx_export_uses_standard_ops(tmp_path):
     """A user's own torch.onnx.export call (no context manager) also gets the standard-op aggregation."""
     class Block(torch.nn.Module):
@@ -118,6 +119,7 @@ def test_plain_torch_onnx_export_uses_standard_ops(tmp_path):
     ('overlock_t', TINY_T, (224, 224)),
     ('overlock_t', TINY_T, (160, 96)),
 ])
+@pytest.mark.slow
 def test_parity_tiny(name, kwargs, size, tmp_path, caplog):
     """Training form with random BN statistics -> exported deploy form; ONNX Runtime equals PyTorch's deploy
     form at 224^2 and a non-square size, at several batch sizes (dynamic batch axis)."""
@@ -142,6 +144,7 @@ def test_parity_tiny(name, kwargs, size, tmp_path, caplog):
         assert _max_rel_err(out, ref) <= TOL
 
 
+@pytest.mark.slow
 def test_parity_real_size_xt(tmp_path, cli):
     """OverLoCK-XT at its real size and 224^2 (random BN statistics), through the command line."""
     model = timm.create_model('overlock_xt').eval()
@@ -202,6 +205,7 @@ def digits(tmp_path_factory):
     return root / 'data', ckpt
 
 
+@pytest.mark.slow
 def test_validate_onnx_scores_like_pytorch(digits, tmp_path, cli):
     data, ckpt = digits
     kw = ['--model-kwargs', *[f'{k}={v}'.replace(' ', '') for k, v in DEMO_KWARGS.items()]]
@@ -225,6 +229,7 @@ def test_validate_onnx_scores_like_pytorch(digits, tmp_path, cli):
     assert abs(float(rows[0]['loss']) - float(rows[1]['loss'])) < 1e-4
 
 
+@pytest.mark.slow
 def test_reparam_onnx(digits, tmp_path, cli):
     """reparam.py --onnx writes the deploy checkpoint and the ONNX file; their logits agree."""
     data, ckpt = digits

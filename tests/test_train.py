@@ -148,6 +148,7 @@ def test_checkpoint_saver_keeps_the_k_best(tmp_path):
 
 # --- runs ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_one_epoch_run_writes_every_output(data_dir, tmp_path):
     """Through the real CLI, with a config file that the command line overrides."""
     import models
@@ -189,6 +190,7 @@ def test_one_epoch_run_writes_every_output(data_dir, tmp_path):
     assert torch.equal(model.state_dict()['head.4.weight'], ckpt['state_dict_ema']['head.4.weight'])
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_a_learnable_task(data_dir, tmp_path):
     out = tmp_path / 'run'
     code, err = run_inprocess(TINY + FAST + [
@@ -206,6 +208,7 @@ def test_loss_decreases_on_a_learnable_task(data_dir, tmp_path):
     assert (out / 'model_best.pth').read_bytes() == (out / best[0]).read_bytes()
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(data_dir, reference_run, tmp_path):
     out = tmp_path / 'run'
     base = RESUME_ARGS + ['--data-dir', str(data_dir)]
@@ -222,6 +225,7 @@ def test_resume_equals_uninterrupted_run(data_dir, reference_run, tmp_path):
     assert losses[0] == losses[1]  # epoch means too
 
 
+@pytest.mark.slow
 def test_sigterm_saves_recovery_checkpoint_and_resume_matches(data_dir, reference_run, tmp_path):
     out = tmp_path / 'run'
     log = tmp_path / 'stderr.txt'
@@ -252,6 +256,7 @@ def test_sigterm_saves_recovery_checkpoint_and_resume_matches(data_dir, referenc
     assert losses[0] == losses[1]  # the interrupted epoch's mean includes the batches before the signal
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     """The shipped script with the full XT recipe (fp16 AMP, EMA, mixup, RandAugment), 2 CPU processes."""
     out = tmp_path / 'run'
@@ -375,6 +380,7 @@ def test_skip_corrupt_runs_and_names_the_file(data_dir, tmp_path):
     assert 'skipping unreadable image' in err and 'zz_broken.png' in err
 
 
+@pytest.mark.slow
 def test_worker_error_is_one_line_and_the_process_exits(data_dir, tmp_path):
     """An unreadable image met in a DataLoader worker process: the real CLI prints the worker's message as one
     line and exits (workers ignore SIGTERM, so they must be stopped before interpreter exit, or it hangs)."""

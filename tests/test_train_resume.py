@@ -61,6 +61,7 @@ def test_model_change_is_refused_in_one_line(data_dir, tmp_path):
     assert len(lines) == 1 and '--num-classes 3, not 5: resume cannot change it' in lines[0], err
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_processes_recomputes_the_auto_lr(data_dir, tmp_path):
     """2 processes (global batch 8) for one epoch, then one process (global batch 4) for a second one."""
     out = tmp_path / 'run'

@@ -158,6 +158,7 @@ def test_reparam_bad_input(tiny_checkpoint, tmp_path, cli):
     assert code == 2 and 'does not exist' in err
 
 
+@pytest.mark.slow
 def test_validate_cli_exits_cleanly_in_a_subprocess(tmp_path):
     """The real entry point: one line on stderr, exit 2, no traceback."""
     import subprocess
