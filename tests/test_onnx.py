@@ -113,13 +113,13 @@ def test_plain_torch_onnx_export_uses_standard_ops(tmp_path):
 
 # --- export and parity in ONNX Runtime --------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,kwargs,size', [
     ('overlock_xt', TINY_KWARGS, (224, 224)),
     ('overlock_xt', TINY_KWARGS, (96, 160)),
     ('overlock_t', TINY_T, (224, 224)),
     ('overlock_t', TINY_T, (160, 96)),
 ])
-@pytest.mark.slow
 def test_parity_tiny(name, kwargs, size, tmp_path, caplog):
     """Training form with random BN statistics -> exported deploy form; ONNX Runtime equals PyTorch's deploy
     form at 224^2 and a non-square size, at several batch sizes (dynamic batch axis)."""
