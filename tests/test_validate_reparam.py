@@ -166,3 +166,27 @@ def test_validate_cli_exits_cleanly_in_a_subprocess(tmp_path):
                            '--num-classes', '3'], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith('error: data directory') and 'Traceback' not in proc.stderr
+
+
+def test_evaluation_loop_scores_the_main_head_after_the_prepare_step():
+    """The one evaluation loop (validate.py and the Trainer): a training-form output's 'main' head is scored,
+    ``prepare`` moves (and may transform) each batch, and top-1 / top-5 / loss are exact."""
+    from utils.evaluate import evaluate
+
+    class TwoHeads(torch.nn.Module):
+        def forward(self, x):
+            return {'main': x, 'aux': -x}
+
+    logits = torch.tensor([[3., 1., 0., 2., 0., 0.], [0., 1., 2., 3., 4., 5.], [5., 4., 3., 2., 1., 0.]])
+    targets = torch.tensor([0, 0, 1])  # top-1 hit, top-5 miss (rank 6), top-5 hit only
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(logits / 2, targets), batch_size=2)
+    seen = []
+
+    def prepare(x, y):
+        seen.append(x.shape[0])
+        return x * 2, y
+
+    metrics = evaluate(TwoHeads(), loader, torch.device('cpu'), prepare=prepare)
+    assert seen == [2, 1] and metrics['images'] == 3
+    assert metrics['top1'] == pytest.approx(100 / 3) and metrics['top5'] == pytest.approx(200 / 3)
+    assert metrics['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item())
