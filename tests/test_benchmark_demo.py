@@ -13,8 +13,8 @@ import models  # noqa: F401  (registers the overlock models)
 from models.ops import na2d_av
 from scripts import benchmark
 from tests.helpers import REPO, TINY_KWARGS, tiny_cli_kwargs
-from utils.measure.macs import count_macs
 from utils.measure import depthwise_convs, dtype_name, na2d_calls, parse_dtype, time_ms
+from utils.measure.macs import count_macs
 from utils.measure.ops import time_depthwise_convs, time_na2d
 
 
