@@ -35,6 +35,7 @@ def test_count_macs_includes_neighbourhood_aggregation():
     assert count_macs(_Aggregate(), (1, 1, 9, 11)) == 1 * 2 * 9 * 11 * 25 * 4
 
 
+@pytest.mark.slow
 def test_count_macs_overlock_xt_near_paper():
     with torch.no_grad():
         macs = count_macs(timm.create_model('overlock_xt_reparam', use_gemm=False), (1, 3, 224, 224))
@@ -61,7 +62,8 @@ def test_timer_reports_per_call_time():
     assert len(calls) > 3  # a sample repeats a fast call until it lasts min_time; the time is per call
 
 
-@pytest.mark.parametrize('name', ['overlock_xt', 'overlock_t', 'overlock_s', 'overlock_b'])
+@pytest.mark.parametrize('name', ['overlock_xt', 'overlock_t', pytest.param('overlock_s', marks=pytest.mark.slow),
+                                  pytest.param('overlock_b', marks=pytest.mark.slow)])
 def test_na2d_calls_follow_the_variant(name):
     """Read off the model: two calls per ContMix block (windows s and K), value [G, H, W, dim / (2 G)],
     the Focus-Net's stage 3 at 224 / 16 and stage 4 at 224 / 32."""
@@ -114,7 +116,7 @@ def test_time_na2d_rows_and_bytes():
 # ---------------------------------------------------------------------------------------------------------
 # The command lines.
 
-@pytest.mark.parametrize('mode', ['infer', 'train'])
+@pytest.mark.parametrize('mode', ['infer', pytest.param('train', marks=pytest.mark.slow)])
 def test_benchmark_prints_table(mode, capsys, tmp_path):
     out_md = tmp_path / 'bench.md'
     benchmark.main(['--mode', mode, '--models', 'overlock_xt', 'resnet18', '--model-kwargs', *tiny_cli_kwargs(),

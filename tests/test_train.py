@@ -278,6 +278,7 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     assert 'scaler' in ckpt  # float16 AMP from the config
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_step_and_checkpoint(data_dir, tmp_path):
     # A step schedule that multiplies the lr by 1e33 after epoch 1: epoch 1 trains, epoch 2 diverges.
     diverge = TINY + FAST + ['--data-dir', str(data_dir), '--epochs', '2', '--lr', '1e-3', '--sched', 'step',

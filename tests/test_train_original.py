@@ -89,6 +89,7 @@ DIVERGE = TINY + FAST + ['--epochs', '2', '--lr', '1e-3', '--sched', 'step', '--
                          '--decay-rate', '1e33', '--log-interval', '1']
 
 
+@pytest.mark.slow
 def test_float16_keeps_training_while_steps_are_skipped_and_stops_when_it_persists(data_dir, tmp_path):
     out = tmp_path / 'copes'
     code, err = run_inprocess(DIVERGE + ['--data-dir', str(data_dir), '--output', str(out), '--amp',

@@ -27,6 +27,7 @@ def _fresh_schedule_lrs(argv, epochs: int):
     return lrs
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_follows_the_new_schedule(data_dir, tmp_path):
     out = tmp_path / 'run'
     base = TINY + FAST + ['--data-dir', str(data_dir), '--sched', 'cosine', '--lr', '2e-3', '--no-aug']
