@@ -18,7 +18,7 @@ import torch
 
 from utils.checkpoint import atomic_save
 from utils.cli import UsageError, add_na2d_backend_arg, apply_na2d_backend, run_cli
-from utils.evaluate import build_model, is_deploy
+from utils.evaluate import build_eval_model, is_deploy
 from utils.measure import time_ms
 from utils.export import DEFAULT_OPSET, check_opset, export_and_check
 
@@ -64,9 +64,9 @@ def main(argv=None) -> int:
     if args.onnx:
         check_opset(args.opset)  # before the conversion: also says when onnx is not installed
 
-    model = build_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
+    model = build_eval_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
                         num_classes=args.num_classes, model_kwargs=args.model_kwargs)
-    if is_deploy(model):  # build_model switched to the _reparam model: the file is converted already
+    if is_deploy(model):  # build_eval_model switched to the _reparam model: the file is converted already
         raise UsageError(f'{args.checkpoint} is already in deploy form; nothing to convert')
     device = torch.device(args.device)
     model.to(device).eval()

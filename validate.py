@@ -19,8 +19,9 @@ import torch
 
 from utils.cli import UsageError, add_na2d_backend_arg, apply_na2d_backend, run_cli
 from utils.evaluate import (
-    amp_dtype, append_results, build_model, eval_dataset, evaluate, expand_model_names, is_deploy, markdown_table,
+    append_results, build_eval_model, eval_dataset, evaluate, expand_model_names, is_deploy, markdown_table, rounded,
 )
+from utils.measure.dtypes import dtype_name, parse_dtype
 
 _logger = logging.getLogger('validate')
 TABLE_COLUMNS = ['model', 'checkpoint', 'top1', 'top5', 'loss', 'images_per_sec', 'img_size', 'crop_pct', 'reparam',
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('-j', '--workers', type=int, default=4)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', action='store_true', help='mixed precision')
-    p.add_argument('--amp-dtype', default='bfloat16', help='float16 or bfloat16')
+    p.add_argument('--amp-dtype', default='bfloat16', type=dtype_name, help='bfloat16 (bf16) or float16 (fp16)')
     p.add_argument('--channels-last', action='store_true')
     add_na2d_backend_arg(p)
     p.add_argument('--skip-corrupt', action='store_true', help='skip unreadable images (logged)')
@@ -111,7 +112,7 @@ def _validate_onnx(args: argparse.Namespace) -> int:
                                              num_workers=args.workers, persistent_workers=False)
         _logger.info('%s (%s, ONNX Runtime): %d images, input %s, crop_pct %s, %s', arch, path, len(dataset),
                      cfg['input_size'][1:], cfg['crop_pct'], cfg['interpolation'])
-        metrics = evaluate(model, loader, device, progress=not args.no_progress, desc=arch)
+        metrics = rounded(evaluate(model, loader, device, progress=not args.no_progress, desc=arch))
         if getattr(dataset, 'num_skipped', 0):
             _logger.warning('%d unreadable images were skipped', dataset.num_skipped)
         row = {'model': arch, 'checkpoint': path, **metrics, 'img_size': cfg['input_size'][-1],
@@ -145,11 +146,11 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         raise UsageError('--batch-size must be >= 1')
     device = torch.device(args.device)
-    amp = amp_dtype(args.amp_dtype) if args.amp else None
+    amp = parse_dtype(args.amp_dtype) if args.amp else None
 
     results = []
     for name, ckpt in zip(names, checkpoints):
-        model = build_model(name, checkpoint=ckpt, pretrained=args.pretrained, use_ema=args.use_ema,
+        model = build_eval_model(name, checkpoint=ckpt, pretrained=args.pretrained, use_ema=args.use_ema,
                             num_classes=args.num_classes, model_kwargs=args.model_kwargs)
         arch = model.pretrained_cfg.get('architecture', name)
         if args.reparam:
@@ -177,8 +178,8 @@ def main(argv=None) -> int:
             pin_memory=device.type == 'cuda', persistent_workers=False)
         _logger.info('%s: %d images, input %s, crop_pct %s, %s', arch, len(dataset), cfg['input_size'][1:],
                      cfg['crop_pct'], cfg['interpolation'])
-        metrics = evaluate(model, loader, device, amp=amp, channels_last=args.channels_last,
-                           progress=not args.no_progress, desc=arch)
+        metrics = rounded(evaluate(model, loader, device, amp=amp, channels_last=args.channels_last,
+                                   progress=not args.no_progress, desc=arch))
         if getattr(dataset, 'num_skipped', 0):
             _logger.warning('%d unreadable images were skipped', dataset.num_skipped)
         row = {'model': arch, 'checkpoint': ckpt or ('pretrained' if args.pretrained else 'random init'),

@@ -12,12 +12,12 @@ from .weights import (
 from .contmix import DynamicConvBlock
 from .layers import DilatedReparamBlock
 from .overlock import (
-    MIN_INPUT_SIZE, OverLoCK, RepConvBlock, create_model, list_variants, reparameterize, variant_args,
+    MIN_INPUT_SIZE, OverLoCK, RepConvBlock, create_overlock, list_variants, reparameterize, variant_args,
 )
 
 __all__ = [
     'OverLoCK', 'RepConvBlock', 'DynamicConvBlock', 'DilatedReparamBlock', 'MIN_INPUT_SIZE',
     'CLASSIFIER_KEYS', 'CheckpointError', 'load_checkpoint', 'read_checkpoint_file', 'extract_state_dict',
-    'checkpoint_filter_fn', 'is_deploy_state_dict', 'guess_variant', 'reparameterize', 'create_model',
+    'checkpoint_filter_fn', 'is_deploy_state_dict', 'guess_variant', 'reparameterize', 'create_overlock',
     'list_variants', 'variant_args',
 ]

@@ -30,7 +30,7 @@ from .layers import (
 )
 
 __all__ = [
-    'OverLoCK', 'RepConvBlock', 'CTXDownsample', 'reparameterize', 'create_model', 'list_variants',
+    'OverLoCK', 'RepConvBlock', 'CTXDownsample', 'reparameterize', 'create_overlock', 'list_variants',
     'variant_args', 'MIN_INPUT_SIZE',
 ]
 
@@ -497,7 +497,7 @@ def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLo
             f'or --checkpoint PATH.') from e
 
 
-def create_model(name: str, **kwargs) -> OverLoCK:
+def create_overlock(name: str, **kwargs) -> OverLoCK:
     """``timm.create_model`` restricted to OverLoCK names, with an error that lists them."""
     import timm
     if name.split('.')[0] not in list_variants():

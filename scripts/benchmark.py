@@ -105,7 +105,7 @@ def run_na2d(args):
     """Time the ContMix op at the models' distinct calls; returns (header, rows, columns, per-network sums)."""
     from models import ops
     from utils.measure.ops import default_backends, gbs, time_na2d
-    from utils.measure.shapes import contmix_calls
+    from utils.measure.shapes import na2d_calls
     _check_models(args)
     device = torch.device(args.device)
     backends = args.backends if args.backends is not None else default_backends()
@@ -119,7 +119,7 @@ def run_na2d(args):
     rows, totals = [], []
     for name in args.models:
         sums = {b: [0.0, 0.0] for b in backends}
-        for call in contmix_calls(name, args.img_size, **kwargs):
+        for call in na2d_calls(name, args.img_size, **kwargs):
             for r in time_na2d(call, args.batch_size, parse_dtype(args.dtype), device, backends,
                                backward=not args.no_backward, **timing):
                 row = dict(model=name, shape=call.label, calls=call.calls, backend=r['backend'],

@@ -17,6 +17,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
+from utils.checkpoint import BEST_FILE  # noqa: E402
 from utils.demo_data import build_digits_imagefolder  # noqa: E402
 from utils.measure.train_check import launch  # noqa: E402
 
@@ -67,7 +68,7 @@ def main():
          '--smoothing', '0.1', '--aa', 'none', '--mixup', '0', '--cutmix', '0', '--reprob', '0',
          '--scale', '0.6', '1.0', '--hflip', '0', '--drop-path', '0', '--crop-pct', '1.0', '--interpolation', 'bicubic',
          '--log-interval', '15', '--output', run_dir, '--overwrite'], os.path.join(out, 'train.log'), show=True)
-    best = os.path.join(run_dir, 'model_best.pth')
+    best = os.path.join(run_dir, BEST_FILE)
     results = os.path.join(out, 'results.csv')
     if os.path.exists(results):
         os.remove(results)

@@ -1,7 +1,16 @@
-"""Shared test helpers: the tiny model configuration (defined here only), paths, BatchNorm randomisation."""
+"""The one test-helper module: the tiny model configuration (defined here only), paths, BatchNorm
+randomisation, a synthetic image folder, the in-process command-line runner and ways to run train.py."""
+import contextlib
+import io
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Dict, List
+from types import ModuleType
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -45,3 +54,104 @@ def randomize_bn_stats(model: nn.Module, seed: int = 0) -> None:
             m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
             m.weight.copy_(1 + 0.2 * torch.randn(n, generator=gen))
             m.bias.copy_(0.1 * torch.randn(n, generator=gen))
+
+
+# --- data and command lines --------------------------------------------------------------------------------
+# The tests' tiny OverLoCK (TINY_KWARGS) on train.py's command line, 32 px inputs.
+TINY = ['--model', 'overlock_xt', '--model-kwargs', *tiny_cli_kwargs(), '--img-size', '32']
+# Quick CPU runs: batch 4, no worker processes, short schedule, a log line per update, and the recipe's
+# augmentation (train.py's defaults) off unless a test turns it on.
+FAST = ['-b', '4', '-j', '0', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--log-interval', '1',
+        '--device', 'cpu', '--aa', 'none', '--reprob', '0', '--mixup', '0', '--cutmix', '0']
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230)]
+
+
+def make_image_folder(root: Path, n_train: int = 8, n_val: int = 4, size: int = 32,
+                      classes: Sequence[str] = ('red', 'green', 'blue'), seed: int = 0) -> Path:
+    """``root/train/<class>/*.png`` and ``root/val/<class>/*.png``: noisy solid colours, one per class
+    (learnable in a few steps). The shared ``data_dir`` fixture (conftest.py) is one of these."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.array(COLOURS[c % len(COLOURS)], dtype=np.int64)[None, None]
+                img = np.clip(base + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f'{i:03d}.png')
+    return root
+
+
+def run_main(main: Union[ModuleType, Callable[[List[str]], Optional[int]]], argv: List[str],
+             threads: Optional[int] = None) -> Tuple[int, str, str]:
+    """Run a command line's ``main(argv)`` (a module with ``main``, or the function) through
+    ``utils.cli.run_cli`` in this process, as a shell would run it: (exit code, stdout, stderr).
+    ``threads``: torch threads meanwhile. The ``cli`` fixture (conftest.py) is this function."""
+    from utils.cli import run_cli
+    main = getattr(main, 'main', main)
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_cli(lambda: main(argv))
+            except SystemExit as e:
+                code = int(e.code or 0)
+    finally:
+        torch.set_num_threads(previous)
+        logging.getLogger().setLevel(logging.WARNING)
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_inprocess(argv: List[str]) -> Tuple[int, str]:
+    """train.py in this process, single-threaded (like the subprocess runs, so weights can be compared bit for
+    bit): (exit code, stderr)."""
+    from utils.train_loop import main
+    code, _, err = run_main(main, argv, threads=1)
+    return code, err
+
+
+def free_port() -> int:
+    """A free TCP port for a torchrun rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', MPLBACKEND='Agg',
+               PYTHON=sys.executable)  # the interpreter scripts/dist_train.sh launches
+    return env
+
+
+def run_train(argv: List[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python train.py argv`` from the repository root."""
+    return subprocess.run([sys.executable, 'train.py', *argv], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def read_summary(path: Path) -> List[Dict[str, str]]:
+    import csv
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def state_dicts_equal(a: dict, b: dict, keys=('state_dict', 'state_dict_ema')) -> Optional[str]:
+    """None when the checkpoints' weights are bit-identical, else the first differing tensor."""
+    for key in keys:
+        if (key in a) != (key in b):
+            return f'{key} present in only one checkpoint'
+        for name, tensor in a.get(key, {}).items():
+            if not torch.equal(tensor, b[key][name]):
+                return f'{key}.{name} differs (max abs diff {(tensor.float() - b[key][name].float()).abs().max()})'
+    return None

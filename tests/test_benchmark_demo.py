@@ -13,8 +13,8 @@ import models  # noqa: F401  (registers the overlock models)
 from models.ops import na2d_av
 from scripts import benchmark
 from tests.helpers import REPO, TINY_KWARGS, tiny_cli_kwargs
-from utils.flops import count_macs
-from utils.measure import contmix_calls, depthwise_convs, dtype_name, parse_dtype, time_ms
+from utils.measure import depthwise_convs, dtype_name, na2d_calls, parse_dtype, time_ms
+from utils.measure.macs import count_macs
 from utils.measure.ops import time_depthwise_convs, time_na2d
 
 
@@ -35,6 +35,7 @@ def test_count_macs_includes_neighbourhood_aggregation():
     assert count_macs(_Aggregate(), (1, 1, 9, 11)) == 1 * 2 * 9 * 11 * 25 * 4
 
 
+@pytest.mark.slow
 def test_count_macs_overlock_xt_near_paper():
     with torch.no_grad():
         macs = count_macs(timm.create_model('overlock_xt_reparam', use_gemm=False), (1, 3, 224, 224))
@@ -61,12 +62,13 @@ def test_timer_reports_per_call_time():
     assert len(calls) > 3  # a sample repeats a fast call until it lasts min_time; the time is per call
 
 
-@pytest.mark.parametrize('name', ['overlock_xt', 'overlock_t', 'overlock_s', 'overlock_b'])
-def test_contmix_calls_follow_the_variant(name):
+@pytest.mark.parametrize('name', ['overlock_xt', 'overlock_t', pytest.param('overlock_s', marks=pytest.mark.slow),
+                                  pytest.param('overlock_b', marks=pytest.mark.slow)])
+def test_na2d_calls_follow_the_variant(name):
     """Read off the model: two calls per ContMix block (windows s and K), value [G, H, W, dim / (2 G)],
     the Focus-Net's stage 3 at 224 / 16 and stage 4 at 224 / 32."""
     from models.contmix import DynamicConvBlock
-    calls = contmix_calls(name)
+    calls = na2d_calls(name)
     with torch.device('meta'):
         model = timm.create_model(name)
     expected = Counter()
@@ -79,8 +81,8 @@ def test_contmix_calls_follow_the_variant(name):
     assert Counter({(c.groups, c.height, c.width, c.channels, c.kernel_size): c.calls for c in calls}) == expected
 
 
-def test_contmix_calls_of_a_tiny_variant_at_small_input():
-    calls = contmix_calls('overlock_xt', 32, **TINY_KWARGS)
+def test_na2d_calls_of_a_tiny_variant_at_small_input():
+    calls = na2d_calls('overlock_xt', 32, **TINY_KWARGS)
     # 32 px: maps of 2x2 and 1x1 are upsampled to the window size before the aggregation
     assert {(c.height, c.kernel_size) for c in calls} == {(13, 13), (13, 5), (7, 7), (7, 5)}
     assert all(c.calls == 1 for c in calls)
@@ -101,7 +103,7 @@ def test_depthwise_conv_census_and_timing():
 
 
 def test_time_na2d_rows_and_bytes():
-    call = contmix_calls('overlock_xt', 32, **TINY_KWARGS)[-1]
+    call = na2d_calls('overlock_xt', 32, **TINY_KWARGS)[-1]
     rows = time_na2d(call, 2, torch.float32, torch.device('cpu'), ['torch', 'loop'], warmup=0, repeat=1)
     assert [r['backend'] for r in rows] == ['torch', 'loop']
     b, g, h, w, c = call.value_shape(2)
@@ -114,7 +116,7 @@ def test_time_na2d_rows_and_bytes():
 # ---------------------------------------------------------------------------------------------------------
 # The command lines.
 
-@pytest.mark.parametrize('mode', ['infer', 'train'])
+@pytest.mark.parametrize('mode', ['infer', pytest.param('train', marks=pytest.mark.slow)])
 def test_benchmark_prints_table(mode, capsys, tmp_path):
     out_md = tmp_path / 'bench.md'
     benchmark.main(['--mode', mode, '--models', 'overlock_xt', 'resnet18', '--model-kwargs', *tiny_cli_kwargs(),
@@ -143,6 +145,7 @@ def test_benchmark_bad_input():
         benchmark.parse_args(['--dtype', 'int7'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['benchmark', 'gpu_report', 'demo'])
 def test_scripts_run_as_files_say_the_module_form(script):
     proc = subprocess.run([sys.executable, f'scripts/{script}.py'], cwd=REPO, capture_output=True, text=True,
@@ -152,6 +155,7 @@ def test_scripts_run_as_files_say_the_module_form(script):
         (' [OUTDIR] (or bash scripts/demo.sh)' if script == 'demo' else ' [--help]')
 
 
+@pytest.mark.slow
 def test_demo_reduced(tmp_path):
     """The whole demo path (data, train, validate, reparam, validate) with 1 epoch on a few images; the
     training's epochs are shown as they run and kept in the log."""
@@ -166,6 +170,7 @@ def test_demo_reduced(tmp_path):
     assert (tmp_path / 'demo' / 'overlock_digits_deploy.pth').exists()
 
 
+@pytest.mark.slow
 def test_gpu_report_smoke(tmp_path):
     """The one-call GPU report runs end to end on the CPU (tiny models, Triton interpreter)."""
     out = tmp_path / 'report.md'
@@ -194,6 +199,16 @@ def test_photo_folder_is_real_jpegs(tmp_path):
     sizes = {Image.open(f).size for f in files}
     assert sizes <= {(500, 375), (375, 500)}
     assert len({f.read_bytes() for f in files}) == 6  # distinct images
+
+
+def test_loader_benchmark_reads_the_recipe_from_the_config(tmp_path):
+    from utils.measure.loader import BASE_CONFIG, recipe_augmentation
+    shipped = recipe_augmentation()
+    assert shipped['auto_augment'] == 'rand-m9-mstd0.5-inc1' and shipped['re_prob'] == 0.25
+    assert shipped['scale'] == (0.08, 1.0) and shipped['interpolation'] == 'random'
+    cfg = tmp_path / 'changed.yaml'
+    cfg.write_text(f'_base_: {BASE_CONFIG}\naa: rand-m5\nreprob: 0.1\n')
+    assert recipe_augmentation(str(cfg)) == dict(shipped, auto_augment='rand-m5', re_prob=0.1)
 
 
 def test_loader_benchmark_on_a_tiny_folder(tmp_path, capsys):

@@ -27,11 +27,12 @@ def _calls():
     """OverLoCK-T's distinct ContMix calls at 224 px, read off the model (only where the tests can run)."""
     if not torch.cuda.is_available():
         return []
-    from utils.measure.shapes import contmix_calls
-    return contmix_calls('overlock_t')
+    from utils.measure.shapes import na2d_calls
+    return na2d_calls('overlock_t')
 
 
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+def _norm_rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| over the whole tensor (Frobenius norm, float64)."""
     x, ref = x.detach().double(), ref.detach().double()
     return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
@@ -88,7 +89,7 @@ def test_triton_matches_float64_reference(call, fused, dtype, batch, record_prop
         names = ('logits', 'rpb', 'value') if fused else ('attn', 'value')
         results += [(f'grad {n}', g, r) for n, g, r in zip(names, grads, ref_grads)]
     bound = BOUNDS[dtype]
-    errors = {what: _rel_err(x, r) for what, x, r in results}
+    errors = {what: _norm_rel_err(x, r) for what, x, r in results}
     record_property('shape', call.label)
     record_property('worst_rel_err', max(errors.values()))
     record_property('bound', bound)

@@ -13,22 +13,14 @@ from tests.helpers import REPO
 from utils.measure.train_check import RunPlan, RunResult, plan_epochs, read_run, report_markdown
 
 
-def _main(argv, capsys):
-    """``run_cli(main)`` in this process: (exit code, stdout, stderr)."""
-    from utils.cli import run_cli
-    with pytest.raises(SystemExit) as exc:
-        run_cli(lambda: gpu_train_check.main(argv))
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
-def test_smoke_two_processes_end_to_end(tmp_path, monkeypatch, capsys):
+@pytest.mark.slow
+def test_smoke_two_processes_end_to_end(tmp_path, monkeypatch, cli):
     """Both AMP dtypes through torchrun with 2 CPU processes (gloo, DDP): one table, both runs pass with every
     planned step done and a finite loss, and the markdown file holds what was printed."""
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     out = tmp_path / 'report.md'
-    code, stdout, err = _main(['--smoke', '--gpus', '2', '--work', str(tmp_path / 'work'), '--out', str(out),
-                               '--quiet'], capsys)
+    code, stdout, err = cli(gpu_train_check, ['--smoke', '--gpus', '2', '--work', str(tmp_path / 'work'),
+                                              '--out', str(out), '--quiet'])
     assert code == 0, stdout[-3000:] + err[-2000:]
     text = out.read_text()
     assert text in stdout
@@ -50,13 +42,14 @@ def test_smoke_two_processes_end_to_end(tmp_path, monkeypatch, capsys):
         assert f'amp_dtype: {dtype}' in args and 'model: overlock_t' in args and 'channels_last: true' in args
 
 
-def test_failed_run_shows_its_log_and_fails_the_check(tmp_path, monkeypatch, capsys):
+@pytest.mark.slow
+def test_failed_run_shows_its_log_and_fails_the_check(tmp_path, monkeypatch, cli):
     """A run that train.py refuses: the row says FAIL with the exit code, the log's last lines follow, exit 1."""
     from utils.measure import train_check
     command = train_check.train_command
     monkeypatch.setattr(train_check, 'train_command',
                         lambda *a, **k: command(*a, **k) + ['--model', 'overlock_nonexistent'])
-    code, stdout, err = _main(['--smoke', '--dtypes', 'bfloat16', '--work', str(tmp_path), '--quiet'], capsys)
+    code, stdout, err = cli(gpu_train_check, ['--smoke', '--dtypes', 'bfloat16', '--work', str(tmp_path), '--quiet'])
     assert code == 1, stdout[-3000:] + err[-2000:]
     assert '| bfloat16 | FAIL (exit 1) | 1 | 0 / 3 |' in stdout
     assert f'## bfloat16: last lines of {tmp_path / "bfloat16.log"}' in stdout
@@ -106,26 +99,26 @@ def test_plan_keeps_the_recipe_cooldown_when_it_can():
     (['--out', 'no_such_folder/report.md'],
      'error: --out no_such_folder/report.md: folder no_such_folder does not exist'),
 ])
-def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
-    code, out, err = _main(['--smoke', '--work', str(tmp_path), *argv], capsys)
+def test_bad_input_is_one_line(argv, message, tmp_path, cli):
+    code, out, err = cli(gpu_train_check, ['--smoke', '--work', str(tmp_path), *argv])
     assert code == 2 and err.strip() == message and not out
 
 
-def test_unwritable_out_folder(tmp_path, capsys):
+def test_unwritable_out_folder(tmp_path, cli):
     folder = tmp_path / 'ro'
     folder.mkdir(mode=0o500)
     try:
         if os.access(folder, os.W_OK):
             pytest.skip('running as a user who can write anywhere (root)')
-        code, out, err = _main(['--smoke', '--work', str(tmp_path), '--out', str(folder / 'r.md')], capsys)
+        code, out, err = cli(gpu_train_check, ['--smoke', '--work', str(tmp_path), '--out', str(folder / 'r.md')])
         assert code == 2 and err.strip() == f'error: --out {folder / "r.md"}: folder {folder} is not writable'
     finally:
         folder.chmod(0o700)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='CUDA device present')
-def test_without_cuda_points_to_smoke(tmp_path, capsys):
-    code, out, err = _main(['--work', str(tmp_path)], capsys)
+def test_without_cuda_points_to_smoke(tmp_path, cli):
+    code, out, err = cli(gpu_train_check, ['--work', str(tmp_path)])
     assert code == 2 and err.strip() == 'error: no CUDA device; use --smoke for a CPU run of the check itself'
 
 

@@ -217,8 +217,10 @@ def test_gradient_checkpointing_recomputes_and_keeps_outputs_and_gradients(how, 
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
-    """Dynamo + AOTAutograd capture of the whole model (inductor's C++ build would take minutes on CI's CPU)."""
+    """Dynamo + AOTAutograd capture of the whole model, without inductor's C++ build (minutes for the whole
+    model on 2 CPU cores); the next test compiles one ContMix block with inductor."""
     torch._dynamo.reset()
     model = tiny().eval()
     x = torch.randn(2, 3, 64, 64)
@@ -229,6 +231,7 @@ def test_torch_compile_matches_eager():
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.slow
 def test_contmix_block_compiles_with_inductor_without_graph_breaks():
     torch._dynamo.reset()
     block = models.DynamicConvBlock(32, 48, kernel_size=7, num_heads=2, ls_init_value=1., res_scale=True).eval()
@@ -275,7 +278,7 @@ def test_pretrained_cfg(name, crop):
 
 def test_unknown_model_name_lists_overlock_models():
     with pytest.raises(ValueError, match='overlock_xt.*overlock_b_reparam'):
-        models.create_model('overlock_xxl')
+        models.create_overlock('overlock_xxl')
 
 
 def test_kernel_size_without_table():
@@ -353,6 +356,7 @@ def test_forward_intermediates_and_features_only():
     assert not [k for k in extractor.state_dict() if 'head' in k]  # classifiers pruned
 
 
+@pytest.mark.slow
 def test_torch_export_of_deploy_form():
     """The deploy model exports with torch.export (the ContMix ops are custom ops with fake kernels) and the
     exported program, dynamic batch included, computes what the eager model does."""

@@ -95,6 +95,7 @@ def test_other_num_classes_reinitialises_both_heads(tmp_path, trained):
     assert out['main'].shape == out['aux'].shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_wrong_variant_lists_keys_and_names_the_fitting_variant(tmp_path):
     with torch.device('meta'):
         xt = timm.create_model('overlock_xt', use_gemm=False)

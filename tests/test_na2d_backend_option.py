@@ -33,13 +33,13 @@ def _backend_state(monkeypatch):
 
 def _stub_validate(mp, seen, tmp_path):
     mod = importlib.import_module('validate')
-    mp.setattr(mod, 'build_model', lambda *a, **k: seen.append(ops.get_backend('cpu')) or _raise())
+    mp.setattr(mod, 'build_eval_model', lambda *a, **k: seen.append(ops.get_backend('cpu')) or _raise())
     return mod.main, [str(tmp_path), '--model', 'overlock_xt', '--device', 'cpu']
 
 
 def _stub_reparam(mp, seen, tmp_path):
     mod = importlib.import_module('reparam')
-    mp.setattr(mod, 'build_model', lambda *a, **k: seen.append(ops.get_backend('cpu')) or _raise())
+    mp.setattr(mod, 'build_eval_model', lambda *a, **k: seen.append(ops.get_backend('cpu')) or _raise())
     return mod.main, ['--model', 'overlock_xt', '--checkpoint', str(tmp_path / 'in.pth'), '--output',
                       str(tmp_path / 'out.pth'), '--device', 'cpu']
 
@@ -47,7 +47,7 @@ def _stub_reparam(mp, seen, tmp_path):
 def _stub_export(mp, seen, tmp_path):
     pytest.importorskip('onnx')
     mod = importlib.import_module('scripts.export_onnx')
-    mp.setattr(mod, 'build_model', lambda *a, **k: seen.append(ops.get_backend('cpu')) or _raise())
+    mp.setattr(mod, 'build_eval_model', lambda *a, **k: seen.append(ops.get_backend('cpu')) or _raise())
     return mod.main, ['--model', 'overlock_xt', '--output', str(tmp_path / 'x.onnx')]
 
 

@@ -106,6 +106,7 @@ PLAIN_NAMES = ('out', 'grad_attn', 'grad_value')
 # Values and gradients against references
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', range(len(GOLDEN)),
                          ids=lambda i: f'k{GOLDEN[i]["kernel_size"]}_' + 'x'.join(map(str, GOLDEN[i]['value'].shape)))
 def test_golden_fp64(case):
@@ -117,6 +118,7 @@ def test_golden_fp64(case):
     _check(PLAIN_NAMES, (out, *grads), (c['out'], c['grad_attn'], c['grad_value']), 1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', [3, 5])  # k = 13 (the longest sums) and k = 7 with 12 channels
 def test_golden_fp32(case):
     c = GOLDEN[case]
@@ -127,6 +129,7 @@ def test_golden_fp32(case):
     _check(PLAIN_NAMES, (out, *grads), (c['out'], c['grad_attn'], c['grad_value']), 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('k,shape', [(3, (2, 1, 4, 6, 1)), (15, (1, 1, 15, 17, 5)), (5, (1, 2, 9, 7, 24))])
 def test_unfused_matches_bruteforce(k, shape):
     """The smallest and the largest supported K, odd channel counts, B > 1, more than 16 channels."""
@@ -138,6 +141,7 @@ def test_unfused_matches_bruteforce(k, shape):
     _check(PLAIN_NAMES, (got[0], *got[1]), (ref[0], *ref[1]), 1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layout', ['channel_first', 'channel_last'])
 @pytest.mark.parametrize('k,shape', [(5, (2, 2, 6, 9, 3)), (7, (1, 2, 7, 11, 16))])
 def test_fused_matches_reference(k, shape, layout):
@@ -153,6 +157,7 @@ def test_fused_matches_reference(k, shape, layout):
     _check(FUSED_NAMES, (got[0], *got[1]), (ref[0], *ref[1]), 1e-12)
 
 
+@pytest.mark.slow
 def test_fused_matches_unfused():
     """The fused kernels agree with softmax + the unfused kernels (values and all three gradients)."""
     k, shape = 7, (2, 1, 8, 7, 6)
@@ -170,6 +175,7 @@ def test_fused_matches_unfused():
     _check(FUSED_NAMES, (fused[0], *fused[1]), (plain[0], *plain[1]), 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fused', [False, True])
 def test_gradcheck(fused):
     """Finite differences in float64 through every input (fast mode: one random direction)."""
@@ -183,6 +189,7 @@ def test_gradcheck(fused):
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
 
+@pytest.mark.slow
 def test_multiple_blocks():
     """Small query blocks (many programs, a partial last block): as on the GPU, where a block is 128 queries."""
     k, shape = 5, (1, 1, 9, 10, 2)
@@ -201,6 +208,7 @@ def test_multiple_blocks():
     _check(PLAIN_NAMES, (got_plain[0], *got_plain[1]), (ref_plain[0], *ref_plain[1]), 1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('k, hw', [(5, (7, 7)), (3, (4, 6))])
 def test_grad_value_key_orders(k, hw):
     """grad_value in spatial and in pixel key blocks (the loops of the latter run over exactly each pixel's
@@ -228,6 +236,7 @@ def test_grad_value_key_orders(k, hw):
     _check(('grad_value', 'grad_value'), got[True], (ref[1][2], ref_plain[1][1]), 1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('k, w', [(5, 5), (5, 6), (3, 7), (7, 8)])
 def test_forward_column_pairs(k, w):
     """The forward takes two horizontally adjacent queries per thread, their windows d = 0 or 1 columns apart
@@ -282,6 +291,7 @@ def test_grad_value_key_order_choice():
 # dtypes and layouts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_half_precision(dtype):
     """Half inputs and outputs, float32 accumulation: rel err < 1e-2 against float64 on the rounded inputs."""
@@ -303,6 +313,7 @@ def test_half_precision(dtype):
     _check(FUSED_NAMES, (got[0], *got[1]), (ref[0], *ref[1]), 1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('channels', [14, 16])
 def test_bf16_value_pairs(channels):
     """A bfloat16 value with contiguous channels is read as 32-bit channel pairs (widened by bit operations):
@@ -322,6 +333,7 @@ def test_bf16_value_pairs(channels):
                                              k)) < 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_split_rows(dtype):
     """Rows of 14 channels per group (OverLoCK-XT's last stage) are not provably aligned for vector loads, so
@@ -353,6 +365,7 @@ def test_split_rows(dtype):
     assert rel_err(got[True][0].double().cpu(), ref.cpu()) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('split', [None, True])
 def test_split_rows_wide_channels(split):
     """More than 64 channels (chunks of 32) at strides not divisible by 16: read with vector loads whatever
@@ -388,6 +401,7 @@ def test_forward_register_cap_passed(monkeypatch):
     assert seen[0]['num_warps'] == seen[1]['num_warps'] == plans['fwd'].num_warps
 
 
+@pytest.mark.slow
 def test_bf16_logits():
     """bfloat16 logits with float32 rpb and value (what ContMix would pass if the projection stayed in bf16
     under autocast): float32 output; exact up to float32 rounding on the rounded logits, and within 1e-2 of
@@ -416,6 +430,7 @@ def test_mixed_dtypes_promote():
     assert rel_err(out.cpu(), ref_softmax_av(logits.cpu(), rpb.cpu(), value.cpu(), k)) < 1e-5
 
 
+@pytest.mark.slow
 def test_layouts():
     """Strided inputs are read in place and give exactly the contiguous result; outputs follow value's layout."""
     k, (b, g, h, w, c) = 5, (2, 1, 5, 7, 3)
@@ -439,6 +454,7 @@ def test_layouts():
 # Custom ops, compile, dispatch, bad input
 
 
+@pytest.mark.slow
 def test_opcheck():
     """torch.library.opcheck: schema, autograd registration, fake impls (incl. strides), AOT dispatch."""
     k, shape = 3, (1, 2, 3, 4, 2)
@@ -458,6 +474,7 @@ def test_opcheck():
         torch.library.opcheck(op, args, test_utils=('test_schema', 'test_faketensor'))
 
 
+@pytest.mark.slow
 def test_compile_contmix():
     """A ContMix block compiles with fullgraph=True (no graph break) on the triton backend and matches eager
     torch-backend numbers, forward and backward."""
@@ -510,6 +527,7 @@ def test_dispatch(monkeypatch):
 # here, and so do register spills at the launch configurations of OverLoCK-T's shapes.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('h,k,g,c', [(14, 13, 8, 16), (14, 5, 8, 16), (7, 7, 16, 16), (7, 7, 12, 14)])
 def test_kernels_compile_for_sm90(h, k, g, c, dtype):
@@ -537,6 +555,7 @@ def test_kernels_compile_for_sm90(h, k, g, c, dtype):
 # Both windows of a ContMix block in one op
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layout', ['channel_first', 'channel_last'])
 def test_contmix_two_windows(layout):
     """One op for both windows equals the per-window composition (float64 brute force): output in x's
@@ -564,6 +583,7 @@ def test_contmix_two_windows(layout):
            (ref[0], *ref[1]), 1e-12)
 
 
+@pytest.mark.slow
 def test_contmix_dispatch_and_opcheck(monkeypatch):
     """models.ops.contmix_softmax_av: the triton op when the backend is triton, the per-window composition
     otherwise (equal results); the op's fake implementations and autograd registration pass opcheck."""

@@ -12,7 +12,6 @@ import torch
 from tests.helpers import TINY_KWARGS, randomize_bn_stats
 from models.ops import composite, torch_backend
 from models.ops.dispatch import na2d_av, na2d_softmax_av, relative_position_bias
-from utils.cli import run_cli
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -27,19 +26,13 @@ TOL = 1e-4  # max relative error of the logits
 TINY_T = dict(depth=[1, 1, 2, 1], sub_depth=[2, 1], embed_dim=[16, 24, 40, 48], sub_num_heads=[2, 3], projection=64)
 
 
-def _cli(module, argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: module.main(argv))
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
 def _ort_logits(path, x):
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
-def _rel_err(out, ref):
+def _max_rel_err(out, ref):
+    """max |out - ref| / max |ref| (utils.export's parity measure)."""
     ref = ref.numpy()
     return float(np.abs(out - ref).max() / np.abs(ref).max())
 
@@ -100,6 +93,7 @@ def test_export_mode_is_scoped():
     torch.testing.assert_close(out, na2d_av(attn, value, 5))
 
 
+@pytest.mark.slow
 def test_plain_torch_onnx_export_uses_standard_ops(tmp_path):
     """A user's own torch.onnx.export call (no context manager) also gets the standard-op aggregation."""
     class Block(torch.nn.Module):
@@ -119,6 +113,7 @@ def test_plain_torch_onnx_export_uses_standard_ops(tmp_path):
 
 # --- export and parity in ONNX Runtime --------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,kwargs,size', [
     ('overlock_xt', TINY_KWARGS, (224, 224)),
     ('overlock_xt', TINY_KWARGS, (96, 160)),
@@ -146,25 +141,25 @@ def test_parity_tiny(name, kwargs, size, tmp_path, caplog):
             ref = deploy(x)
         out = _ort_logits(path, x)
         assert out.shape == (batch, 11)
-        assert _rel_err(out, ref) <= TOL
+        assert _max_rel_err(out, ref) <= TOL
 
 
-def test_parity_real_size_xt(tmp_path):
+@pytest.mark.slow
+def test_parity_real_size_xt(tmp_path, cli):
     """OverLoCK-XT at its real size and 224^2 (random BN statistics), through the command line."""
     model = timm.create_model('overlock_xt').eval()
     randomize_bn_stats(model)
     ckpt = tmp_path / 'xt.pth'
     torch.save({'state_dict': model.state_dict()}, ckpt)
     path = tmp_path / 'xt.onnx'
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: export_onnx.main(['--model', 'overlock_xt', '--checkpoint', str(ckpt), '--output', str(path)]))
-    assert e.value.code == 0
+    code, _, err = cli(export_onnx, ['--model', 'overlock_xt', '--checkpoint', str(ckpt), '--output', str(path)])
+    assert code == 0, err
     _standard_ops_only(path)
     deploy = model.reparameterize()
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         ref = deploy(x)
-    assert _rel_err(_ort_logits(path, x), ref) <= TOL
+    assert _max_rel_err(_ort_logits(path, x), ref) <= TOL
     meta = export.read_metadata(str(path))
     assert meta['architecture'] == 'overlock_xt' and meta['crop_pct'] == 0.925 and meta['num_classes'] == 1000
 
@@ -210,19 +205,20 @@ def digits(tmp_path_factory):
     return root / 'data', ckpt
 
 
-def test_validate_onnx_scores_like_pytorch(digits, tmp_path, capsys):
+@pytest.mark.slow
+def test_validate_onnx_scores_like_pytorch(digits, tmp_path, cli):
     data, ckpt = digits
     kw = ['--model-kwargs', *[f'{k}={v}'.replace(' ', '') for k, v in DEMO_KWARGS.items()]]
     path = tmp_path / 'digits.onnx'
-    code, out, err = _cli(export_onnx, ['--model', 'overlock_xt', '--checkpoint', str(ckpt), '--output', str(path),
-                                        '--img-size', '32', *kw], capsys)
+    code, out, err = cli(export_onnx, ['--model', 'overlock_xt', '--checkpoint', str(ckpt), '--output', str(path),
+                                       '--img-size', '32', *kw])
     assert code == 0, err
     results = tmp_path / 'results.csv'
     common = ['--crop-pct', '1.0', '-b', '16', '-j', '0', '--no-progress', '--results-file', str(results)]
-    code, out_torch, err = _cli(validate, [str(data), '--model', 'overlock_xt', '--checkpoint', str(ckpt),
-                                           '--img-size', '32', *kw, *common], capsys)
+    code, out_torch, err = cli(validate, [str(data), '--model', 'overlock_xt', '--checkpoint', str(ckpt),
+                                          '--img-size', '32', *kw, *common])
     assert code == 0, err
-    code, out_onnx, err = _cli(validate, [str(data), '--onnx', str(path), *common], capsys)
+    code, out_onnx, err = cli(validate, [str(data), '--onnx', str(path), *common])
     assert code == 0, err
     assert out_onnx.splitlines()[0] == out_torch.splitlines()[0]  # the same table
     with open(results) as f:
@@ -233,13 +229,14 @@ def test_validate_onnx_scores_like_pytorch(digits, tmp_path, capsys):
     assert abs(float(rows[0]['loss']) - float(rows[1]['loss'])) < 1e-4
 
 
-def test_reparam_onnx(digits, tmp_path, capsys):
+@pytest.mark.slow
+def test_reparam_onnx(digits, tmp_path, cli):
     """reparam.py --onnx writes the deploy checkpoint and the ONNX file; their logits agree."""
     data, ckpt = digits
     kw = ['--model-kwargs', *[f'{k}={v}'.replace(' ', '') for k, v in DEMO_KWARGS.items()]]
     path, deploy_ckpt = tmp_path / 'd.onnx', tmp_path / 'd.pth'
-    code, out, err = _cli(reparam, ['--model', 'overlock_xt', '--checkpoint', str(ckpt), '--output', str(deploy_ckpt),
-                                    '--onnx', str(path), '--img-size', '48', '--bench-iters', '0', *kw], capsys)
+    code, out, err = cli(reparam, ['--model', 'overlock_xt', '--checkpoint', str(ckpt), '--output', str(deploy_ckpt),
+                                   '--onnx', str(path), '--img-size', '48', '--bench-iters', '0', *kw])
     assert code == 0, err
     assert 'max relative error of ONNX Runtime' in out
     meta = export.read_metadata(str(path))
@@ -248,42 +245,42 @@ def test_reparam_onnx(digits, tmp_path, capsys):
                               pretrained=True, pretrained_cfg_overlay=dict(file=str(deploy_ckpt))).eval()
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        assert _rel_err(_ort_logits(path, x), model(x)) <= TOL
+        assert _max_rel_err(_ort_logits(path, x), model(x)) <= TOL
 
 
 # --- bad input --------------------------------------------------------------------------------------------
 
-def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line(tmp_path, cli, monkeypatch):
     kw = ['--model-kwargs', *[f'{k}={v}'.replace(' ', '') for k, v in TINY_KWARGS.items()]]
     out = str(tmp_path / 'm.onnx')
     for opset in ('12', '99'):
-        code, _, err = _cli(export_onnx, ['--output', out, '--opset', opset, *kw], capsys)
+        code, _, err = cli(export_onnx, ['--output', out, '--opset', opset, *kw])
         assert code == 2 and err.startswith(f'error: --opset {opset} is not supported') and err.count('\n') == 1
-    code, _, err = _cli(export_onnx, ['--output', str(tmp_path / 'no' / 'm.onnx'), '--img-size', '64', *kw], capsys)
+    code, _, err = cli(export_onnx, ['--output', str(tmp_path / 'no' / 'm.onnx'), '--img-size', '64', *kw])
     assert code == 2 and 'does not exist' in err and err.count('\n') == 1
 
     garbage = tmp_path / 'garbage.onnx'
     garbage.write_bytes(b'\x00not an onnx file' * 10)
-    code, _, err = _cli(validate, [str(tmp_path), '--onnx', str(garbage)], capsys)
+    code, _, err = cli(validate, [str(tmp_path), '--onnx', str(garbage)])
     assert code == 2 and err.startswith('error:') and 'not a readable ONNX file' in err and err.count('\n') == 1
-    code, _, err = _cli(validate, [str(tmp_path), '--onnx', str(tmp_path / 'missing.onnx')], capsys)
+    code, _, err = cli(validate, [str(tmp_path), '--onnx', str(tmp_path / 'missing.onnx')])
     assert code == 2 and 'does not exist' in err and err.count('\n') == 1
     foreign = tmp_path / 'foreign.onnx'  # a valid ONNX file without our preprocessing record
     x = onnx.helper.make_tensor_value_info('x', onnx.TensorProto.FLOAT, [1])
     y = onnx.helper.make_tensor_value_info('y', onnx.TensorProto.FLOAT, [1])
     graph = onnx.helper.make_graph([onnx.helper.make_node('Identity', ['x'], ['y'])], 'g', [x], [y])
     onnx.save(onnx.helper.make_model(graph), str(foreign))
-    code, _, err = _cli(validate, [str(tmp_path), '--onnx', str(foreign)], capsys)
+    code, _, err = cli(validate, [str(tmp_path), '--onnx', str(foreign)])
     assert code == 2 and 'no OverLoCK preprocessing record' in err and err.count('\n') == 1
 
     # onnx / onnxruntime missing: a one-line install hint
     for missing in ('onnx', 'onnxruntime'):
         monkeypatch.setitem(__import__('sys').modules, missing, None)
-        code, _, err = _cli(validate, [str(tmp_path), '--onnx', str(foreign)], capsys)
+        code, _, err = cli(validate, [str(tmp_path), '--onnx', str(foreign)])
         assert code == 2 and f'{missing} is needed' in err and 'pip install' in err and err.count('\n') == 1
         monkeypatch.undo()
     monkeypatch.setitem(__import__('sys').modules, 'onnx', None)
-    code, _, err = _cli(export_onnx, ['--output', out, *kw], capsys)
+    code, _, err = cli(export_onnx, ['--output', out, *kw])
     assert code == 2 and 'onnx is needed' in err and err.count('\n') == 1
-    code, _, err = _cli(reparam, ['--model', 'overlock_xt', '--checkpoint', str(garbage), '--onnx', out, *kw], capsys)
+    code, _, err = cli(reparam, ['--model', 'overlock_xt', '--checkpoint', str(garbage), '--onnx', out, *kw])
     assert code == 2 and 'onnx is needed' in err and err.count('\n') == 1

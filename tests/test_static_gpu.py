@@ -68,6 +68,7 @@ def test_sass_loop_uniform_counter():
     assert (loop.body, loop.passes, loop.unroll) == (7, 13, 0x1a)
 
 
+@pytest.mark.slow
 def test_small_model_rows(tiny_kwargs):
     """A tiny OverLoCK, training step: every launch compiles, counts add up, the estimate is a max of bounds."""
     calls = static_gpu.contmix_calls('overlock_xt', 2, 64, torch.float32, **tiny_kwargs)
@@ -93,6 +94,7 @@ def test_small_model_rows(tiny_kwargs):
     assert 'Per step' in table and table.count('\n| ') >= len(kernels)
 
 
+@pytest.mark.slow
 def test_cli(capsys, tmp_path):
     out = tmp_path / 'table.md'
     static_gpu.main(['--model', 'overlock_xt', '--batch', '1', '--img-size', '64', '--mode', 'infer',
@@ -102,6 +104,7 @@ def test_cli(capsys, tmp_path):
     assert out.read_text().strip() == text.strip()
 
 
+@pytest.mark.slow
 def test_measured_beside_estimates(tiny_kwargs):
     """``--measure`` times every launch of the rows on random data in the model's layout (here under Triton's
     interpreter, so only the plumbing is checked): one time per launch, in the table beside the estimate."""

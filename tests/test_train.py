@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from tests._train_helpers import (
-    FAST, REPO, TINY, free_port, load, make_image_folder, read_summary, run_inprocess, run_train, state_dicts_equal,
+from tests.helpers import (
+    FAST, REPO, TINY, free_port, load, read_summary, run_inprocess, run_train, state_dicts_equal,
     subprocess_env,
 )
 from utils.checkpoint import CheckpointSaver, atomic_save
@@ -34,11 +34,6 @@ RESUME_ARGS = TINY + FAST + [
     '--sched', 'step', '--decay-epochs', '1', '--decay-rate', '0.5', '--lr', '2e-3', '--model-ema',
     '--mixup', '0.8', '--cutmix', '1.0', '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--drop-path', '0.1',
     '--clip-grad', '5', '--log-interval', '1']
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp('data'))
 
 
 @pytest.fixture(scope='module')
@@ -153,6 +148,7 @@ def test_checkpoint_saver_keeps_the_k_best(tmp_path):
 
 # --- runs ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_one_epoch_run_writes_every_output(data_dir, tmp_path):
     """Through the real CLI, with a config file that the command line overrides."""
     import models
@@ -188,12 +184,13 @@ def test_one_epoch_run_writes_every_output(data_dir, tmp_path):
     assert ckpt['version'] == 1 and ckpt['arch'] == 'overlock_xt' and ckpt['epoch'] == 1
     assert isinstance(ckpt['args'], dict) and ckpt['metric'] == pytest.approx(float(rows[0]['eval_top1']), abs=1e-3)
     assert {'state_dict', 'state_dict_ema', 'optimizer', 'scheduler', 'rng', 'global_step'} <= set(ckpt)
-    model = models.create_model('overlock_xt', depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 24, 32, 48],
-                                sub_num_heads=[2, 2], projection=64, num_classes=3)
+    model = models.create_overlock('overlock_xt', depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 24, 32, 48],
+                                   sub_num_heads=[2, 2], projection=64, num_classes=3)
     models.load_checkpoint(model, str(out / 'model_best.pth'), use_ema=True)  # what validate.py does
     assert torch.equal(model.state_dict()['head.4.weight'], ckpt['state_dict_ema']['head.4.weight'])
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_a_learnable_task(data_dir, tmp_path):
     out = tmp_path / 'run'
     code, err = run_inprocess(TINY + FAST + [
@@ -211,6 +208,7 @@ def test_loss_decreases_on_a_learnable_task(data_dir, tmp_path):
     assert (out / 'model_best.pth').read_bytes() == (out / best[0]).read_bytes()
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(data_dir, reference_run, tmp_path):
     out = tmp_path / 'run'
     base = RESUME_ARGS + ['--data-dir', str(data_dir)]
@@ -227,6 +225,7 @@ def test_resume_equals_uninterrupted_run(data_dir, reference_run, tmp_path):
     assert losses[0] == losses[1]  # epoch means too
 
 
+@pytest.mark.slow
 def test_sigterm_saves_recovery_checkpoint_and_resume_matches(data_dir, reference_run, tmp_path):
     out = tmp_path / 'run'
     log = tmp_path / 'stderr.txt'
@@ -257,6 +256,7 @@ def test_sigterm_saves_recovery_checkpoint_and_resume_matches(data_dir, referenc
     assert losses[0] == losses[1]  # the interrupted epoch's mean includes the batches before the signal
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     """The shipped script with the full XT recipe (fp16 AMP, EMA, mixup, RandAugment), 2 CPU processes."""
     out = tmp_path / 'run'
@@ -278,6 +278,7 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     assert 'scaler' in ckpt  # float16 AMP from the config
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_step_and_checkpoint(data_dir, tmp_path):
     # A step schedule that multiplies the lr by 1e33 after epoch 1: epoch 1 trains, epoch 2 diverges.
     diverge = TINY + FAST + ['--data-dir', str(data_dir), '--epochs', '2', '--lr', '1e-3', '--sched', 'step',
@@ -380,6 +381,7 @@ def test_skip_corrupt_runs_and_names_the_file(data_dir, tmp_path):
     assert 'skipping unreadable image' in err and 'zz_broken.png' in err
 
 
+@pytest.mark.slow
 def test_worker_error_is_one_line_and_the_process_exits(data_dir, tmp_path):
     """An unreadable image met in a DataLoader worker process: the real CLI prints the worker's message as one
     line and exits (workers ignore SIGTERM, so they must be stopped before interpreter exit, or it hangs)."""

@@ -2,23 +2,17 @@
 import math
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests._train_helpers import FAST, TINY, load, make_image_folder, read_summary, run_inprocess
+from tests.helpers import FAST, TINY, load, read_summary, run_inprocess
 from utils.checkpoint import CheckpointSaver
 from utils.distributed import DistInfo
 from utils.train_step import NonFiniteGuard, NonFiniteLoss
 
 TINY_MODEL = TINY[2:]  # --model-kwargs ... --img-size 32 (the model name comes from the original flags)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp('data'))
 
 
 def _one_error(err: str) -> str:
@@ -95,6 +89,7 @@ DIVERGE = TINY + FAST + ['--epochs', '2', '--lr', '1e-3', '--sched', 'step', '--
                          '--decay-rate', '1e33', '--log-interval', '1']
 
 
+@pytest.mark.slow
 def test_float16_keeps_training_while_steps_are_skipped_and_stops_when_it_persists(data_dir, tmp_path):
     out = tmp_path / 'copes'
     code, err = run_inprocess(DIVERGE + ['--data-dir', str(data_dir), '--output', str(out), '--amp',

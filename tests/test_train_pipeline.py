@@ -1,23 +1,15 @@
 """The input pipeline as the original's: uint8 batches from the workers, normalisation, Mixup/CutMix and then
 random erasing on the device."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from tests._train_helpers import make_image_folder
 from utils.augment import DeviceAugment
 from utils.config import build_train_parser
 from utils.distributed import DistInfo
 from utils.train_setup import build_datasets, build_device_augment, build_loaders, build_loss
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp('data'))
 
 
 def _args(data_dir, *argv):

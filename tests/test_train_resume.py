@@ -2,21 +2,13 @@
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests._train_helpers import (
-    FAST, REPO, TINY, free_port, load, make_image_folder, read_summary, run_inprocess, subprocess_env,
-)
+from tests.helpers import FAST, REPO, TINY, free_port, load, read_summary, run_inprocess, subprocess_env
 from utils.cli import parse_args_with_config
 from utils.config import build_train_parser
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp('data'))
 
 
 def _fresh_schedule_lrs(argv, epochs: int):
@@ -35,6 +27,7 @@ def _fresh_schedule_lrs(argv, epochs: int):
     return lrs
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_follows_the_new_schedule(data_dir, tmp_path):
     out = tmp_path / 'run'
     base = TINY + FAST + ['--data-dir', str(data_dir), '--sched', 'cosine', '--lr', '2e-3', '--no-aug']
@@ -69,6 +62,7 @@ def test_model_change_is_refused_in_one_line(data_dir, tmp_path):
     assert len(lines) == 1 and '--num-classes 3, not 5: resume cannot change it' in lines[0], err
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_processes_recomputes_the_auto_lr(data_dir, tmp_path):
     """2 processes (global batch 8) for one epoch, then one process (global batch 4) for a second one."""
     out = tmp_path / 'run'

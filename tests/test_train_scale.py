@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._train_helpers import (
+from tests.helpers import (
     FAST, REPO, TINY, free_port, load, make_image_folder, read_summary, run_inprocess, state_dicts_equal,
     subprocess_env,
 )

@@ -16,6 +16,7 @@ distribution stays the original's on any Pillow. It is needed as long as timm ha
 unguarded (still so in timm 1.0.31); it is harmless afterwards, because for 1–8 bits it calls Pillow as
 timm does.
 """
+import argparse
 import logging
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -23,7 +24,8 @@ import torch
 
 from PIL import Image, ImageOps
 
-__all__ = ['posterize', 'install_posterize', 'build_train_transform', 'build_eval_transform', 'DeviceAugment']
+__all__ = ['posterize', 'install_posterize', 'train_transform_kwargs', 'build_train_transform', 'build_eval_transform',
+           'DeviceAugment']
 
 _logger = logging.getLogger(__name__)
 
@@ -56,6 +58,14 @@ def install_posterize() -> None:
     for name in POSTERIZE_OPS:
         if name in table:
             table[name] = posterize
+
+
+def train_transform_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """train.py's options for the per-image augmentation as ``create_transform`` arguments (random erasing,
+    applied to the mixed batch on the device, is not among them)."""
+    return dict(no_aug=args.no_aug, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
+                vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+                interpolation=args.train_interpolation)
 
 
 def build_train_transform(input_size: Tuple[int, int, int], mean, std, **kwargs: Any):

@@ -28,13 +28,31 @@ from .fileio import atomic_save, atomic_write_text, link_or_copy as _link_or_cop
 __all__ = [
     'CHECKPOINT_VERSION', 'atomic_save', 'atomic_write_text', 'read_training_checkpoint', 'to_plain',
     'get_rng_state', 'set_rng_state', 'BestCheckpoints', 'CheckpointSaver', 'training_state', 'ResumePoint', 'restore_training_state',
-    'SCHEDULE_OPTIONS', 'changed_options', 'describe_changes', 'RECOVERY_NAME', 'newest_checkpoint',
+    'SCHEDULE_OPTIONS', 'changed_options', 'describe_changes', 'RECOVERY_FILE', 'newest_checkpoint',
     'is_original_checkpoint', 'from_original',
+    'LAST_FILE', 'BEST_FILE', 'BEST_EMA_FILE', 'EMA_FOLDER', 'epoch_file', 'is_epoch_file',
 ]
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+
+# The checkpoint file names of a run folder, spelled only here.
+LAST_FILE = 'last.pth'  # every epoch, and mid-epoch on preemption: what --resume reads
+RECOVERY_FILE = 'recovery.pth'  # every --recovery-interval updates; --resume auto takes the newer of the two
+BEST_FILE = 'model_best.pth'
+BEST_EMA_FILE = 'model_best_ema.pth'
+EMA_FOLDER = 'checkpoints_ema'  # the EMA's best-k epoch files
+_EPOCH_PREFIX, _EPOCH_SUFFIX = 'checkpoint-', '.pth'
+
+
+def epoch_file(epoch: int) -> str:
+    """The name of one of the best-k epoch files."""
+    return f'{_EPOCH_PREFIX}{epoch}{_EPOCH_SUFFIX}'
+
+
+def is_epoch_file(name: str) -> bool:
+    return name.startswith(_EPOCH_PREFIX) and name.endswith(_EPOCH_SUFFIX)
 
 
 def get_rng_state() -> Dict[str, Any]:
@@ -156,7 +174,7 @@ class BestCheckpoints:
         self.entries.sort(key=lambda x: (-x[0], x[1]))
 
     def path_for(self, epoch: int) -> str:
-        return os.path.join(self.folder, f'checkpoint-{epoch}.pth')
+        return os.path.join(self.folder, epoch_file(epoch))
 
     @property
     def best(self) -> Optional[Tuple[float, int]]:
@@ -200,14 +218,14 @@ class CheckpointSaver:
     def __init__(self, output_dir: str, max_history: int = 3, best_k: Optional[List[Tuple[float, int]]] = None,
                  ema: bool = False, best_k_ema: Optional[List[Tuple[float, int]]] = None):
         self.output_dir = output_dir
-        self.ranking = BestCheckpoints(output_dir, os.path.join(output_dir, 'model_best.pth'), max_history, best_k)
-        self.ranking_ema = BestCheckpoints(os.path.join(output_dir, 'checkpoints_ema'),
-                                           os.path.join(output_dir, 'model_best_ema.pth'), max_history,
+        self.ranking = BestCheckpoints(output_dir, os.path.join(output_dir, BEST_FILE), max_history, best_k)
+        self.ranking_ema = BestCheckpoints(os.path.join(output_dir, EMA_FOLDER),
+                                           os.path.join(output_dir, BEST_EMA_FILE), max_history,
                                            best_k_ema) if ema else None
 
     @property
     def last_path(self) -> str:
-        return os.path.join(self.output_dir, 'last.pth')
+        return os.path.join(self.output_dir, LAST_FILE)
 
     @property
     def best_path(self) -> str:
@@ -244,7 +262,7 @@ class CheckpointSaver:
 
     @property
     def recovery_path(self) -> str:
-        return os.path.join(self.output_dir, RECOVERY_NAME)
+        return os.path.join(self.output_dir, RECOVERY_FILE)
 
     def save_recovery(self, state: Dict[str, Any], path: Optional[str] = None) -> None:
         """Write a mid-epoch checkpoint, best-k unchanged: ``last.pth`` (preemption) or ``path``
@@ -259,8 +277,6 @@ class CheckpointSaver:
         if os.path.exists(self.recovery_path):
             os.remove(self.recovery_path)
 
-
-RECOVERY_NAME = 'recovery.pth'
 
 
 def _progress(path: str) -> Optional[Tuple[int, int, int]]:
@@ -278,7 +294,7 @@ def newest_checkpoint(output_dir: str) -> str:
     """``--resume auto``: the one of ``last.pth`` and ``recovery.pth`` in ``output_dir`` that is furthest into
     the run ('' when neither exists)."""
     found = []
-    for name in ('last.pth', RECOVERY_NAME):
+    for name in (LAST_FILE, RECOVERY_FILE):
         path = os.path.join(output_dir, name)
         if os.path.isfile(path):
             progress = _progress(path)

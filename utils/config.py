@@ -11,13 +11,14 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .checkpoint import BEST_EMA_FILE, BEST_FILE, EMA_FOLDER, LAST_FILE, RECOVERY_FILE, is_epoch_file
 from .cli import UsageError, add_model_args, add_na2d_backend_arg
 
 __all__ = ['build_train_parser', 'check_train_args', 'args_to_yaml', 'RUN_FILES', 'STALE_FILES', 'run_files_in']
 
 # Files that mark a directory as holding a run that made progress (refused as --output unless --resume or
 # --overwrite). A run that stopped before its first checkpoint leaves only STALE_FILES, which a new run replaces.
-RUN_FILES = ('last.pth', 'recovery.pth', 'model_best.pth', 'model_best_ema.pth', 'summary.csv', 'checkpoints_ema')
+RUN_FILES = (LAST_FILE, RECOVERY_FILE, BEST_FILE, BEST_EMA_FILE, 'summary.csv', EMA_FOLDER)
 STALE_FILES = ('args.yaml', 'log.txt', 'curves.png')
 
 
@@ -244,8 +245,8 @@ def run_files_in(folder: str) -> List[str]:
     if not os.path.isdir(folder):
         return []
     names = set(os.listdir(folder))
-    found = [n for n in RUN_FILES if n in names]  # checkpoints_ema is a folder
-    found += sorted(n for n in names if n.startswith('checkpoint-') and n.endswith('.pth'))
+    found = [n for n in RUN_FILES if n in names]  # EMA_FOLDER is a folder
+    found += sorted(n for n in names if is_epoch_file(n))
     return found
 
 

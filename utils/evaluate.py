@@ -5,7 +5,7 @@ import logging
 import os
 import time
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,18 +13,10 @@ from torch import nn
 
 from .cli import UsageError, parse_kwargs
 from .data import DataError, build_image_folder
+from .distributed import DistInfo, all_reduce_sum
+from .train_step import close_loader
 
 _logger = logging.getLogger(__name__)
-
-_DTYPES = {'float16': torch.float16, 'fp16': torch.float16, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
-           'float32': torch.float32, 'fp32': torch.float32}
-
-
-def amp_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise UsageError(f'--amp-dtype {name} is not one of {", ".join(_DTYPES)}')
-    return _DTYPES[name]
-
 
 def expand_model_names(names: List[str]) -> List[str]:
     """Model names with shell-style patterns (``'overlock*'``) expanded over the registered models."""
@@ -45,7 +37,7 @@ def expand_model_names(names: List[str]) -> List[str]:
     return out
 
 
-def build_model(
+def build_eval_model(
         name: str,
         checkpoint: Optional[str] = None,
         pretrained: bool = False,
@@ -108,49 +100,81 @@ def evaluate(
         device: torch.device,
         amp: Optional[torch.dtype] = None,
         channels_last: bool = False,
-        progress: bool = True,
+        prepare: Optional[Callable] = None,
+        info: Optional[DistInfo] = None,
+        progress: bool = False,
         desc: str = '',
 ) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%), mean cross-entropy and images/s of ``model`` over ``loader``."""
-    from timm.utils import accuracy
+    """Top-1 / top-5 accuracy (%), mean cross-entropy, image count and images/s of ``model`` over ``loader``:
+    the one evaluation loop (validate.py scores files with it, train.py its model and EMA after each epoch).
+
+    Sums stay on the device (no per-batch sync unless ``progress``); images/s leaves out the first batch
+    (worker start-up, warm-up) unless there is only one.
+
+    Args:
+        amp: autocast dtype (None: no autocast).
+        channels_last: move images to channels-last (ignored when ``prepare`` is given).
+        prepare: ``prepare(x, y)`` moves a batch to the device (and normalises it); default ``.to(device)``.
+        info: in a distributed run, the sums are reduced over its processes (each image counted once).
+        progress: show a progress bar labelled ``desc``.
+    """
     from tqdm import tqdm
 
     model.eval()
-    correct1 = correct5 = loss_sum = 0.
-    count = 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-    start, timed = None, 0
+    start, timed, count = None, 0, 0
     first_start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for images, targets in bar:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            logits = model(images).float()
-        top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
-        n = targets.shape[0]
-        correct1 += top1.item() * n / 100
-        correct5 += top5.item() * n / 100
-        loss_sum += F.cross_entropy(logits, targets, reduction='sum').item()
-        count += n
-        if start is None:
-            start = time.perf_counter()  # speed excludes the first batch (worker start-up, warm-up)
-        else:
-            timed += n
-        bar.set_postfix(top1=f'{100 * correct1 / count:.2f}')
+    batches = iter(loader)
+    bar = tqdm(batches, total=len(loader) if hasattr(loader, '__len__') else None, desc=desc,
+               disable=not progress, leave=False, dynamic_ncols=True)
+    try:
+        for x, y in bar:
+            if prepare is not None:
+                x, y = prepare(x, y)
+            else:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                out = model(x)
+            if isinstance(out, dict):  # a training-form model in training mode: the main head
+                out = out['main']
+            out = out.float()
+            sums[0] += F.cross_entropy(out, y, reduction='sum').double()
+            hit = out.topk(min(5, out.shape[1]), dim=1).indices.eq(y[:, None])
+            sums[1] += hit[:, :1].sum()
+            sums[2] += hit.sum()
+            sums[3] += y.numel()
+            count += y.numel()
+            if start is None:
+                start = time.perf_counter()
+            else:
+                timed += y.numel()
+            if progress:
+                bar.set_postfix(top1=f'{100 * sums[1].item() / max(1.0, sums[3].item()):.2f}')
+    except BaseException:
+        close_loader(batches)  # an exhausted iterator stops its own workers (unless they persist)
+        raise
     end = time.perf_counter()
+    if info is not None:
+        all_reduce_sum(sums, info)
+    loss, top1, top5, images = sums.tolist()
+    if not images:
+        raise DataError('the validation set is empty')
     elapsed = end - start if start is not None else 0.
     if not timed:  # a single batch: time it whole, worker start-up included
         timed, elapsed = count, end - first_start
-    if not count:
-        raise DataError('the validation set is empty')
     return {
-        'top1': round(100 * correct1 / count, 4), 'top5': round(100 * correct5 / count, 4),
-        'loss': round(loss_sum / count, 6), 'images': count,
-        'images_per_sec': round(timed / elapsed, 2) if elapsed > 0 and timed else float('nan'),
+        'top1': 100.0 * top1 / images, 'top5': 100.0 * top5 / images, 'loss': loss / images, 'images': int(images),
+        'images_per_sec': timed / elapsed if elapsed > 0 and timed else float('nan'),
     }
+
+
+def rounded(metrics: Dict[str, float]) -> Dict[str, float]:
+    """:func:`evaluate`'s metrics rounded for tables and results files."""
+    digits = {'top1': 4, 'top5': 4, 'loss': 6, 'images_per_sec': 2}
+    return {k: round(v, digits[k]) if k in digits else v for k, v in metrics.items()}
 
 
 def append_results(path: str, rows: List[Dict[str, Any]]) -> None:

@@ -31,10 +31,12 @@ from .config import args_to_yaml, build_train_parser, check_train_args
 from .distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier, cleanup, distribute_bn_stats, init_distributed,
 )
+from .evaluate import evaluate
+from .measure.dtypes import parse_dtype
 from . import train_setup as setup
 from .train_step import (
     NonFiniteGuard, NonFiniteLoss, Preemption, ProgressLog, accumulation_group, autocast, close_loader,
-    compute_loss, evaluate, forward_backward, optimizer_step,
+    compute_loss, forward_backward, optimizer_step,
 )
 
 __all__ = ['main', 'Trainer', 'NonFiniteLoss', 'EXIT_NONFINITE', 'SUMMARY_COLUMNS']
@@ -73,7 +75,7 @@ class Trainer:
         self.global_batch = setup.resolve_batch(args, info, self.train_set)
         self.model, self.data_config = setup.build_model(args, info)
         self.ema = setup.build_ema(args, self.model)
-        self.amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.amp_dtype]
+        self.amp_dtype = parse_dtype(args.amp_dtype)
         self.scaler = setup.build_scaler(args, self.device)
         self.optimizer = setup.build_optimizer(args, self.model)
         self.loaders = setup.build_loaders(args, info, self.train_set, self.val_set, self.data_config)
@@ -257,9 +259,10 @@ class Trainer:
             'train_loss_aux': s[1] / max(1.0, s[2]) if has_aux or s[1] else None,
         }
 
-    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+    def score(self, model: nn.Module) -> Dict[str, float]:
         """Loss, top-1 and top-5 (%) over the validation set, summed over processes (each image once)."""
-        return evaluate(model, self.loaders.val, self.info, self._amp, self.args.num_classes, self.prepare_eval)
+        return evaluate(model, self.loaders.val, self.device, amp=self.amp_dtype if self.args.amp else None,
+                        prepare=self.prepare_eval, info=self.info)
 
     # --- outputs -------------------------------------------------------------------------------------------
 
@@ -377,13 +380,13 @@ class Trainer:
 
     def _epoch_row(self, epoch: int, stats: Dict[str, float]) -> Dict[str, Optional[float]]:
         """Evaluate the model (and the EMA) after ``epoch``: the summary row."""
-        ev = self.evaluate(self.eval_model)
+        ev = self.score(self.eval_model)
         row: Dict[str, Optional[float]] = {
             'epoch': epoch + 1, 'train_loss': stats['train_loss'], 'train_loss_aux': stats['train_loss_aux'],
             'eval_loss': ev['loss'], 'eval_top1': ev['top1'], 'eval_top5': ev['top5'],
         }
         if self.ema is not None:
-            ev_ema = self.evaluate(self.ema.module)
+            ev_ema = self.score(self.ema.module)
             row.update(eval_ema_loss=ev_ema['loss'], eval_ema_top1=ev_ema['top1'], eval_ema_top5=ev_ema['top5'])
         return row
 

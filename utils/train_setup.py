@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import LAST_FILE
 from .cli import UsageError, create_model_from_args
 from .config import STALE_FILES, run_files_in
 from .data import (
@@ -87,7 +88,7 @@ def resolve_output(args: argparse.Namespace, info: DistInfo) -> None:
         args.output = os.path.join('output', 'train', f'{args.model}-{stamp}')
     existing = run_files_in(args.output)
     if existing and not args.resume and not args.overwrite:
-        last = os.path.join(args.output, 'last.pth')
+        last = os.path.join(args.output, LAST_FILE)
         raise UsageError(f'--output {args.output} holds another run ({", ".join(existing[:4])}); pass --resume '
                          f'{last} to continue it, --overwrite to replace it, or another --output')
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -380,12 +381,10 @@ def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: ImageFold
     Workers hand over uint8 batches (timm's ``fast_collate``); normalisation, mixing and random erasing
     happen on the device (:func:`build_device_augment`)."""
     from timm.data.loader import fast_collate
-    from .augment import build_eval_transform, build_train_transform
+    from .augment import build_eval_transform, build_train_transform, train_transform_kwargs
     cfg = data_config
-    train_set.transform = build_train_transform(
-        cfg['input_size'], no_aug=args.no_aug, scale=tuple(args.scale), ratio=tuple(args.ratio),
-        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=args.train_interpolation, mean=cfg['mean'], std=cfg['std'], use_prefetcher=True)
+    train_set.transform = build_train_transform(cfg['input_size'], mean=cfg['mean'], std=cfg['std'],
+                                                use_prefetcher=True, **train_transform_kwargs(args))
     val_set.transform = build_eval_transform(
         cfg['input_size'], interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
         crop_pct=cfg['crop_pct'], use_prefetcher=True)

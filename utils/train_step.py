@@ -12,13 +12,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .checkpoint import LAST_FILE
 from .cli import na2d_backend_advice
 from .data import seed_worker
-from .distributed import DistInfo, all_reduce_sum, any_true
+from .distributed import DistInfo, any_true
 
 __all__ = [
     'NonFiniteLoss', 'Preemption', 'worker_init', 'close_loader', 'autocast', 'compute_loss', 'accumulation_group',
-    'forward_backward', 'optimizer_step', 'NonFiniteGuard', 'ProgressLog', 'fmt_eta', 'evaluate',
+    'forward_backward', 'optimizer_step', 'NonFiniteGuard', 'ProgressLog', 'fmt_eta',
 ]
 
 _logger = logging.getLogger('train')
@@ -180,7 +181,7 @@ class NonFiniteGuard:
             raise NonFiniteLoss(self._persist_message(epoch, batch))
 
     def advice(self) -> str:
-        last = os.path.join(self.output, 'last.pth')
+        last = os.path.join(self.output, LAST_FILE)
         skip = '' if self.tolerate else ', or pass --skip-nonfinite to skip such steps'
         backend = na2d_backend_advice(self.info.device.type)
         backend = f'. {backend}' if backend else ''
@@ -291,38 +292,3 @@ class ProgressLog:
     def reset(self) -> None:
         self.window.zero_()
         self.t_line, self.data_time, self.batches, self.updates = time.time(), 0.0, 0, 0
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, info: DistInfo, amp_context: Callable, num_classes: int,
-             prepare: Optional[Callable] = None) -> Dict[str, float]:
-    """Loss, top-1 and top-5 (%) over ``loader``, summed over processes (each image once); ``prepare(x, y)``
-    moves a batch to the device (and normalises it), default: ``.to(device)``."""
-    import torch.nn.functional as F
-    model.eval()
-    k = min(5, num_classes)
-    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, top1, top5, count
-    batches = iter(loader)
-    try:
-        for x, y in batches:
-            if prepare is not None:
-                x, y = prepare(x, y)
-            else:
-                x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-            with amp_context():
-                out = model(x)
-            if isinstance(out, dict):
-                out = out['main']
-            out = out.float()
-            sums[0] += F.cross_entropy(out, y, reduction='sum').double()
-            hit = out.topk(k, dim=1).indices.eq(y[:, None])
-            sums[1] += hit[:, :1].sum()
-            sums[2] += hit.sum()
-            sums[3] += y.numel()
-    except BaseException:
-        close_loader(batches)  # an exhausted iterator stops its own workers (unless they persist)
-        raise
-    all_reduce_sum(sums, info)
-    loss, top1, top5, count = sums.tolist()
-    count = max(count, 1.0)
-    return {'loss': loss / count, 'top1': 100.0 * top1 / count, 'top5': 100.0 * top5 / count}

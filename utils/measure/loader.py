@@ -4,35 +4,44 @@ to the device, on a folder of real JPEG photographs.
 :func:`build_photo_folder` makes that folder from the photographs that installed PyPI packages ship
 (scikit-learn's two sample images and matplotlib's portrait), cropped at random and re-encoded as JPEG at
 about 500x375, the size of a typical ImageNet training image. :func:`bench_loaders` runs the recipe's
-augmentation (decode, random-resized crop with random bilinear/bicubic, flip, RandAugment
-rand-m9-mstd0.5-inc1) through our dataset and through timm's own ``create_loader`` on the same folder in the
-same process, alternating them so that both see the same machine load.
+augmentation, read from configs/base.yaml (decode, random-resized crop with random bilinear/bicubic, flip,
+RandAugment rand-m9-mstd0.5-inc1), through our dataset and through timm's own ``create_loader`` on the same
+folder in the same process, alternating them so that both see the same machine load.
 
 :class:`DraftRandomResizedCrop` is the reduced-size JPEG decoding path: it draws the crop box from the image
 header exactly as timm's ``RandomResizedCropAndInterpolation`` does (same random draws), and when the box
 is at least twice the output size on both sides it lets libjpeg decode at 1/2, 1/4 or 1/8 scale (PIL's
-``Image.draft``; the reduced box never smaller than the output) before cropping and resizing. The crop boxes, flips and RandAugment draws are the same as
-the full-size path; the pixels differ slightly (DCT-domain downscaling before the resize), so it is an
-option, off by default.
+``Image.draft``; the reduced box never smaller than the output) before cropping and resizing. The crop boxes,
+flips and RandAugment draws are the same as the full-size path; the pixels differ slightly (DCT-domain
+downscaling before the resize), so it is an option, off by default.
 """
 import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-__all__ = ['RECIPE', 'photo_sources', 'build_photo_folder', 'DraftRandomResizedCrop', 'train_transform',
-           'our_dataset', 'our_loader', 'timm_loader', 'LoaderResult', 'time_loader', 'bench_loaders',
+__all__ = ['BASE_CONFIG', 'recipe_augmentation', 'photo_sources', 'build_photo_folder', 'DraftRandomResizedCrop',
+           'train_transform', 'our_dataset', 'our_loader', 'timm_loader', 'LoaderResult', 'time_loader', 'bench_loaders',
            'draft_difference']
 
-# The training recipe's augmentation (configs/overlock_*.yaml), as timm's create_transform arguments.
-RECIPE = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0, color_jitter=0.4,
-              auto_augment='rand-m9-mstd0.5-inc1', interpolation='random', re_prob=0.25, re_mode='pixel',
-              re_count=1)
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BASE_CONFIG = str(Path(__file__).resolve().parents[2] / 'configs' / 'base.yaml')  # the release's recipe
+MEAN, STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+def recipe_augmentation(config: str = BASE_CONFIG) -> Dict[str, Any]:
+    """The augmentation a training config sets (train.py's options, read as train.py reads ``-c``), as timm's
+    ``create_transform`` arguments, random erasing included."""
+    from utils.augment import train_transform_kwargs
+    from utils.cli import parse_args_with_config
+    from utils.config import build_train_parser
+    args = parse_args_with_config(build_train_parser(), ['-c', config])
+    return dict(train_transform_kwargs(args), re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
 
 
 def photo_sources() -> List[str]:
@@ -120,7 +129,7 @@ def train_transform(img_size: int = 224, uint8: bool = True, **overrides):
     """The recipe's training transform (utils.augment.build_train_transform). ``uint8``: as the prefetcher
     path hands it over (no normalisation, erasing on the device); else float32, normalised and erased here."""
     from utils.augment import build_train_transform
-    kw = dict(RECIPE, **overrides)
+    kw = dict(recipe_augmentation(), **overrides)
     return build_train_transform((3, img_size, img_size), MEAN, STD, use_prefetcher=uint8, **kw)
 
 
@@ -162,11 +171,8 @@ def timm_loader(root: str, batch_size: int, workers: int, img_size: int = 224, d
     ds = create_dataset('', root=root, is_training=True)
     return create_loader(
         ds, input_size=(3, img_size, img_size), batch_size=batch_size, is_training=True, use_prefetcher=True,
-        no_aug=False, re_prob=RECIPE['re_prob'], re_mode=RECIPE['re_mode'], re_count=RECIPE['re_count'],
-        scale=RECIPE['scale'], ratio=RECIPE['ratio'], hflip=RECIPE['hflip'], vflip=RECIPE['vflip'],
-        color_jitter=RECIPE['color_jitter'], auto_augment=RECIPE['auto_augment'],
-        interpolation=RECIPE['interpolation'], mean=MEAN, std=STD, num_workers=workers, distributed=False,
-        pin_memory=False, device=torch.device(device), persistent_workers=workers > 0)
+        mean=MEAN, std=STD, num_workers=workers, distributed=False, pin_memory=False, device=torch.device(device),
+        persistent_workers=workers > 0, **recipe_augmentation())
 
 
 @dataclass

@@ -122,7 +122,7 @@ def bench_model(name: str, bench: ModelBench, device: torch.device) -> Dict[str,
     without the auxiliary head, GMACs at batch 1, the paper's GFLOPs, images/s (median step) and peak memory."""
     import timm
 
-    from utils.flops import count_macs
+    from .macs import count_macs
     kwargs = bench.kwargs_for(name)
     row: Dict[str, object] = {'model': name}
     with torch.device('meta'):  # parameter counts only: no memory, no initialisation

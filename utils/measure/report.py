@@ -27,7 +27,7 @@ import torch
 from .dtypes import dtype_name, parse_dtype, short_name
 from .model import ModelBench, bench_models, create, make_step, profile_table
 from .ops import copy_bandwidth, default_backends, gbs, time_depthwise_convs, time_na2d
-from .shapes import contmix_calls, depthwise_convs, meta_model
+from .shapes import depthwise_convs, meta_model, na2d_calls
 
 __all__ = ['ReportConfig', 'PARTS', 'TARGETS', 'environment', 'run_report']
 
@@ -126,7 +126,7 @@ class _Report:
         timing = dict(warmup=1, repeat=3) if cfg.smoke else dict(warmup=10, repeat=50, flush_l2=True)
         copy_gbs = copy_bandwidth(device, (1 << 22) if cfg.smoke else (1 << 30), **timing)
         backends = [b for b in ('triton', 'torch') if b in default_backends()]
-        calls = contmix_calls(cfg.target, cfg.img_size, **cfg.model_kwargs)
+        calls = na2d_calls(cfg.target, cfg.img_size, **cfg.model_kwargs)
         if cfg.smoke:
             calls = calls[-1:]  # the smallest: this only keeps the code exercised
         out = []

@@ -1,6 +1,6 @@
 """The op shapes a network really calls, read off the network itself.
 
-:func:`contmix_calls` builds a variant on the ``meta`` device (no memory, no arithmetic), runs one forward
+:func:`na2d_calls` builds a variant on the ``meta`` device (no memory, no arithmetic), runs one forward
 pass and records every ContMix aggregation op (``torch.ops.overlock.*na2d*``) with its shapes, so the
 tables follow the variants' definitions instead of being typed by hand. :func:`depthwise_convs` does the
 same for the depthwise ``nn.Conv2d`` calls (the Base-Net's and ``lepe``'s large kernels included).
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ['Na2dCall', 'contmix_calls', 'ContMixCall', 'contmix_block_calls', 'DWConv', 'depthwise_convs',
+__all__ = ['Na2dCall', 'na2d_calls', 'ContMixCall', 'contmix_block_calls', 'DWConv', 'depthwise_convs',
            'meta_model']
 
 
@@ -65,7 +65,7 @@ def meta_model(name: str, **kwargs) -> nn.Module:
         return timm.create_model(name, **kwargs).eval()
 
 
-def contmix_calls(name: str = 'overlock_t', img_size: int = 224, **kwargs) -> List[Na2dCall]:
+def na2d_calls(name: str = 'overlock_t', img_size: int = 224, **kwargs) -> List[Na2dCall]:
     """The ContMix aggregation calls of one forward pass of model ``name`` at ``img_size``², largest kernel
     first, each with its number of calls per forward (batch-free shapes: use ``value_shape(batch)``).
 
