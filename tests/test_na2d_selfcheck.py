@@ -330,3 +330,13 @@ def test_real_kernels_compiled_graph(interpreted):
     got = fn(logits, rpb, value)
     assert list(selfcheck._results.values()) == [None]
     assert torch.allclose(got, dispatch.na2d_softmax_av(logits, rpb, value, k, backend='torch'), atol=1e-6)
+
+
+def test_first_call_under_inference_and_autocast(auto_triton):
+    """The first call may come from an evaluation (inference_mode) under autocast: the check still runs its
+    backward and compares like with like, so a correct op passes."""
+    calls = _stand_in(auto_triton, lambda out, logits: out)
+    logits, rpb, value, k = _inputs()
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        dispatch.na2d_softmax_av(logits, rpb, value, k)
+    assert list(selfcheck._results.values()) == [None] and len(calls) == 2

@@ -37,17 +37,24 @@ LAYOUTS = ('channels_last', 'channel_first', 'contiguous')
 
 
 @functools.lru_cache(maxsize=None)
-def variant_shapes(img_size: int = 224) -> Tuple[Tuple[int, int, int, int, int, int], ...]:
-    """(G, H, W, c, s, K) of every ContMix call of every registered OverLoCK variant, read off the models."""
+def variant_calls(img_size: int = 224) -> Dict[str, Tuple[Tuple[int, int, int, int, int, int], ...]]:
+    """Per registered OverLoCK variant, (G, H, W, c, s, K) of its ContMix calls, read off the model."""
     import timm
 
     from utils.measure import static_gpu
-    shapes = set()
+    calls = {}
     for name in timm.list_models('overlock_*'):
+        shapes = set()
         for call in static_gpu.contmix_calls(name, 1, img_size):
             b, g, h, w, _ = call.logits.shape
             shapes.add((g, h, w, call.x.shape[1] // (2 * g), call.small, call.large))
-    return tuple(sorted(shapes))
+        calls[name] = tuple(sorted(shapes))
+    return calls
+
+
+def variant_shapes() -> Tuple[Tuple[int, int, int, int, int, int], ...]:
+    """The distinct ContMix call shapes of all variants."""
+    return tuple(sorted({shape for shapes in variant_calls().values() for shape in shapes}))
 
 
 def _map(b: int, g: int, h: int, w: int, c: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
@@ -85,13 +92,15 @@ def launches(shape: Tuple[int, int, int, int, int, int], layout: str, dtypes: st
 
 
 def sweep(shapes: Sequence[Tuple[int, ...]], layouts: Sequence[str] = LAYOUTS, dtypes: Sequence[str] = tuple(DTYPES),
+          knobs: Sequence[Tuple[bool, bool]] = tuple(itertools.product((False, True), (False, True))),
           ) -> Tuple[int, Dict[sass.Specialisation, List[str]]]:
-    """Every plan over ``shapes`` x layouts x dtypes x SPLIT on/off x both grad-value key orders, as
-    specialised by Triton's launcher: (number of plans, plan labels per distinct kernel)."""
+    """Every plan over ``shapes`` x layouts x dtypes x ``knobs`` (SPLIT_ROWS, GRAD_VALUE_BY_PIXEL: by default
+    SPLIT on/off x both grad-value key orders), as specialised by Triton's launcher: (number of plans, plan
+    labels per distinct kernel)."""
     kernels: Dict[sass.Specialisation, List[str]] = {}
     count = 0
     with pytest.MonkeyPatch.context() as mp:
-        for split, by_pixel in itertools.product((False, True), (False, True)):
+        for split, by_pixel in knobs:
             mp.setattr(plans, 'SPLIT_ROWS', split)
             mp.setattr(plans, 'GRAD_VALUE_BY_PIXEL', by_pixel)
             for shape, layout, dtype in itertools.product(shapes, layouts, dtypes):
@@ -133,16 +142,15 @@ def _assert_compiles(shapes: Sequence[Tuple[int, ...]], **kwargs) -> None:
                         f"runs) fail in Triton's front end:\n" + '\n'.join(failed[:20]))
 
 
-# Small shapes that still take every branch: C = 1 (every stride of a channel-first value is a multiple of
-# the channel stride 1... and a W-stride of 1), an odd C, K = 3 and 5.
-SMALL_SHAPES = ((1, 5, 6, 1, 3, 5), (2, 5, 6, 3, 3, 5))
+def test_front_end_representative():
+    """Fast: C = 1 and K = 3 (so a value's W-stride is 1 in both views: what a launch makes a constant),
+    channel-first and channels-last views, AMP's bfloat16 logits with float32 value, pixel key blocks; every
+    plan (two-window, fused, plain; forward and backward)."""
+    _assert_compiles([(2, 4, 5, 1, 3, 3)], layouts=('channel_first', 'channels_last'), dtypes=('bf16 logits',),
+                     knobs=((False, True),))
 
 
-def test_front_end_small():
-    """Fast: tiny shapes, every layout, float32 and one AMP mix, all plans through the front end."""
-    _assert_compiles(SMALL_SHAPES, dtypes=('fp32', 'bf16 logits'))
-
-
+@pytest.mark.slow
 def test_variant_shapes_read_from_models():
     """The variants' group shapes come from the models: OverLoCK-T's stage 3 and 4 calls are among them."""
     shapes = variant_shapes()
@@ -152,11 +160,13 @@ def test_variant_shapes_read_from_models():
 
 @pytest.mark.slow
 def test_front_end_every_plan():
-    """Exhaustive: the variants' group shapes, C = 1 and a wide C (chunks of 32 channels) at each window
-    pair, every layout and dtype mix, SPLIT on/off, both grad-value key orders, fused and plain."""
-    shapes = list(variant_shapes())
-    extra = {(g, h, w, c_new, s, k) for g, h, w, _, s, k in shapes for c_new in (1, 96)}
-    _assert_compiles(sorted(set(shapes) | extra))
+    """Exhaustive: the variants' group shapes, and C = 1 and a wide C (chunks of 32 channels) at one group
+    count per map and window pair; every layout and dtype mix, SPLIT on/off, both grad-value key orders, fused
+    and plain."""
+    shapes = set(variant_shapes())
+    first_per_window = {(h, w, s, k): (g, h, w, s, k) for g, h, w, _, s, k in sorted(shapes, reverse=True)}
+    extra = {(g, h, w, c, s, k) for g, h, w, s, k in first_per_window.values() for c in (1, 96)}
+    _assert_compiles(sorted(shapes | extra))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -166,18 +176,17 @@ def test_front_end_every_plan():
 def model_launches(arch: int, batch: int = 128) -> Dict[sass.Specialisation, str]:
     """The distinct launches of every variant's training step (float32 value and rpb; float32, bfloat16 or
     float16 logits) and inference (deploy form, uniform float32 / bfloat16 / float16), channels-last."""
-    import timm
-
-    from utils.measure import static_gpu
     found = {}
-    for name in timm.list_models('overlock_*'):
+    for name, shapes in variant_calls().items():
         train = not name.endswith('_reparam')
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for (g, h, w, c, s, k), dtype in itertools.product(shapes, (torch.float32, torch.bfloat16, torch.float16)):
             value_dtype = torch.float32 if train else dtype
-            for call in static_gpu.contmix_calls(name, batch, 224, dtype, value_dtype, channels_last=True):
-                for label, launch in plans.plan_contmix(call.x, call.logits, call.rpb_small, call.rpb_large,
-                                                        call.small, call.large, backward=train, gpu=True):
-                    found.setdefault(sass.specialise(launch, arch), f'{name} {call.name} {label} {dtype}')
+            x = _map(batch, g, h, w, c, value_dtype, 'channels_last')
+            logits = torch.empty(batch, g, h, w, s * s + k * k, dtype=dtype, device='meta')
+            rpbs = [torch.empty(g, 2 * n - 1, 2 * n - 1, dtype=value_dtype, device='meta') for n in (s, k)]
+            for label, launch in plans.plan_contmix(x, logits, *rpbs, s, k, backward=train, gpu=True):
+                found.setdefault(sass.specialise(launch, arch),
+                                 f'{name} {h}x{w} G{g} c{c} {label} {str(dtype)[6:]} logits')
     return found
 
 

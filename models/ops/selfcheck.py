@@ -129,12 +129,16 @@ _OUTPUTS = {'na2d_av': ('out', 'grad_attn', 'grad_value'),
 
 def _forward_backward(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], stage: List[str],
                       ) -> List[torch.Tensor]:
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    stage[0] = 'forward'
-    out = fn(*leaves)
-    grad_out = _tensor(out.shape, out.dtype, str(out.device))
-    stage[0] = 'backward'
-    grads = torch.autograd.grad(out, leaves, grad_out)
+    """Output and input gradients, whatever the caller's mode: the first call may come under no_grad or
+    inference_mode (evaluation) or autocast (whose casts would make the two backends differ)."""
+    device_type = inputs[0].device.type
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        stage[0] = 'forward'
+        out = fn(*leaves)
+        grad_out = _tensor(out.shape, out.dtype, str(out.device))
+        stage[0] = 'backward'
+        grads = torch.autograd.grad(out, leaves, grad_out)
     return [out.detach(), *grads]
 
 
