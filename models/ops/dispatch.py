@@ -276,6 +276,8 @@ def _check_functions(case: selfcheck.Case) -> Tuple[Callable[..., torch.Tensor],
 def _triton_passes(case: selfcheck.Case, explicit: bool) -> bool:
     """Whether this kind of call may use the Triton kernels: their self-check passed (run now on first use), or
     is off. When it failed: the automatic choice falls back to torch (one log line), an explicit one raises."""
+    if selfcheck.passed(case):
+        return True
     what = selfcheck.failure(case)
     if what is None and selfcheck.enabled():
         what = selfcheck.check(case, *_check_functions(case))

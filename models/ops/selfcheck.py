@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-__all__ = ['ENV_VAR', 'Case', 'enabled', 'case_of', 'check', 'failure', 'record_failure', 'report', 'SelfCheckError']
+__all__ = ['ENV_VAR', 'Case', 'enabled', 'case_of', 'check', 'passed', 'failure', 'record_failure', 'report',
+           'SelfCheckError']
 
 _logger = logging.getLogger(__name__)
 
@@ -59,13 +60,21 @@ def case_of(op: str, tensors: Sequence[torch.Tensor], layout_of: torch.Tensor, c
             sizes: Sequence[int]) -> Case:
     """The kind of a call: ``layout_of`` is the tensor whose dimension order the tiny case copies (value, or
     x for the two-window op)."""
-    return (op, tuple(str(t.dtype).replace('torch.', '') for t in tensors), _order(layout_of),
+    return (op, tuple(_DTYPE_NAMES.get(t.dtype) or str(t.dtype)[6:] for t in tensors), _order(layout_of),
             str(layout_of.device), int(channels), tuple(int(k) for k in sizes))
+
+
+_DTYPE_NAMES = {d: str(d)[6:] for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 
 
 def _kind(case: Case) -> tuple:
     """What a result is kept for: the op, dtypes, dimension order and device (not the sizes)."""
     return case[:4]
+
+
+def passed(case: Case) -> bool:
+    """Whether this kind of call was checked and passed (the lookup every later call makes)."""
+    return _results.get(_kind(case), '') is None
 
 
 def failure(case: Case) -> Optional[str]:
