@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip('triton')
 
-from models.ops import dispatch, triton_backend as tb  # noqa: E402
+from models.ops import dispatch, triton_backend as tb, triton_plans as plans  # noqa: E402
 from tests.helpers import na2d_golden  # noqa: E402
 from tests.reference import reference_na2d_av, reference_rpb, rel_err  # noqa: E402
 
@@ -196,7 +196,7 @@ def test_multiple_blocks():
     logits, rpb, value = fused_inputs(k, shape, torch.float64)
     grad_out = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tb, '_block_queries', lambda gpu=False: 16)  # 90 queries: 5 full blocks and one of 10
+        mp.setattr(plans, '_block_queries', lambda gpu=False: 16)  # 90 queries: 5 full blocks and one of 10
         assert tb.launch_config(9, 10, 2, k)['BLOCK_Q'] == 16
         got = grads_of(lambda lg, r, v: tb.na2d_softmax_av(lg, r, v, k), [logits, rpb, value], grad_out)
         attn = torch.softmax(logits, -1)
@@ -221,9 +221,9 @@ def test_grad_value_key_orders(k, hw):
     lse = tb._forward(logits, rpb, value, k)[1]  # what the fused backward reads
     got = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tb, '_block_queries', lambda gpu=False: 4)
+        mp.setattr(plans, '_block_queries', lambda gpu=False: 4)
         for by_pixel in (False, True):
-            mp.setattr(tb, 'GRAD_VALUE_BY_PIXEL', by_pixel)
+            mp.setattr(plans, 'GRAD_VALUE_BY_PIXEL', by_pixel)
             launch, _ = tb.plan_grad_value(grad_out, logits, k, value, rpb=rpb, lse=lse)
             assert launch.constexprs['BY_PIXEL'] is by_pixel
             assert launch.programs == (hw[0] * hw[1] * 2 if by_pixel else -(-2 * 3 * hw[0] * hw[1] // 4))
@@ -354,7 +354,7 @@ def test_split_rows(dtype):
     got = {}
     with pytest.MonkeyPatch.context() as mp:
         for split in (False, True):
-            mp.setattr(tb, 'SPLIT_ROWS', split)
+            mp.setattr(plans, 'SPLIT_ROWS', split)
             assert all(launch.constexprs['SPLIT'] is split for _, launch in tb.plan_contmix(*inputs, s, k))
             out, grads = grads_of(lambda *t: tb.contmix_softmax_av(*t, s, k), inputs, grad_out)
             got[split] = (out, *grads)
@@ -374,7 +374,7 @@ def test_split_rows_wide_channels(split):
     attn = torch.randn(*shape[:4], k * k, dtype=torch.float64, device=DEVICE)
     value = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tb, 'SPLIT_ROWS', split)
+        mp.setattr(plans, 'SPLIT_ROWS', split)
         launch = tb.plan_forward(attn, None, value, k)[0]
         assert launch.constexprs['VEC'] == 32 and launch.constexprs['SPLIT'] is False
         got = tb.na2d_av(attn, value, k)
@@ -387,18 +387,18 @@ def test_forward_register_cap_passed(monkeypatch):
     k, shape = 3, (1, 1, 4, 4, 4)
     logits, rpb, value = torch.randn(*shape[:4], k * k), torch.randn(1, 5, 5), torch.randn(shape)
     assert dict(tb.plan_softmax_av(logits, rpb, value, k))['fwd'].max_registers is None
-    monkeypatch.setattr(tb, '_FORWARD_MAX_REGISTERS', 80)
-    plans = dict(tb.plan_softmax_av(logits, rpb, value, k))
-    assert plans['fwd'].max_registers == 80
-    assert plans['grad_logits'].max_registers is None and plans['grad_value'].max_registers is None
+    monkeypatch.setattr(plans, '_FORWARD_MAX_REGISTERS', 80)
+    launches = dict(tb.plan_softmax_av(logits, rpb, value, k))
+    assert launches['fwd'].max_registers == 80
+    assert launches['grad_logits'].max_registers is None and launches['grad_value'].max_registers is None
     seen = []
     kernel = lambda *args, **kwargs: seen.append(kwargs)  # noqa: E731
-    monkeypatch.setattr(tb, '_KERNELS', {'fwd': {plans['fwd'].grid: kernel}})
+    monkeypatch.setattr(plans, '_KERNELS', {'fwd': {launches['fwd'].grid: kernel}})
     for interpret in (False, True):
-        monkeypatch.setattr(tb, 'INTERPRET', interpret)
-        plans['fwd'].run()
-    assert seen[0]['maxnreg'] == tb._FORWARD_MAX_REGISTERS and 'maxnreg' not in seen[1]
-    assert seen[0]['num_warps'] == seen[1]['num_warps'] == plans['fwd'].num_warps
+        monkeypatch.setattr(plans, 'INTERPRET', interpret)
+        launches['fwd'].run()
+    assert seen[0]['maxnreg'] == plans._FORWARD_MAX_REGISTERS and 'maxnreg' not in seen[1]
+    assert seen[0]['num_warps'] == seen[1]['num_warps'] == launches['fwd'].num_warps
 
 
 @pytest.mark.slow
@@ -532,18 +532,16 @@ def test_dispatch(monkeypatch):
 @pytest.mark.parametrize('h,k,g,c', [(14, 13, 8, 16), (14, 5, 8, 16), (7, 7, 16, 16), (7, 7, 12, 14)])
 def test_kernels_compile_for_sm90(h, k, g, c, dtype):
     """OverLoCK-T's stage-3/4 shapes and XT's stage 4 (14 channels per group, rows read channel by channel)."""
-    static_gpu = pytest.importorskip('utils.measure.static_gpu')
-    try:
-        static_gpu._tool('nvdisasm')
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    from utils.measure import sass
+    if not sass.has_toolchain():
+        pytest.skip('no sm_90 toolchain (ptxas/nvdisasm) in triton')
     b = 2
     proj = torch.empty(b, g, h, h, 25 + k * k, dtype=dtype, device='meta')
     x = torch.empty(b, 2 * g * c, h, h, dtype=dtype, device='meta').to(memory_format=torch.channels_last)
     value = x.reshape(b, 2, g, c, h, h).permute(1, 0, 2, 4, 5, 3)[1]
     rpb = torch.empty(g, 2 * k - 1, 2 * k - 1, dtype=dtype, device='meta')
     for label, launch in tb.plan_softmax_av(proj[..., 25:], rpb, value, k, gpu=True):
-        code = static_gpu.kernel_code(launch)
+        code = sass.kernel_code(launch)
         assert code.spill_bytes == 0, f'{label}: {code.spill_bytes} bytes of spills per thread'
         # the forward holds two queries per thread and takes what ptxas needs without spilling (up to 115
         # at these shapes); the gradients hold one

@@ -4,20 +4,9 @@ import torch
 
 pytest.importorskip('triton')
 static_gpu = pytest.importorskip('utils.measure.static_gpu')
+from utils.measure import sass  # noqa: E402
 
-
-def _can_compile_sm90() -> bool:
-    try:
-        static_gpu._tool('nvdisasm')
-        static_gpu._tool('cuobjdump')
-        from triton.backends.compiler import GPUTarget  # noqa: F401  (the AOT API the model uses)
-        from triton.compiler import ASTSource  # noqa: F401
-    except (ImportError, RuntimeError):
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _can_compile_sm90(), reason='no sm_90 toolchain (ptxas/nvdisasm) in triton')
+pytestmark = pytest.mark.skipif(not sass.has_toolchain(), reason='no sm_90 toolchain (ptxas/nvdisasm) in triton')
 
 
 SASS = """
@@ -41,7 +30,7 @@ SASS = """
 def test_sass_loops():
     """Nested loops: each body counts its own instructions; a constant exit test gives the passes (bound over
     the counter's step, the unroll factor); a runtime one gives none; the trap loop and NOPs are ignored."""
-    outside, loops = static_gpu._loops(SASS)
+    outside, loops = sass.sass_loops(SASS)
     assert outside == 2  # MOV, EXIT
     outer, inner = loops
     assert (outer.body, outer.passes, outer.unroll) == (3, None, 1)  # IADD3, ISETP, BRA
@@ -64,7 +53,7 @@ UNIFORM_SASS = """
 def test_sass_loop_uniform_counter():
     """A loop whose counter and exit test live in uniform registers (the test moved into the branch's
     predicate by PLOP3) still gets its passes: bound over step, 0x152 / 0x1a = 13."""
-    _, (loop,) = static_gpu._loops(UNIFORM_SASS)
+    _, (loop,) = sass.sass_loops(UNIFORM_SASS)
     assert (loop.body, loop.passes, loop.unroll) == (7, 13, 0x1a)
 
 
@@ -108,7 +97,7 @@ def test_cli(capsys, tmp_path):
 def test_measured_beside_estimates(tiny_kwargs):
     """``--measure`` times every launch of the rows on random data in the model's layout (here under Triton's
     interpreter, so only the plumbing is checked): one time per launch, in the table beside the estimate."""
-    from models.ops import triton_backend as tb
+    from models.ops import triton_plans as tb
     calls = static_gpu.contmix_calls('overlock_xt', 1, 32, torch.float32, **tiny_kwargs)[:1]
     was = tb.INTERPRET
     tb.use_interpreter(True)
@@ -129,18 +118,18 @@ def test_spills_are_read():
     counts them in the stack frame, not as LOCAL)."""
     import dataclasses
 
-    from models.ops import triton_backend as tb
+    from models.ops import triton_plans as tb
     k, (b, g, h, w, c) = 5, (1, 2, 14, 14, 16)
     logits = torch.empty(b, g, h, w, k * k, device='meta')
     value = torch.empty(b, g, h, w, c, device='meta')
     rpb = torch.empty(g, 2 * k - 1, 2 * k - 1, device='meta')
     launch = tb.plan_forward(logits, rpb, value, k, gpu=True)[0]
-    tight = static_gpu.kernel_code(dataclasses.replace(launch, max_registers=40))
+    tight = sass.kernel_code(dataclasses.replace(launch, max_registers=40))
     assert tight.registers <= 40 and tight.spill_bytes > 0
 
 
 def test_measure_needs_cuda(monkeypatch):
-    from models.ops import triton_backend as tb
+    from models.ops import triton_plans as tb
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(tb, 'INTERPRET', False)
     with pytest.raises(SystemExit):

@@ -325,7 +325,9 @@ def _na2d_fwd_kernel(
     aa_row = A + b * sa_b + g * sa_g + i * sa_h + ja * sa_w
     ab_row = A + b * sa_b + g * sa_g + i * sa_h + jb * sa_w - d * sa_n
     v_row = V + b * sv_b + g * sv_g + si * sv_h + sja * sv_w
-    sv_w = sv_w.to(tl.int64)  # column offsets t * sv_w in 64 bits: ptxas keeps them out of the loop
+    # column offsets t * sv_w in 64 bits: ptxas keeps them out of the loop. tl.cast, not .to: a launch passes
+    # a W-stride of 1 (channel-first value, or C = 1) as a constant, a plain int
+    sv_w = tl.cast(sv_w, tl.int64)
     a0 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
     a1 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)
     a2 = tl.full([BLOCK_Q, VEC], 0., ACC_DTYPE)

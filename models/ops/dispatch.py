@@ -8,9 +8,15 @@ Selection order: the ``backend=`` argument > :func:`set_backend` > the environme
 ``OVERLOCK_NA2D_BACKEND`` (auto|triton|natten|torch) > the automatic choice: the first registered backend that
 is available and takes the tensors' device and kernel size. The choice is logged once per (backend, device type).
 Under ``torch.compile`` the backend is resolved while tracing and stays fixed in the compiled graph.
+
+The triton backend needs triton >= 3.4 (:data:`TRITON_MIN_VERSION`; an older one is named in one log line and not
+used). Before its first use per kind of call it checks its kernels against the torch backend (``selfcheck.py``;
+``OVERLOCK_NA2D_SELFCHECK=0`` turns that off): the automatic choice then falls back to torch for what failed,
+with one log line, and so it does in eager mode when a launch raises; an explicit choice of triton raises.
 """
 import dataclasses
 import importlib
+import itertools
 import logging
 import os
 from types import ModuleType
@@ -18,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
-from . import composite, flops, natten_backend, torch_backend
+from . import composite, flops, natten_backend, selfcheck, torch_backend
 
 __all__ = [
     'na2d_av', 'na2d_softmax_av', 'contmix_softmax_av', 'relative_position_bias', 'available_backends',
@@ -63,17 +69,47 @@ class Backend:
 
 _UNPROBED = object()
 _triton = _UNPROBED  # the triton backend module once probed, None when it cannot be imported
+_triton_unsupported: Optional[str] = None  # why the installed triton cannot run the kernels, once probed
+
+# The kernels and their launcher use ``triton.knobs`` (Triton 3.4, the one torch 2.8 ships with).
+TRITON_MIN_VERSION = (3, 4)
 _TRITON_OPS = (('na2d_av_triton', flops.register_na2d_av),
                ('na2d_softmax_av_triton', flops.register_na2d_softmax_av),
                ('contmix_softmax_av_triton', flops.register_contmix_softmax_av))
 
 
+def _version(text: str) -> Tuple[int, ...]:
+    """The leading numbers of a version string ('3.4.0+git1' -> (3, 4, 0))."""
+    numbers = []
+    for part in text.split('.'):
+        digits = ''.join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
+def _triton_too_old() -> Optional[str]:
+    """One line when the installed triton is older than the kernels need (None when it is recent enough)."""
+    import triton
+    installed = getattr(triton, '__version__', '0')
+    if _version(installed) >= TRITON_MIN_VERSION:
+        return None
+    required = '.'.join(map(str, TRITON_MIN_VERSION))
+    return (f'triton {installed} is installed, the Triton na2d kernels need triton >= {required} (torch >= 2.8); '
+            f'using the torch backend')
+
+
 def _triton_module() -> Optional[ModuleType]:
-    """The triton backend module, or None when it (or triton itself) is missing or fails to import."""
-    global _triton
+    """The triton backend module, or None when it (or triton itself) is missing, too old or fails to import."""
+    global _triton, _triton_unsupported
     if _triton is _UNPROBED:
         _triton = None
         try:
+            _triton_unsupported = _triton_too_old()
+            if _triton_unsupported is not None:
+                _logger.warning(_triton_unsupported)
+                return None
             _triton = importlib.import_module(f'{__package__}.triton_backend')
         except ImportError as e:
             _logger.debug('triton na2d backend unavailable: %s', e)
@@ -134,8 +170,9 @@ _REGISTRY: Dict[str, Backend] = {b.name: b for b in (
         na2d_softmax_av=lambda logits, rpb, value, k: _triton_module().na2d_softmax_av(logits, rpb, value, k),
         contmix_softmax_av=lambda *args: _triton_module().contmix_softmax_av(*args),
         device_error=_triton_device_error,
-        unavailable_reason=lambda: ('needs triton and models/ops/triton_backend.py importable, and a CUDA device '
-                                    '(or TRITON_INTERPRET=1 for CPU tensors)'),
+        unavailable_reason=lambda: _triton_unsupported or (
+            'needs triton and models/ops/triton_backend.py importable, and a CUDA device (or TRITON_INTERPRET=1 '
+            'for CPU tensors)'),
     ),
     Backend(
         name='natten',
@@ -194,12 +231,18 @@ def _auto(device_type: str, kernel_size: Optional[int]) -> str:
 
 
 def _resolve(backend: Optional[str], device_type: str, kernel_size: Optional[int] = None) -> str:
+    return _choose(backend, device_type, kernel_size)[0]
+
+
+def _choose(backend: Optional[str], device_type: str, kernel_size: Optional[int] = None) -> Tuple[str, bool]:
+    """The backend of a call and whether it was chosen explicitly (argument, set_backend or environment)."""
     if backend is not None:
         name = _check_name(backend, 'na2d_av backend=')
     elif _override is not None:
         name = _override
     else:
         name = _check_name(os.environ.get(ENV_VAR, 'auto') or 'auto', f'environment variable {ENV_VAR}=')
+    explicit = name != 'auto'
     if name == 'auto':
         name = _auto(device_type, kernel_size)
     else:
@@ -209,7 +252,61 @@ def _resolve(backend: Optional[str], device_type: str, kernel_size: Optional[int
     if (name, device_type) not in _logged and not torch.compiler.is_compiling():
         _logged.add((name, device_type))
         _logger.info('na2d_av: using the %s backend for %s tensors', name, device_type)
-    return name
+    return name, explicit
+
+
+# --- the triton backend's self-check (see selfcheck.py) and its fallback to the torch backend ------------------
+
+
+def _check_functions(case: selfcheck.Case) -> Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """The op of a kind of call on the triton and on the torch backend, taking the tiny case's tensors."""
+    op, sizes, module = case[0], case[5], _triton_module()
+    if op == 'na2d_av':
+        return (lambda a, v: module.na2d_av(a, v, sizes[0]),
+                lambda a, v: na2d_av(a, v, sizes[0], backend='torch'))
+    if op == 'na2d_softmax_av':
+        return (lambda lg, r, v: module.na2d_softmax_av(lg, r, v, sizes[0]),
+                lambda lg, r, v: na2d_softmax_av(lg, r, v, sizes[0], backend='torch'))
+    return (lambda *t: module.contmix_softmax_av(*t, *sizes),
+            lambda *t: contmix_softmax_av(*t, *sizes, backend='torch'))
+
+
+# Runs eagerly while torch.compile traces (it launches kernels): the compiled graph holds the op it chose.
+@torch.compiler.assume_constant_result
+def _triton_passes(case: selfcheck.Case, explicit: bool) -> bool:
+    """Whether this kind of call may use the Triton kernels: their self-check passed (run now on first use), or
+    is off. When it failed: the automatic choice falls back to torch (one log line), an explicit one raises."""
+    if selfcheck.passed(case):
+        return True
+    what = selfcheck.failure(case)
+    if what is None and selfcheck.enabled():
+        what = selfcheck.check(case, *_check_functions(case))
+    if what is None:
+        return True
+    line = selfcheck.report(case, what, explicit)
+    if explicit:
+        raise selfcheck.SelfCheckError(line)
+    return False
+
+
+def _on_triton(case: selfcheck.Case, explicit: bool, run: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """``run('triton')`` when this kind of call passed its self-check, else ``run('torch')``. In eager mode an
+    automatic choice also falls back when a launch raises (a compile error the check did not meet): once,
+    logged, and for the rest of the process; out-of-memory errors are the caller's and are raised."""
+    if not _triton_passes(case, explicit):
+        return run('torch')
+    if explicit or torch.compiler.is_compiling():
+        return run('triton')
+    try:
+        return run('triton')
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # the kernels could not run: report it and give the caller the torch result
+        lines = str(e).strip().splitlines()
+        what = f'a launch raised {type(e).__name__}' + (f': {lines[-1]}' if lines else '')
+        selfcheck.record_failure(case, what)
+        selfcheck.report(case, what)
+        return run('torch')
 
 
 def get_backend(device_type: str = 'cpu') -> str:
@@ -261,7 +358,12 @@ def na2d_av(
     _check('na2d_av', attn, value, kernel_size)
     if composite.is_active():  # exporting to ONNX: standard ops only
         return composite.na2d_av(attn, value, kernel_size)
-    return _REGISTRY[_resolve(backend, value.device.type, kernel_size)].na2d_av(attn, value, kernel_size)
+    name, explicit = _choose(backend, value.device.type, kernel_size)
+    run = lambda name: _REGISTRY[name].na2d_av(attn, value, kernel_size)  # noqa: E731
+    if name == 'triton':
+        case = selfcheck.case_of('na2d_av', (attn, value), value, value.shape[-1], (kernel_size,))
+        return _on_triton(case, explicit, run)
+    return run(name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -313,12 +415,20 @@ def na2d_softmax_av(
                          f'value {list(value.shape)})')
     if composite.is_active():  # exporting to ONNX: standard ops only
         return composite.na2d_softmax_av(logits, rpb, value, k)
-    chosen = _REGISTRY[_resolve(backend, value.device.type, k)]
-    if chosen.na2d_softmax_av is not None:
-        return chosen.na2d_softmax_av(logits, rpb, value, k)
-    h, w = value.shape[2], value.shape[3]
-    attn = torch.softmax(logits + relative_position_bias(rpb, h, w, k), dim=-1)
-    return chosen.na2d_av(attn, value, k)
+    name, explicit = _choose(backend, value.device.type, k)
+
+    def run(name: str) -> torch.Tensor:
+        chosen = _REGISTRY[name]
+        if chosen.na2d_softmax_av is not None:
+            return chosen.na2d_softmax_av(logits, rpb, value, k)
+        h, w = value.shape[2], value.shape[3]
+        attn = torch.softmax(logits + relative_position_bias(rpb, h, w, k), dim=-1)
+        return chosen.na2d_av(attn, value, k)
+
+    if name == 'triton':
+        case = selfcheck.case_of('na2d_softmax_av', (logits, rpb, value), value, value.shape[-1], (k,))
+        return _on_triton(case, explicit, run)
+    return run(name)
 
 
 def contmix_softmax_av(
@@ -345,12 +455,19 @@ def contmix_softmax_av(
         raise ValueError(f'contmix_softmax_av: expected logits [B, G, H, W, {small * small + large * large}] with C '
                          f'divisible by 2G, got x {list(x.shape)} and logits {list(logits.shape)}')
     value = x.reshape(b, 2, g, c // (2 * g), h, w).permute(1, 0, 2, 4, 5, 3)
-    name = _resolve(backend, x.device.type, large)
-    chosen = _REGISTRY[name]
-    if chosen.contmix_softmax_av is not None and not composite.is_active():
+    name, explicit = _choose(backend, x.device.type, large)
+    if _REGISTRY[name].contmix_softmax_av is not None and not composite.is_active():
         _check('contmix_softmax_av', logits[..., :small * small], value[0], small, what='logits')
         _check('contmix_softmax_av', logits[..., small * small:], value[1], large, what='logits')
-        return chosen.contmix_softmax_av(x, logits, rpb_small, rpb_large, small, large)
+        run = lambda name: (  # noqa: E731
+            _REGISTRY[name].contmix_softmax_av(x, logits, rpb_small, rpb_large, small, large)
+            if _REGISTRY[name].contmix_softmax_av is not None
+            else contmix_softmax_av(x, logits, rpb_small, rpb_large, small, large, backend=name))
+        if name == 'triton':
+            case = selfcheck.case_of('contmix_softmax_av', (x, logits, rpb_small, rpb_large), x, c // (2 * g),
+                                     (small, large))
+            return _on_triton(case, explicit, run)
+        return run(name)
     out_small = na2d_softmax_av(logits[..., :small * small], rpb_small, value[0], small, backend=name)
     out_large = na2d_softmax_av(logits[..., small * small:], rpb_large, value[1], large, backend=name)
     out = torch.cat([out_small, out_large], dim=1)  # [B, 2G, H, W, c]

@@ -1,10 +1,9 @@
 """Static GPU model of the ContMix Triton kernels: what their launches in one OverLoCK training step (or one
 inference batch) should cost on an H100, estimated on the CPU from the code Triton compiles. No GPU needed.
 
-For every kernel launch the model takes the plan the op itself would launch (``triton_backend.plan_*``: grid,
+For every kernel launch the model takes the plan the op itself would launch (``triton_plans.plan_*``: grid,
 arguments, tile constants), compiles the kernel ahead of time for sm_90 with the specialisation a real launch
-gets (arguments equal to 1 become constants, 16-divisible integers and 16-byte aligned pointers are marked
-so), disassembles the cubin with the ``nvdisasm`` / ``cuobjdump`` shipped with Triton and counts:
+gets and reads the SASS (``utils/measure/sass.py``), and counts:
 
 - warp-instructions: SASS instructions outside loops once per program, each loop body once per iteration
   (trip counts from the plan, summed over programs), times the warps of a program;
@@ -21,17 +20,15 @@ ceiling. Every device number is in :data:`H100_SXM`; they are estimates, not mea
 """
 import argparse
 import contextlib
-import functools
 import math
-import re
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 from unittest import mock
 
 import torch
+
+from .sass import KernelCode, kernel_code
 
 __all__ = ['Device', 'H100_SXM', 'KernelCode', 'Row', 'analyse_launch', 'contmix_calls', 'measure_call', 'step_rows',
            'format_table', 'main']
@@ -60,173 +57,6 @@ class Device:
 H100_SXM = Device(name='H100 SXM (estimates)', arch=90, sms=132, warp_instructions_per_clock=4, clock_hz=1.75e9,
                   dram_bytes_per_s=3.35e12, registers_per_sm=65536, max_warps_per_sm=64, max_ctas_per_sm=32,
                   shared_bytes_per_sm=228 * 1024)
-
-_TRITON_TYPES = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16', torch.float64: 'fp64'}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Compile and read the SASS.
-
-
-def _tool(name: str) -> Path:
-    import triton
-    path = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / name
-    if not path.exists():
-        raise RuntimeError(f'static_gpu: {path} is missing; this triton wheel does not ship the CUDA tools')
-    return path
-
-
-@dataclass(frozen=True)
-class KernelCode:
-    """What the compiled kernel says: registers, spills, shared memory and its SASS loop structure."""
-    registers: int
-    spill_bytes: int
-    shared_bytes: int
-    num_warps: int
-    outside_loops: int  # SASS instructions executed once per program (NOPs and the trap loop not counted)
-    loops: Tuple['SassLoop', ...]  # outermost first
-
-
-def _specialise(launch) -> Tuple[Dict[str, str], Dict[tuple, object], Dict[tuple, list]]:
-    """Signature, constants and attributes as Triton's launcher would specialise this launch's arguments."""
-    from models.ops import triton_backend
-    fn = triton_backend.compiled_kernels()[launch.kernel]
-    runtime = [n for n in fn.arg_names if n not in launch.constexprs]
-    if len(runtime) != len(launch.args):
-        raise RuntimeError(f'static_gpu: {launch.kernel} takes {len(runtime)} runtime arguments, the plan '
-                           f'gives {len(launch.args)}')
-    signature, constants, attrs = {}, {}, {}
-    for name, value in zip(runtime, launch.args):
-        index = (fn.arg_names.index(name),)
-        if isinstance(value, torch.Tensor):
-            signature[name] = '*' + _TRITON_TYPES[value.dtype]
-            if value.storage_offset() * value.element_size() % 16 == 0:  # allocations are 16-byte aligned
-                attrs[index] = [['tt.divisibility', 16]]
-        elif isinstance(value, int) and value == 1:
-            signature[name] = 'constexpr'
-            constants[index] = 1
-        else:
-            signature[name] = 'i64' if abs(int(value)) >= 2 ** 31 else 'i32'
-            if int(value) % 16 == 0:
-                attrs[index] = [['tt.divisibility', 16]]
-    for name, value in launch.constexprs.items():
-        signature[name] = 'constexpr'
-        constants[(fn.arg_names.index(name),)] = value
-    return signature, constants, attrs
-
-
-@dataclass(frozen=True)
-class SassLoop:
-    """One SASS loop: its own instructions (inner loops excluded) and, when the exit test compares the counter
-    with a constant, the passes per program (the source trip count over ptxas' unroll factor)."""
-    body: int
-    passes: Optional[float]
-    unroll: int
-
-
-_BRANCH = re.compile(r'^(@!?P\d)?\s*BRA\s+`?\(?(\.L_x_\d+)\)?')
-
-
-def _loop_bound(body: Sequence[str]) -> Tuple[Optional[float], int]:
-    """(passes, unroll) of a loop from its exit test ``ISETP .. P, PT, Rc, imm`` and counter step ``Rc += u``."""
-    branch = _BRANCH.match(body[-1])
-    if not branch or not branch.group(1):
-        return None, 1
-    pred = branch.group(1).lstrip('@!')
-    for text in body:  # a test on uniform registers, moved into the branch's predicate
-        moved = re.match(rf'^PLOP3\.LUT\s+{pred},\s*PT,\s*PT,\s*PT,\s*(UP\d+),\s*0x80,', text)
-        if moved:
-            pred = moved.group(1)
-    counter = bound = None
-    for text in body:
-        test = re.match(rf'^U?ISETP\.\S+\s+{pred},\s*U?PT,\s*(U?R\d+),\s*(0x[0-9a-f]+|R\d+|c\[.*?\]|UR\d+)',
-                        text)
-        if test and not text.split()[0].endswith('.EX'):
-            counter, bound = test.group(1), test.group(2)
-    if counter is None:
-        return None, 1
-    unroll = 1
-    for text in body:
-        step = re.match(rf'^(?:U?IADD3|VIADD|IADD|IMAD\.IADD)\S*\s+{counter},\s*(?:!?U?P\d+,\s*)*{counter},\s*'
-                        rf'(0x[0-9a-f]+)', text)
-        if step:
-            unroll = int(step.group(1), 16)
-    passes = int(bound, 16) / unroll if bound.startswith('0x') else None
-    return passes, max(unroll, 1)
-
-
-def _loops(sass: str) -> Tuple[int, Tuple[SassLoop, ...]]:
-    """Instructions outside loops and the loops, outermost first, from nvdisasm output (loop = backward branch).
-    NOPs and the trap loop after EXIT are not counted."""
-    instructions, labels = [], {}
-    for line in sass.splitlines():
-        label = re.match(r'^\s*(\.L_x_\d+):', line)
-        if label:
-            labels[label.group(1)] = len(instructions)
-            continue
-        op = re.match(r'^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;', line)
-        if op:
-            instructions.append(op.group(1))
-    spans, trap = [], 0
-    for pos, text in enumerate(instructions):
-        branch = _BRANCH.match(text)
-        if branch and labels.get(branch.group(2), pos + 1) <= pos:
-            if labels[branch.group(2)] == pos:
-                trap += 1  # a branch to itself is the trap after EXIT
-            else:
-                spans.append((labels[branch.group(2)], pos))
-    spans.sort(key=lambda s: (s[0], -s[1]))
-
-    def count(lo, hi):
-        return sum(1 for t in instructions[lo:hi + 1] if not t.startswith('NOP'))
-
-    def inside(inner, outer):
-        return outer[0] <= inner[0] and inner[1] <= outer[1] and inner != outer
-
-    loops = []
-    for span in spans:
-        inner = [s for s in spans if inside(s, span)]
-        direct = [s for s in inner if not any(inside(s, o) for o in inner)]
-        passes, unroll = _loop_bound(instructions[span[0]:span[1] + 1])
-        loops.append(SassLoop(count(*span) - sum(count(*s) for s in direct), passes, unroll))
-    total = sum(1 for t in instructions if not t.startswith('NOP')) - trap
-    in_loops = sum(count(*s) for s in spans if not any(inside(s, o) for o in spans))
-    return total - in_loops, tuple(loops)
-
-
-@functools.lru_cache(maxsize=None)
-def _compile(kernel: str, signature: tuple, constants: tuple, attrs: tuple, num_warps: int, arch: int,
-             max_registers: Optional[int] = None) -> KernelCode:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from models.ops import triton_backend
-    fn = triton_backend.compiled_kernels()[kernel]
-    source = ASTSource(fn, dict(signature), constexprs=dict(constants), attrs=dict(attrs))
-    compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32), options={'num_warps': num_warps, 'maxnreg': max_registers})
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / 'kernel.cubin'
-        cubin.write_bytes(compiled.asm['cubin'])
-        usage = subprocess.run([str(_tool('cuobjdump')), '--dump-resource-usage', str(cubin)],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([str(_tool('nvdisasm')), '-c', str(cubin)],
-                              capture_output=True, text=True, check=True).stdout
-    registers = int(re.search(r'REG:(\d+)', usage).group(1))
-    # ptxas puts spilled registers in the thread's stack frame (STACK); LOCAL stays 0 for them. These kernels
-    # call no functions and keep no local arrays, so the frame is all spills ("N bytes spill stores" of -v).
-    spills = int(re.search(r'STACK:(\d+)', usage).group(1))
-    outside, loops = _loops(sass)
-    return KernelCode(registers, spills, compiled.metadata.shared, num_warps, outside, loops)
-
-
-def kernel_code(launch, device: 'Device' = H100_SXM) -> KernelCode:
-    signature, constants, attrs = _specialise(launch)
-    freeze = lambda d: tuple(sorted(d.items(), key=lambda kv: str(kv[0])))  # noqa: E731
-    return _compile(launch.kernel, freeze(signature), freeze(constants),
-                    tuple(sorted((k, tuple(map(tuple, v))) for k, v in attrs.items())), launch.num_warps,
-                    device.arch, launch.max_registers)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # One row per launch.
@@ -275,7 +105,7 @@ def occupancy(code: KernelCode, device: Device = H100_SXM) -> float:
 
 
 def analyse_launch(label: str, launch, device: Device = H100_SXM) -> Row:
-    code = kernel_code(launch, device)
+    code = kernel_code(launch, device.arch)
     # Loops with a constant trip count carry it in their exit test; the others take the plan's trip counts
     # (summed over programs), in order, divided by ptxas' unroll factor.
     runtime = list(launch.loop_trips())
@@ -383,7 +213,7 @@ def measure_call(call: ContMixCall, backward: bool, device: torch.device, warmup
     """Seconds per launch (median, L2 flushed before each sample) of the call's launches on ``device``, in
     the order of ``plan_contmix``: the launches the static rows describe, run on random data laid out as
     the model lays it out (on a CPU only under Triton's interpreter: a check of this code, not a timing)."""
-    from models.ops import triton_backend
+    from models.ops import triton_plans
 
     from .timing import time_ms
     x, logits = _materialise(call.x, device), _materialise(call.logits, device)
@@ -391,7 +221,7 @@ def measure_call(call: ContMixCall, backward: bool, device: torch.device, warmup
     # the output's gradient has the output's dtype (promoted over logits, rpb and x), laid out like x
     dtype = torch.promote_types(torch.promote_types(logits.dtype, rpb_small.dtype), x.dtype)
     grad = torch.randn_like(x, dtype=dtype)
-    launches = triton_backend.plan_contmix(x, logits, rpb_small, rpb_large, call.small, call.large,
+    launches = triton_plans.plan_contmix(x, logits, rpb_small, rpb_large, call.small, call.large,
                                            backward=backward, gpu=True, grad=grad)
     for label, launch in launches:
         if label.startswith('fwd'):
@@ -405,11 +235,11 @@ def step_rows(calls: Sequence[ContMixCall], backward: bool, device: Device = H10
     """One row per kernel launch of the calls (forward, and backward when ``backward``), plus the torch code
     around the op. ``measure_on``: also time every launch there, ``repeat`` samples after as many warm-up
     calls, at most 2 (calls of the same shapes are timed once)."""
-    from models.ops import triton_backend
+    from models.ops import triton_plans
     rows = []
     timed: Dict[tuple, List[float]] = {}
     for call in calls:
-        launches = triton_backend.plan_contmix(call.x, call.logits, call.rpb_small, call.rpb_large,
+        launches = triton_plans.plan_contmix(call.x, call.logits, call.rpb_small, call.rpb_large,
                                                call.small, call.large, backward=backward, gpu=True)
         measured: List[Optional[float]] = [None] * len(launches)
         if measure_on is not None:
@@ -521,8 +351,8 @@ def _measure_device() -> Optional[torch.device]:
     """CUDA when there is one; the CPU when the Triton kernels run under the interpreter (tests)."""
     if torch.cuda.is_available():
         return torch.device('cuda')
-    from models.ops import triton_backend
-    return torch.device('cpu') if triton_backend.INTERPRET else None
+    from models.ops import triton_plans
+    return torch.device('cpu') if triton_plans.INTERPRET else None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
