@@ -11,6 +11,10 @@ forward and backward. Launches with the same specialisation are one kernel, comp
 
 The launches the models run (channels-last; training at float32 / bfloat16 / float16 logits, inference) are
 also compiled to cubins for sm_80 and sm_90: no spills, shared memory within each architecture's limit.
+
+The exhaustive sweeps take tens of minutes on 2 cores and are marked ``sweep`` (``python -m pytest tests -m
+sweep``; run them after changing a kernel or its launch plans); the fast tier puts a representative subset
+through the front end and the slow tier compiles a sample of the model's launches to cubins.
 """
 import dataclasses
 import functools
@@ -158,7 +162,7 @@ def test_variant_shapes_read_from_models():
     assert any(c == 14 for _, _, _, c, _, _ in shapes)  # XT's last stage: rows not 16-byte aligned
 
 
-@pytest.mark.slow
+@pytest.mark.sweep
 def test_front_end_every_plan():
     """Exhaustive: the variants' group shapes, and C = 1 and a wide C (chunks of 32 channels) at one group
     count per map and window pair; every layout and dtype mix, SPLIT on/off, both grad-value key orders, fused
@@ -190,14 +194,37 @@ def model_launches(arch: int, batch: int = 128) -> Dict[sass.Specialisation, str
     return found
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('arch', [80, 90])
-def test_model_launches_compile(arch):
-    """Every distinct launch of the variants compiles for ``arch`` without spills, its shared memory within
-    one block's limit there."""
+def _assert_fit(arch: int, launches: Dict[sass.Specialisation, str]) -> None:
     problems = []
-    for spec, label in model_launches(arch).items():
+    for spec, label in launches.items():
         code = sass._compile(spec)
         if code.spill_bytes or code.shared_bytes > sass.SHARED_BYTES_PER_BLOCK[arch]:
             problems.append(f'{label}: {code.spill_bytes} B spilled, {code.shared_bytes} B shared')
     assert not problems, f'sm_{arch}: ' + '\n'.join(problems)
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize('arch', [80, 90])
+def test_model_launches_compile(arch):
+    """Every distinct launch of the variants compiles for ``arch`` without spills, its shared memory within
+    one block's limit there."""
+    _assert_fit(arch, model_launches(arch))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('arch', [80, 90])
+def test_model_launches_compile_sample(arch):
+    """The slow tier's share of the sweep above: training launches at bfloat16 logits (the recipe's AMP)
+    through ptxas for ``arch``: each kernel at the largest window, and the forward at the smallest."""
+    sample = {spec: label for spec, label in model_launches(arch).items()
+              if '_reparam' not in label and label.endswith('bfloat16 logits')}
+    windows = sorted({int(label.split(' K')[1].split()[0]) for label in sample.values()})
+    wanted = {f'fwd K{windows[0]}', f'fwd K{windows[-1]}', f'grad_logits K{windows[-1]}',
+              f'grad_value K{windows[-1]}'}
+    picked = {}
+    for spec, label in sample.items():
+        kernel_window = ' '.join(label.split()[-4:-2])  # e.g. 'fwd K13'
+        if kernel_window in wanted:
+            picked.setdefault(kernel_window, (spec, label))
+    assert set(picked) == wanted, sorted(sample.values())
+    _assert_fit(arch, dict(picked.values()))
