@@ -168,6 +168,9 @@ class DynamicConvBlock(nn.Module):
         self.ls1 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.ls2 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # the block's output, features and context fused, before they are split: a named point for timm's
+        # hook and fx feature extraction (no parameters)
+        self.fused = nn.Identity()
 
     def _contmix(self, x_in: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         """Dynamic-kernel aggregation of ``x`` [B, C, H, W]; kernels come from ``feat`` [B, C + c, H, W]."""
@@ -232,6 +235,7 @@ class DynamicConvBlock(nn.Module):
             x = self.dwconv2(x)
             x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
+        x = self.fused(x)
         if self.is_last:
             return x, x[:, self.dim:]
         return x[:, :self.dim], x[:, self.dim:]

@@ -265,11 +265,12 @@ class OverLoCK(nn.Module):
         # Dense-prediction features (timm's features_only / forward_intermediates), as the original's detection
         # and segmentation backbones take them: Base-Net stages 1 and 2, then the Focus-Net at /16 (features
         # and context) and its output at /32.
+        # ``module`` names the layer whose output is the feature, for timm's hook and fx feature extractors.
         self.feature_info = [
-            dict(num_chs=embed_dim[0], reduction=4, module='blocks1'),
-            dict(num_chs=embed_dim[1], reduction=8, module='blocks2'),
-            dict(num_chs=embed_dim[2] + ctx_dim, reduction=16, module='sub_blocks3'),
-            dict(num_chs=fusion_dim, reduction=32, module='sub_blocks4'),
+            dict(num_chs=embed_dim[0], reduction=4, module=f'blocks1.{depth[0] - 1}'),
+            dict(num_chs=embed_dim[1], reduction=8, module=f'blocks2.{depth[1] - 1}'),
+            dict(num_chs=embed_dim[2] + ctx_dim, reduction=16, module=f'sub_blocks3.{sub_depth[0] - 1}.fused'),
+            dict(num_chs=fusion_dim, reduction=32, module=f'sub_blocks4.{sub_depth[1] - 1}.fused'),
         ]
         self.apply(self._init_weights)
 
@@ -555,7 +556,7 @@ def list_variants() -> List[str]:
 def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
     model_args = variant_args(variant)
     model_args.update(kwargs)  # any constructor argument can be overridden
-    feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls='getter')
+    feature_cfg = {'out_indices': (0, 1, 2, 3), 'feature_cls': 'getter', **(model_args.pop('feature_cfg', None) or {})}
     local_file = (model_args.get('pretrained_cfg_overlay') or {}).get('file')
     if pretrained and local_file:
         # timm would load a local file without our layout handling (and drop heads whose class count
