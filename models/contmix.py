@@ -9,8 +9,7 @@ from typing import Optional, Tuple
 import torch
 import torch.fx
 import torch.nn.functional as F
-from timm.layers import DropPath
-from timm.layers import register_notrace_function
+from timm.layers import DropPath, register_notrace_function
 from torch import nn
 
 from .layers import GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule

@@ -14,7 +14,7 @@ from timm.models import get_notrace_functions, get_notrace_modules
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-import models
+import models  # noqa: F401  (registers the overlock_* models with timm)
 from tests.helpers import TINY_KWARGS
 
 TINY = [('overlock_xt', True), ('overlock_xt_reparam', True)]
