@@ -7,8 +7,9 @@ the pixel's neighbourhood with ``na2d_av`` (natten <= 0.17 semantics; see ``mode
 from typing import Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_function
 from torch import nn
 
 from .layers import GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule
@@ -17,6 +18,45 @@ from .ops import contmix_softmax_av
 __all__ = ['DynamicConvBlock']
 
 _NUM_REGIONS = 7  # the context is pooled to 7 x 7 region centres
+
+
+# The pieces below depend on tensor sizes or dispatch on the device in Python. They are leaves for torch.fx
+# (timm's registry, which timm's fx feature extraction passes to its tracer, and torch.fx.wrap for plain
+# symbolic_trace and torchvision's create_feature_extractor) and run as Python under torch.jit.script
+# (the op's backend dispatch is not TorchScript).
+
+@register_notrace_function
+@torch.jit.ignore
+def contmix_aggregate(x: torch.Tensor, logits: torch.Tensor, rpb_small: torch.Tensor, rpb_large: torch.Tensor,
+                      small: int, large: int) -> torch.Tensor:
+    """``models.ops.contmix_softmax_av`` (both windows of a ContMix block) behind a traceable call."""
+    return contmix_softmax_av(x, logits, rpb_small, rpb_large, small, large)
+
+
+@register_notrace_function
+def fit_window(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """``x`` upsampled so that its short side is at least ``kernel_size`` (unchanged when it already is)."""
+    H, W = x.shape[-2], x.shape[-1]
+    if min(H, W) >= kernel_size:
+        return x
+    # max() guards float round-down (e.g. int(15 / 11 * 11) == 14)
+    if H < W:
+        size = (kernel_size, max(kernel_size, int(kernel_size / H * W)))
+    else:
+        size = (max(kernel_size, int(kernel_size / W * H)), kernel_size)
+    return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+
+
+@register_notrace_function
+def pool_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` average-pooled back to the spatial size of ``like`` (unchanged when it has it)."""
+    if x.shape[-2:] == like.shape[-2:]:
+        return x
+    return F.adaptive_avg_pool2d(x, like.shape[-2:])
+
+
+for _fn in ('contmix_aggregate', 'fit_window', 'pool_to'):
+    torch.fx.wrap(_fn)
 
 
 class DynamicConvBlock(nn.Module):
@@ -37,6 +77,8 @@ class DynamicConvBlock(nn.Module):
         use_gemm: allow the iGEMM large-kernel conv when installed.
         deploy: build the re-parameterised (deploy) form.
     """
+    is_first: torch.jit.Final[bool]  # constants for TorchScript: the first block has no x_scale / h_scale
+    is_last: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -125,24 +167,23 @@ class DynamicConvBlock(nn.Module):
         self.ls1 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.ls2 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # the block's output, features and context fused, before they are split: a named point for timm's
+        # hook and fx feature extraction (no parameters)
+        self.fused = nn.Identity()
 
-    def _contmix(self, x: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+    def _contmix(self, x_in: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         """Dynamic-kernel aggregation of ``x`` [B, C, H, W]; kernels come from ``feat`` [B, C + c, H, W]."""
-        B, C, H, W = x.shape
         K, s, G = self.kernel_size, self.smk_size, self.num_groups
-        in_size = (H, W)
-        if min(H, W) < K:
-            # Too small for a K x K window: run ContMix on an upsampled map whose short side is K,
-            # then pool back. max() guards float round-down (e.g. int(15 / 11 * 11) == 14).
-            size = (K, max(K, int(K / H * W))) if H < W else (max(K, int(K / W * H)), K)
-            x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
-            feat = F.interpolate(feat, size=size, mode='bilinear', align_corners=False)
-            H, W = size
+        # A map smaller than the K x K window: ContMix runs on an upsampled map whose short side is K, then
+        # pools back.
+        x = fit_window(x_in, K)
+        feat = fit_window(feat, K)
+        B, C, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
 
         query = self.weight_query(feat[:, :C]) * self.scale  # [B, C/2, H, W]
         key = self.weight_key(feat[:, C:])  # [B, C/2, 7, 7]: the region centres of the context
         query = query.reshape(B, G, -1, H * W)
-        key = key.reshape(B, G, -1, _NUM_REGIONS ** 2)
+        key = key.reshape(B, G, query.shape[2], -1)  # [B, G, c, 49]
         # logits = weight_proj(q^T k) over the 49 regions. Projecting the keys first
         # (q^T (k W^T) + b) is the same linear map and costs HW*c*L instead of HW*49*(c+L).
         proj_w = self.weight_proj.weight.flatten(1)  # [K^2 + s^2, 49]
@@ -151,25 +192,25 @@ class DynamicConvBlock(nn.Module):
         # Under autocast the product is already rounded to bf16/fp16; adding the bias in that dtype keeps the
         # logits (the largest tensor the aggregation reads) at 2 bytes instead of promoting them to float32.
         # Without autocast the dtypes match and nothing changes.
-        logits = logits + self.weight_proj.bias.to(logits.dtype)
+        bias = self.weight_proj.bias
+        assert bias is not None
+        logits = logits + bias.to(logits.dtype)
         logits = logits.reshape(B, G, H, W, -1)
 
         # channel m * C/2 + g * c + j of x: half m=0 is mixed with the small kernel, m=1 with the large one
-        out = contmix_softmax_av(x, logits, self.rpb1, self.rpb2, s, K)  # [B, C, H, W]
-        if (H, W) != in_size:
-            out = F.adaptive_avg_pool2d(out, in_size)
-        return out
+        out = contmix_aggregate(x, logits, self.rpb1, self.rpb2, s, K)  # [B, C, H, W]
+        return pool_to(out, x_in)
 
     def forward(
             self, x: torch.Tensor, ctx: torch.Tensor, prior: torch.Tensor,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             x: Focus-Net features [B, C, H, W].
             ctx: running context [B, c, H, W] (the upsampled prior itself for the first block).
             prior: context prior from the Overview-Net [B, c, H, W].
         Returns:
-            (x, ctx) for the next block, or (x with C + c channels, None) for the last block.
+            (x, ctx) for the next block, or (x with C + c channels, its context part) for the last block.
         """
         if not self.is_first:
             ctx = self.x_scale(ctx) + self.h_scale(prior)
@@ -193,6 +234,7 @@ class DynamicConvBlock(nn.Module):
             x = self.dwconv2(x)
             x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
+        x = self.fused(x)
         if self.is_last:
-            return x, None
+            return x, x[:, self.dim:]
         return x[:, :self.dim], x[:, self.dim:]

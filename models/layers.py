@@ -126,7 +126,7 @@ class ResDWConv(nn.Conv2d):
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + super().forward(x)
+        return x + self._conv_forward(x, self.weight, self.bias)  # not super().forward: TorchScript has no super()
 
 
 def fuse_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -180,9 +180,17 @@ class DilatedReparamBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
             return self.lk_origin(x)
-        out = self.origin_bn(self.lk_origin(x))
-        for conv, bn, _ in self._branches():
-            out = out + bn(conv(x))
+        # The children in registration order are (conv, BatchNorm) pairs: lk_origin, origin_bn, then dil_conv_*,
+        # dil_bn_* per branch. Iterating children() rather than computed names keeps the release's keys and
+        # lets torch.jit.script compile the block; the sum runs in the same order as the branch table.
+        out: Optional[torch.Tensor] = None
+        y = x
+        for i, m in enumerate(self.children()):
+            if i % 2 == 0:
+                y = m(x)
+            else:
+                out = m(y) if out is None else out + m(y)
+        assert out is not None
         return out
 
     @torch.no_grad()

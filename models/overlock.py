@@ -6,8 +6,11 @@ Three sub-networks share one trunk:
   * Base-Net (stem, stages 1-3 of RepConvBlocks) encodes low/mid-level features at /16;
   * Overview-Net (stage 4 of RepConvBlocks) produces a coarse /32 context, projected into the *context prior*;
   * Focus-Net (ContMix blocks at /16 then /32) looks closely, its dynamic kernels guided by that prior.
-An auxiliary head on the Overview-Net output supervises the prior during training (``aux_head``; None when
-the model is built with ``use_ds=False`` or pruned to a feature extractor).
+An auxiliary head on the Overview-Net output supervises the prior during training. It is opt-in, as timm's
+auxiliary classifiers are (inception_v3's ``aux_logits``): built with ``use_ds=True`` (what ``train.py`` does
+for the release's recipe), the model returns ``{'main': logits, 'aux': aux_logits}`` in training mode;
+built without it (the default), ``aux_head`` is None and the model returns the logits in every mode, like any
+timm classifier. Weight files with the auxiliary head load into both.
 
 Parameter names follow the original release so its checkpoints load with ``strict=True``.
 """
@@ -15,15 +18,16 @@ import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, reparameterize_model
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .weights import CLASSIFIER_KEYS, CheckpointError, checkpoint_filter_fn, load_checkpoint
+from .weights import CLASSIFIER, FIRST_CONV, CheckpointError, checkpoint_filter_fn, load_checkpoint
 from .contmix import DynamicConvBlock
 from .layers import (
     GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule, downsample, stem,
@@ -37,6 +41,20 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 MIN_INPUT_SIZE = 32  # five stride-2 reductions leave a 1x1 map
+
+
+@register_notrace_function  # a leaf for timm's fx tracer; torch.fx.wrap below for plain symbolic_trace
+def check_input(x: torch.Tensor, in_chans: int, min_size: int = MIN_INPUT_SIZE) -> torch.Tensor:
+    """``x`` itself, after checking that it is [B, in_chans, H, W] with H, W >= ``min_size``."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f'OverLoCK expects input [B, {in_chans}, H, W], got {x.shape} '
+                         f'(build the model with in_chans=... for other channel counts)')
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(f'OverLoCK needs inputs of at least {min_size}x{min_size} pixels, got {x.shape}')
+    return x
+
+
+torch.fx.wrap('check_input')
 
 
 class RepConvBlock(nn.Module):
@@ -75,7 +93,13 @@ class RepConvBlock(nn.Module):
         x = self.dwconv(x)
         if self.res_scale:
             return self.ls(x) + self.proj(x)  # DropPath is the last layer of proj
-        return x + self.proj[-1](self.ls(self.proj[:-1](x)))
+        y = x
+        last = len(self.proj) - 1
+        for i, layer in enumerate(self.proj):
+            if i == last:
+                y = self.ls(y)  # LayerScale on the residual branch, before DropPath
+            y = layer(y)
+        return x + y
 
 
 class CTXDownsample(nn.Module):
@@ -101,6 +125,15 @@ def _classifier(in_dim: int, num_classes: int) -> nn.Module:
     return nn.Conv2d(in_dim, num_classes, 1) if num_classes > 0 else nn.Identity()
 
 
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in ('avg', ''):
+        raise ValueError(f"OverLoCK pools by average ('avg') or not at all (''), got global_pool={global_pool!r}")
+
+
+def _pool(global_pool: str) -> nn.Module:
+    return nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
+
+
 class OverLoCK(nn.Module):
     """OverLoCK network.
 
@@ -118,11 +151,13 @@ class OverLoCK(nn.Module):
         smk_size: small dynamic kernel size of ContMix.
         deploy: build the re-parameterised form (merged DilatedReparamBlocks).
         use_gemm: allow the iGEMM large-kernel conv when installed.
-        use_ds: build the auxiliary (deep supervision) head on the Overview-Net output.
+        use_ds: build the auxiliary (deep supervision) head on the Overview-Net output; the model then returns
+            ``{'main': logits, 'aux': aux_logits}`` in training mode (the release's recipe trains with it).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over all blocks.
-        projection: channels of the head's 1x1 projection.
-        num_classes: classes (0: no classifier, ``forward`` returns pooled features).
+        projection: channels of the head's 1x1 projection (``head_hidden_size``, the pre-logits width).
+        num_classes: classes (0: no classifier, ``forward`` returns the pre-logits).
+        global_pool: 'avg', or '' for no pooling (``forward_head`` then keeps the [B, C, H, W] map).
         use_checkpoint: per stage, how many leading blocks run under activation checkpointing.
     """
 
@@ -141,11 +176,12 @@ class OverLoCK(nn.Module):
             smk_size: int = 5,
             deploy: bool = False,
             use_gemm: bool = True,
-            use_ds: bool = True,
+            use_ds: bool = False,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             projection: int = 1024,
             num_classes: int = 1000,
+            global_pool: str = 'avg',
             use_checkpoint: Sequence[int] = (0, 0, 0, 0),
     ):
         super().__init__()
@@ -161,15 +197,17 @@ class OverLoCK(nn.Module):
                 raise ValueError(f'OverLoCK: {name} needs {n} values, got {list(value)}')
         if sub_depth[1] < 1:
             raise ValueError('OverLoCK: sub_depth[1] must be >= 1 (the last Focus-Net block feeds the head)')
+        _check_pool(global_pool)
 
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.embed_dim = embed_dim
-        self.num_features = projection  # channels of the pooled pre-logits
-        self.head_hidden_size = projection
         ctx_dim = embed_dim[3] // 4
         fusion_dim = embed_dim[3] + ctx_dim
+        self.global_pool = global_pool
+        self.num_features = fusion_dim  # channels of forward_features' output (timm's definition)
+        self.head_hidden_size = projection  # width of forward_head(pre_logits=True)
         self.grad_checkpointing = [int(n) for n in use_checkpoint]
 
         self.patch_embed1 = stem(in_chans, embed_dim[0])
@@ -220,18 +258,19 @@ class OverLoCK(nn.Module):
             nn.Conv2d(fusion_dim, projection, 1, bias=False),
             nn.BatchNorm2d(projection),
             nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1),
+            _pool(global_pool),
             _classifier(projection, num_classes),
         )
         self.head_drop = nn.Dropout(drop_rate)
         # Dense-prediction features (timm's features_only / forward_intermediates), as the original's detection
         # and segmentation backbones take them: Base-Net stages 1 and 2, then the Focus-Net at /16 (features
         # and context) and its output at /32.
+        # ``module`` names the layer whose output is the feature, for timm's hook and fx feature extractors.
         self.feature_info = [
-            dict(num_chs=embed_dim[0], reduction=4, module='blocks1'),
-            dict(num_chs=embed_dim[1], reduction=8, module='blocks2'),
-            dict(num_chs=embed_dim[2] + ctx_dim, reduction=16, module='sub_blocks3'),
-            dict(num_chs=fusion_dim, reduction=32, module='sub_blocks4'),
+            dict(num_chs=embed_dim[0], reduction=4, module=f'blocks1.{depth[0] - 1}'),
+            dict(num_chs=embed_dim[1], reduction=8, module=f'blocks2.{depth[1] - 1}'),
+            dict(num_chs=embed_dim[2] + ctx_dim, reduction=16, module=f'sub_blocks3.{sub_depth[0] - 1}.fused'),
+            dict(num_chs=fusion_dim, reduction=32, module=f'sub_blocks4.{sub_depth[1] - 1}.fused'),
         ]
         self.apply(self._init_weights)
 
@@ -279,12 +318,17 @@ class OverLoCK(nn.Module):
         return self.head[4]
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace both classifiers (main and auxiliary) with freshly initialised ones."""
-        if global_pool not in (None, 'avg'):
-            raise ValueError(f'OverLoCK only supports average pooling, got global_pool={global_pool!r}')
+        """Replace both classifiers (main and auxiliary, when built) with freshly initialised ones.
+
+        ``global_pool`` ('avg' or '') changes the main head's pooling; the auxiliary head always pools.
+        """
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool = global_pool
+            self.head[3] = _pool(global_pool)
         self.num_classes = num_classes
-        device = self.head[0].weight.device
-        self.head[4] = _classifier(self.head[0].out_channels, num_classes).to(device)
+        device = self.patch_embed1[0].weight.device
+        self.head[4] = _classifier(self.head_hidden_size, num_classes).to(device)
         self.head[4].apply(self._init_weights)
         if self.aux_head is not None:
             self.aux_head[2] = _classifier(self.aux_head[0].num_features, num_classes).to(device)
@@ -311,31 +355,57 @@ class OverLoCK(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------------------
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'OverLoCK expects input [B, {self.in_chans}, H, W], got {list(x.shape)} '
-                             f'(build the model with in_chans=... for other channel counts)')
-        if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
-            raise ValueError(f'OverLoCK needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, '
-                             f'got {list(x.shape)}')
+    def _checkpoint(self, stage: int, index: int) -> bool:
+        """Whether block ``index`` of ``stage`` runs under activation checkpointing."""
+        return index < self.grad_checkpointing[stage] and torch.is_grad_enabled()
 
-    def _run(self, block: nn.Module, stage: int, index: int, *args):
-        if index < self.grad_checkpointing[stage] and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+    # The stages are written out (not indexed by computed names) so that torch.jit.script compiles them.
 
-    def _stage(self, x: torch.Tensor, stage: int) -> torch.Tensor:
-        x = getattr(self, f'patch_embed{stage + 1}')(x)
-        for i, blk in enumerate(getattr(self, f'blocks{stage + 1}')):
-            x = self._run(blk, stage, i, x)
+    def _stage1(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed1(x)
+        for i, blk in enumerate(self.blocks1):
+            if not torch.jit.is_scripting() and self._checkpoint(0, i):
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         return x
+
+    def _stage2(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed2(x)
+        for i, blk in enumerate(self.blocks2):
+            if not torch.jit.is_scripting() and self._checkpoint(1, i):
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def _stage3(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed3(x)
+        for i, blk in enumerate(self.blocks3):
+            if not torch.jit.is_scripting() and self._checkpoint(2, i):
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def _stage4(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed4(x)
+        for i, blk in enumerate(self.blocks4):
+            if not torch.jit.is_scripting() and self._checkpoint(3, i):
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    @torch.jit.unused
+    def _stage(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Base-Net / Overview-Net stage ``stage`` (0-3): downsampling and its RepConvBlocks."""
+        return (self._stage1, self._stage2, self._stage3, self._stage4)[stage](x)
 
     def forward_base(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Base-Net (stages 1-3, /16) and Overview-Net (stage 4, /32): returns (features, context)."""
-        self._check_input(x)
-        for stage in range(3):
-            x = self._stage(x, stage)
-        return x, self._stage(x, 3)
+        x = self._stage3(self._stage2(self._stage1(check_input(x, self.in_chans))))
+        return x, self._stage4(x)
 
     def _focus3(self, x: torch.Tensor, ctx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Focus-Net at /16: returns (features, running context, context prior)."""
@@ -343,19 +413,26 @@ class OverLoCK(nn.Module):
         prior_up = F.interpolate(prior, size=x.shape[-2:], mode='bilinear', align_corners=False)
         h = prior_up
         for i, blk in enumerate(self.sub_blocks3):
-            x, h = self._run(blk, 2, i, x, h, prior_up)
+            if not torch.jit.is_scripting() and self._checkpoint(2, i):
+                x, h = checkpoint(blk, x, h, prior_up, use_reentrant=False)
+            else:
+                x, h = blk(x, h, prior_up)
         return x, h, prior
 
     def _focus4(self, x: torch.Tensor, h: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """Focus-Net at /32: returns the fused output (features and context)."""
         x, h = self.patch_embedx(x, h)
         for i, blk in enumerate(self.sub_blocks4):
-            x, h = self._run(blk, 3, i, x, h, prior)
+            if not torch.jit.is_scripting() and self._checkpoint(3, i):
+                x, h = checkpoint(blk, x, h, prior, use_reentrant=False)
+            else:
+                x, h = blk(x, h, prior)
         return x
 
     def forward_focus(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """Focus-Net guided by the context prior derived from the Overview-Net output ``ctx``."""
-        return self._focus4(*self._focus3(x, ctx))
+        x, h, prior = self._focus3(x, ctx)
+        return self._focus4(x, h, prior)
 
     def forward_intermediates(
             self,
@@ -380,15 +457,15 @@ class OverLoCK(nn.Module):
             raise ValueError(f'OverLoCK features are NCHW, got output_fmt={output_fmt!r}')
         take, max_index = feature_take_indices(len(self.feature_info), indices)
         features = []
-        self._check_input(x)
+        x = check_input(x, self.in_chans)
         for stage in range(2):
             x = self._stage(x, stage)
             if stage in take:
                 features.append(x)
         if stop_early and max_index < 2 and intermediates_only:
             return features
-        x = self._stage(x, 2)
-        x, h, prior = self._focus3(x, self._stage(x, 3))
+        x = self._stage3(x)
+        x, h, prior = self._focus3(x, self._stage4(x))
         if 2 in take:
             features.append(torch.cat([x, h], dim=1))
         if stop_early and max_index < 3 and intermediates_only:
@@ -417,17 +494,26 @@ class OverLoCK(nn.Module):
         return self.forward_focus(base, ctx)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head[:4](x)
-        x = self.head_drop(x)
-        if pre_logits:
-            return x.flatten(1)
-        return self.head[4](x).flatten(1)
+        """Logits [B, num_classes] from forward_features' output; ``pre_logits``: the pooled [B, head_hidden_size]
+        projection before the classifier. With ``global_pool=''`` both keep the spatial map."""
+        x = self.head[2](self.head[1](self.head[0](x)))  # 1x1 projection to head_hidden_size, BN, SiLU
+        x = self.head_drop(self.head[3](x))  # global average pool (or none)
+        if not pre_logits:
+            x = self.head[4](x)  # 1x1 conv classifier
+        return x.flatten(1) if self.global_pool != '' else x
+
+    def forward_aux(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Auxiliary logits [B, num_classes] from the Overview-Net output (models built with ``use_ds=True``)."""
+        if self.aux_head is None:
+            raise RuntimeError('this OverLoCK model has no auxiliary head; build it with use_ds=True')
+        return self.aux_head(ctx).flatten(1)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Logits; ``{'main': logits, 'aux': aux_logits}`` in training mode when built with ``use_ds=True``."""
         base, ctx = self.forward_base(x)
         logits = self.forward_head(self.forward_focus(base, ctx))
-        if self.training and self.aux_head is not None:
-            return {'main': logits, 'aux': self.aux_head(ctx).flatten(1)}
+        if self.aux_head is not None and self.training and not torch.jit.is_scripting():
+            return {'main': logits, 'aux': self.forward_aux(ctx)}
         return logits
 
 
@@ -470,7 +556,7 @@ def list_variants() -> List[str]:
 def _create_overlock(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
     model_args = variant_args(variant)
     model_args.update(kwargs)  # any constructor argument can be overridden
-    feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls='getter')
+    feature_cfg = {'out_indices': (0, 1, 2, 3), 'feature_cls': 'getter', **(model_args.pop('feature_cfg', None) or {})}
     local_file = (model_args.get('pretrained_cfg_overlay') or {}).get('file')
     if pretrained and local_file:
         # timm would load a local file without our layout handling (and drop heads whose class count
@@ -515,7 +601,11 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.95, 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed1.0', 'classifier': CLASSIFIER_KEYS,
+        'min_input_size': (3, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
+        'first_conv': FIRST_CONV,
+        # the main classifier only: timm's cfg names layers of the default model, and the auxiliary head
+        # ('aux_head.2') is built on request (use_ds=True); our loader re-initialises both on a class change
+        'classifier': CLASSIFIER,
         'custom_load': True,  # our loader understands the release's layout and converts to deploy form
         'license': 'apache-2.0', 'paper_ids': 'arXiv:2502.20087',
         'origin_url': 'https://github.com/LMMMEng/OverLoCK',

@@ -17,6 +17,7 @@ import pickle
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from timm.models import adapt_input_conv
 from torch import nn
 
 from .layers import DilatedReparamBlock
@@ -24,6 +25,7 @@ from .layers import DilatedReparamBlock
 __all__ = [
     'CheckpointError', 'read_checkpoint_file', 'extract_state_dict', 'checkpoint_filter_fn',
     'load_checkpoint', 'is_deploy_state_dict', 'guess_variant', 'CLASSIFIER', 'AUX_CLASSIFIER', 'CLASSIFIER_KEYS',
+    'FIRST_CONV',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ _logger = logging.getLogger(__name__)
 CLASSIFIER = 'head.4'
 AUX_CLASSIFIER = 'aux_head.2'
 CLASSIFIER_KEYS = (CLASSIFIER, AUX_CLASSIFIER)
+FIRST_CONV = 'patch_embed1.0'  # the stem's first conv: adapted to the model's input channels on load
 _AUX_PREFIX = 'aux_head.'  # the auxiliary head: absent from models built with use_ds=False
 _PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile wrappers
 
@@ -123,10 +126,18 @@ def _merge_block_weights(state_dict: Dict[str, torch.Tensor], prefix: str, block
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Adapt a state_dict to ``model``: merge training-form weights for a deploy model, drop classifiers
-    whose class count differs (they keep their fresh init: fine-tuning), drop an unused auxiliary head."""
+    """Adapt a state_dict to ``model``: merge training-form weights for a deploy model, adapt the first conv
+    to the model's input channels (timm's ``adapt_input_conv``: grayscale sums the RGB filters, more channels
+    repeat them), drop classifiers whose class count differs (they keep their fresh init: fine-tuning), drop
+    an unused auxiliary head."""
     state_dict = extract_state_dict(state_dict, use_ema=None)
     model_sd = model.state_dict()
+    conv = FIRST_CONV + '.weight'
+    if conv in state_dict and conv in model_sd and state_dict[conv].shape[1] != model_sd[conv].shape[1] \
+            and state_dict[conv].shape[0] == model_sd[conv].shape[0]:
+        in_chans = model_sd[conv].shape[1]
+        _logger.info('Adapting %s from %d to %d input channels.', FIRST_CONV, state_dict[conv].shape[1], in_chans)
+        state_dict[conv] = adapt_input_conv(in_chans, state_dict[conv])
     for name, m in model.named_modules():
         if isinstance(m, DilatedReparamBlock):
             prefix = f'{name}.'
@@ -137,20 +148,22 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
                     'the checkpoint is in deploy form (re-parameterised); build the matching '
                     "'overlock_*_reparam' model to load it (or reparameterize() the model first)")
     for key in CLASSIFIER_KEYS:
-        for suffix in ('.weight', '.bias'):
-            name = key + suffix
-            if name not in state_dict:
-                continue
-            if name not in model_sd:
-                if key != AUX_CLASSIFIER or any(k.startswith(_AUX_PREFIX) for k in model_sd):
-                    _logger.info('Dropping %s: the model has no such classifier (num_classes=0?).', name)
-                del state_dict[name]
-            elif (state_dict[name].shape[0] != model_sd[name].shape[0]
-                  and state_dict[name].shape[1:] == model_sd[name].shape[1:]):
-                # only the class count differs; other mismatches are another architecture, reported on load
-                _logger.warning('Re-initialising %s: checkpoint has %d classes, the model %d.',
-                                key, state_dict[name].shape[0], model_sd[name].shape[0])
-                del state_dict[name]
+        names = [key + suffix for suffix in ('.weight', '.bias') if key + suffix in state_dict]
+        if not names:
+            continue
+        weight = key + '.weight'
+        if weight not in model_sd:
+            if key != AUX_CLASSIFIER or any(k.startswith(_AUX_PREFIX) for k in model_sd):
+                _logger.info('Dropping %s: the model has no such classifier (num_classes=0?).', key)
+        elif weight in state_dict and (state_dict[weight].shape[0] != model_sd[weight].shape[0]
+                                       and state_dict[weight].shape[1:] == model_sd[weight].shape[1:]):
+            # only the class count differs; other mismatches are another architecture, reported on load
+            _logger.warning('Re-initialising %s: checkpoint has %d classes, the model %d.',
+                            key, state_dict[weight].shape[0], model_sd[weight].shape[0])
+        else:
+            continue
+        for name in names:
+            del state_dict[name]
     if not any(k.startswith(_AUX_PREFIX) for k in model_sd):
         for k in [k for k in state_dict if k.startswith(_AUX_PREFIX)]:
             del state_dict[k]  # built with use_ds=False: the auxiliary head is not needed

@@ -33,7 +33,7 @@ def test_real_variant_non_square():
 
 
 def test_train_mode_returns_both_heads_and_grads_reach_every_parameter():
-    model = tiny(drop_path_rate=0.1).train()
+    model = tiny(drop_path_rate=0.1, use_ds=True).train()
     out = model(torch.randn(2, 3, 64, 64))
     assert set(out) == {'main', 'aux'} and out['main'].shape == out['aux'].shape == (2, 7)
     (out['main'].sum() + 0.4 * out['aux'].sum()).backward()
@@ -48,12 +48,12 @@ def test_use_ds_false_has_no_aux_head(tmp_path):
     model.reset_classifier(3)
     assert model.aux_head is None and model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     path = tmp_path / 'full.pth'
-    torch.save(tiny().state_dict(), path)  # a checkpoint with the auxiliary head loads without it
+    torch.save(tiny(use_ds=True).state_dict(), path)  # a checkpoint with the auxiliary head loads without it
     models.load_checkpoint(tiny(use_ds=False), path, strict=True)
 
 
 def test_prune_intermediate_layers_drops_both_heads():
-    model = tiny().train()
+    model = tiny(use_ds=True).train()
     assert model.prune_intermediate_layers(indices=2) == [2, 3]
     assert model.aux_head is None and not any(k.startswith(('aux_head.', 'head.0')) for k in model.state_dict())
     out = model(torch.randn(2, 3, 64, 64))
@@ -71,7 +71,7 @@ def test_drop_path_rates_follow_block_order():
 
 
 def test_forward_head_and_reset_classifier():
-    model = tiny().eval()
+    model = tiny(use_ds=True).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         feats = model.forward_features(x)
@@ -156,7 +156,7 @@ def test_reparameterized_block_matches_training_form_in_float64():
 
 def test_training_after_inference_mode():
     """Index tensors cached during a torch.inference_mode() forward must not break a later training step."""
-    model = tiny()
+    model = tiny(use_ds=True)
     x = torch.randn(2, 3, 64, 96)  # a size no other test has cached yet
     with torch.inference_mode():
         model.eval()(x)
@@ -185,11 +185,11 @@ STAGE_BLOCKS = (('blocks1',), ('blocks2',), ('blocks3', 'sub_blocks3'), ('blocks
 def test_gradient_checkpointing_recomputes_and_keeps_outputs_and_gradients(how, stages):
     """Checkpointed blocks run twice (forward, then again in the backward), the others once, and outputs and
     gradients equal those of the plain model."""
-    ref_model = tiny().train()
+    ref_model = tiny(use_ds=True).train()
     if how == 'use_checkpoint':
-        model = tiny(use_checkpoint=stages).train()
+        model = tiny(use_checkpoint=stages, use_ds=True).train()
     else:
-        model = tiny().train()
+        model = tiny(use_ds=True).train()
         getattr(model, how)(*(() if how == 'set_grad_checkpointing' else (stages,)))
     model.load_state_dict(ref_model.state_dict())
     calls = {}
@@ -253,7 +253,7 @@ def test_bfloat16_forward():
 
 def test_create_model_overrides_any_constructor_argument():
     model = timm.create_model('overlock_t', depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[8, 16, 32, 64],
-                              sub_num_heads=[2, 4], projection=32, num_classes=3, drop_path_rate=0.2)
+                              sub_num_heads=[2, 4], projection=32, num_classes=3, drop_path_rate=0.2, use_ds=True)
     assert len(model.blocks1) == 1 and model.embed_dim == [8, 16, 32, 64]
     assert model.head[4].out_channels == 3 and model.aux_head[2].out_channels == 3
     assert model.pretrained_cfg['crop_pct'] == 0.95
@@ -267,11 +267,12 @@ def test_pretrained_cfg(name, crop):
     assert cfg.mean == timm.data.IMAGENET_DEFAULT_MEAN and cfg.std == timm.data.IMAGENET_DEFAULT_STD
     short = name.split('_')[1]
     assert cfg.url == f'https://github.com/LMMMEng/OverLoCK/releases/download/v1/overlock_{short}_in1k_224.pth'
-    # the classifier entries name real layers
+    # the classifier and first conv entries name real layers of the default model (timm adapts and drops them)
     with torch.device('meta'):
         model = timm.create_model(name)
-    for layer in cfg.classifier:
-        assert isinstance(model.get_submodule(layer), nn.Conv2d)
+    assert isinstance(model.get_submodule(cfg.classifier), nn.Conv2d) and cfg.classifier == 'head.4'
+    assert model.get_submodule(cfg.first_conv).in_channels == 3
+    assert cfg.min_input_size == (3, models.MIN_INPUT_SIZE, models.MIN_INPUT_SIZE)
 
 
 # --- bad input ----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_registered_names():
 @pytest.mark.parametrize('name', ALL_VARIANTS)
 def test_state_dict_matches_original(name, manifest):
     with torch.device('meta'):
-        model = timm.create_model(name)
+        model = timm.create_model(name, use_ds=True)  # the release's layout: with the auxiliary head
     expected = manifest[name]
     got = [[k, list(v.shape)] for k, v in model.state_dict().items()]
     assert got == expected['state_dict']  # same keys, same order, same shapes
@@ -79,7 +79,7 @@ def assert_matches_float32_golden(out64: torch.Tensor, ref32: torch.Tensor) -> N
 
 @pytest.fixture(scope='module')
 def model64():
-    model = timm.create_model('overlock_xt', use_gemm=False).double()
+    model = timm.create_model('overlock_xt', use_gemm=False, use_ds=True).double()
     fill_reference(model)
     return model
 
@@ -105,7 +105,7 @@ def test_golden_eval_float64(model64, golden, inp):
 
 def test_golden_train_and_reparam_float64(golden):
     """Training mode (batch-stat BN, both heads), then the fill again and reparam (reference procedure)."""
-    model = timm.create_model('overlock_xt', use_gemm=False).double()
+    model = timm.create_model('overlock_xt', use_gemm=False, use_ds=True).double()  # the auxiliary head: opt-in
     fill_reference(model)
     x = golden['inputs']['x160x192'].double()
     model.train()
@@ -121,7 +121,7 @@ def test_golden_train_and_reparam_float64(golden):
 
 
 def test_golden_float32(golden):
-    model = timm.create_model('overlock_xt', use_gemm=False).double()
+    model = timm.create_model('overlock_xt', use_gemm=False, use_ds=True).double()
     fill_reference(model)
     model = model.float().eval()
     with torch.no_grad():
@@ -133,8 +133,8 @@ def test_golden_float32(golden):
 
 
 def test_deploy_state_dict_loads_into_reparam_variant(manifest):
-    model = timm.create_model('overlock_xt', use_gemm=False).eval()
+    model = timm.create_model('overlock_xt', use_gemm=False, use_ds=True).eval()
     model.reparameterize()
-    deploy = timm.create_model('overlock_xt_reparam', use_gemm=False)
+    deploy = timm.create_model('overlock_xt_reparam', use_gemm=False, use_ds=True)
     deploy.load_state_dict(model.state_dict(), strict=True)
     assert [k for k in model.state_dict()] == [k for k, _ in manifest['overlock_xt_reparam']['state_dict']]

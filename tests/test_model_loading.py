@@ -13,7 +13,7 @@ from tests.helpers import TINY_KWARGS, randomize_bn_stats, tiny_model as tiny
 def trained():
     """A tiny model with non-trivial weights and BN statistics, as a trained checkpoint would have."""
     torch.manual_seed(1)
-    model = tiny()
+    model = tiny(use_ds=True)  # the release's files hold the auxiliary head
     randomize_bn_stats(model, seed=1)
     with torch.no_grad():
         for p in model.parameters():
@@ -72,7 +72,7 @@ def test_training_weights_load_into_deploy_variant(tmp_path, trained, x):
 
 
 def test_deploy_weights_into_training_form_is_a_clear_error(tmp_path, trained):
-    deploy = tiny()
+    deploy = tiny(use_ds=True)
     deploy.load_state_dict(trained.state_dict())
     deploy.reparameterize()
     path = tmp_path / 'deploy.pth'
@@ -85,7 +85,7 @@ def test_deploy_weights_into_training_form_is_a_clear_error(tmp_path, trained):
 def test_other_num_classes_reinitialises_both_heads(tmp_path, trained):
     path = tmp_path / 'in1k.pth'
     torch.save(trained.state_dict(), path)
-    model = tiny(num_classes=3, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model = tiny(num_classes=3, use_ds=True, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert model.head[4].out_channels == 3 and model.aux_head[2].out_channels == 3
     sd = model.state_dict()
     assert torch.equal(sd['head.0.weight'], trained.state_dict()['head.0.weight'])

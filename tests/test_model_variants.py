@@ -25,7 +25,7 @@ def test_every_variant_is_swept():
 @pytest.mark.parametrize('name', VARIANTS)
 def test_variant_contract(name):
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=5, use_gemm=False, **ONE_BLOCK)
+    model = timm.create_model(name, num_classes=5, use_gemm=False, use_ds=True, **ONE_BLOCK)
     args = models.variant_args(name)
     assert model.embed_dim == args['embed_dim'] and model.blocks1[0].proj[1].kernel_size == args['kernel_size'][0]
     assert all(b.deploy == name.endswith('_reparam')
@@ -46,7 +46,7 @@ def test_variant_contract(name):
         model.reset_classifier(3)
         assert model.forward_head(final).shape == (1, 3) and model.aux_head[2].out_channels == 3
         model.reset_classifier(0)
-        assert model.forward_head(final).shape == (1, model.num_features)
+        assert model.forward_head(final).shape == (1, model.head_hidden_size)
     assert isinstance(model.get_classifier(), nn.Identity)
 
     # features_only: timm's feature extractor of the same variant, given this model's trunk weights

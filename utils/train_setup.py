@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import LAST_FILE
-from .cli import UsageError, create_model_from_args
+from .cli import UsageError, create_model_from_args, parse_kwargs
 from .config import STALE_FILES, run_files_in
 from .data import (
     DataError, EpochSeed, EvalShardSampler, ImageFolderDataset, ResumableSampler, build_image_folder,
@@ -194,6 +194,9 @@ def build_model(args: argparse.Namespace, info: DistInfo) -> Tuple[nn.Module, Di
     extra = {}
     if args.drop is not None:
         extra['drop_rate'] = args.drop
+    if args.model.startswith('overlock') and 'use_ds' not in parse_kwargs(args.model_kwargs):
+        # the recipe's deep supervision: the auxiliary head's logits in training mode, loss main + R x aux
+        extra['use_ds'] = True
     model = create_model_from_args(args, **extra)
     if args.finetune:
         models.load_checkpoint(model, args.finetune, use_ema=args.finetune_ema, strict=True)

@@ -89,8 +89,8 @@ def autocast(enabled: bool, device: torch.device, dtype: torch.dtype):
 
 def compute_loss(criterion: Callable, output, target: torch.Tensor,
                  aux_ratio: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(loss, aux)``: ``main + aux_ratio x aux`` when the model returns both heads (aux detached), else
-    ``(criterion(output), None)``."""
+    """``(loss, aux)``: ``main + aux_ratio x aux`` when the model returns both heads (an OverLoCK built with
+    ``use_ds=True``, as ``build_model`` does; aux detached), else ``(criterion(output), None)``."""
     if isinstance(output, dict):
         main = criterion(output['main'], target)
         aux = criterion(output['aux'], target)

@@ -47,7 +47,8 @@ class ModelBench:
         self.dtype = dtype_name(self.dtype)
 
     def kwargs_for(self, name: str) -> Dict[str, object]:
-        return dict(self.model_kwargs) if name.startswith('overlock') else {}
+        # OverLoCK with its auxiliary head: the release's training step (main + 0.4 x aux) and parameter count
+        return {'use_ds': True, **self.model_kwargs} if name.startswith('overlock') else {}
 
 
 def _params(model: nn.Module):
