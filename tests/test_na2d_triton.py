@@ -346,8 +346,8 @@ def test_split_rows(dtype):
     rpb_k = torch.randn(g, 2 * k - 1, 2 * k - 1, device=DEVICE).to(dtype)
     grad_out = torch.randn(x.shape, device=DEVICE).to(dtype)
     inputs = [x, logits, rpb_s, rpb_k]
-    plans = tb.plan_contmix(*inputs, s, k)
-    assert len(plans) == 6 and all(launch.constexprs['SPLIT'] for _, launch in plans)
+    launches = tb.plan_contmix(*inputs, s, k)
+    assert len(launches) == 6 and all(launch.constexprs['SPLIT'] for _, launch in launches)
     assert not any(launch.constexprs['SPLIT'] for _, launch in tb.plan_contmix(
         torch.randn(b, 2 * g * 16, h, w, device=DEVICE).to(dtype).to(memory_format=torch.channels_last),
         logits, rpb_s, rpb_k, s, k))

@@ -165,7 +165,8 @@ def test_validate_cli_exits_cleanly_in_a_subprocess(tmp_path):
     proc = subprocess.run([sys.executable, 'validate.py', str(tmp_path / 'missing'), '--model', 'overlock_xt',
                            '--num-classes', '3'], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith('error: data directory') and 'Traceback' not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and errors[0].startswith('error: data directory') and 'Traceback' not in proc.stderr
 
 
 def test_evaluation_loop_scores_the_main_head_after_the_prepare_step():
