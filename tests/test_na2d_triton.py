@@ -26,6 +26,16 @@ CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
 
 
+def same_result(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two reduction orders or read paths of one computation agree: bit for bit under the interpreter (which
+    runs them in the same order); within rounding when compiled, where ptxas may contract or reorder the
+    arithmetic of two different kernels differently."""
+    if not CUDA:
+        return torch.equal(a, b)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(a.dtype, 1e-2)
+    return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a, b, rtol=tol, atol=tol * a.abs().max())
+
+
 @pytest.fixture(scope='module', autouse=True)
 def triton_kernels():
     """The compiled kernels on a GPU; otherwise the interpreter, its per-op int32 overflow checks off (at
@@ -229,7 +239,7 @@ def test_grad_value_key_orders(k, hw):
             assert launch.programs == (hw[0] * hw[1] * 2 if by_pixel else -(-2 * 3 * hw[0] * hw[1] // 4))
             got[by_pixel] = (tb._grad_value(grad_out, logits, k, value, rpb=rpb, lse=lse),
                              tb._grad_value(grad_out, attn, k, value))
-    assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
+    assert same_result(got[True][0], got[False][0]) and same_result(got[True][1], got[False][1])
     ref = grads_of(lambda lg, r, v: ref_softmax_av(lg, r, v, k), [logits.cpu(), rpb.cpu(), value.cpu()],
                    grad_out.cpu())
     ref_plain = grads_of(lambda a, v: reference_na2d_av(a, v, k), [attn.cpu(), value.cpu()], grad_out.cpu())
@@ -328,7 +338,7 @@ def test_bf16_value_pairs(channels):
     assert not tb.plan_forward(logits, rpb, value.float(), k)[0].constexprs['PAIRS']
     out = tb.na2d_softmax_av(logits, rpb, value, k)
     assert out.dtype == torch.bfloat16 and out.shape == value.shape
-    assert torch.equal(out, tb.na2d_softmax_av(logits, rpb, first, k))
+    assert same_result(out, tb.na2d_softmax_av(logits, rpb, first, k))
     assert rel_err(out.cpu(), ref_softmax_av(logits.cpu().double(), rpb.cpu().double(), value.cpu().double(),
                                              k)) < 1e-2
 
@@ -360,7 +370,7 @@ def test_split_rows(dtype):
             got[split] = (out, *grads)
     for name, a, b_ in zip(('out', 'grad_x', 'grad_logits', 'grad_rpb_small', 'grad_rpb_large'), got[False],
                            got[True]):
-        assert torch.equal(a, b_), name
+        assert same_result(a, b_), name
     ref = tb.contmix_softmax_av(*[t.double() for t in inputs], s, k)
     assert rel_err(got[True][0].double().cpu(), ref.cpu()) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
 
@@ -440,7 +450,7 @@ def test_layouts():
     out, (ga, gv) = grads_of(lambda a, v: tb.na2d_av(a, v, k), [attn, value], grad_out)
     out_c, (ga_c, gv_c) = grads_of(lambda a, v: tb.na2d_av(a, v, k), [attn.contiguous(), value.contiguous()],
                                    grad_out)
-    assert torch.equal(out, out_c) and torch.equal(ga, ga_c) and torch.equal(gv, gv_c)
+    assert same_result(out, out_c) and same_result(ga, ga_c) and same_result(gv, gv_c)
     assert rel_err(out.cpu(), reference_na2d_av(attn.cpu(), value.cpu(), k)) < 1e-6
     # value is a channel-first view: out and grad_value are channel-first too (no layout change for ContMix)
     assert out.stride(-1) == h * w and gv.stride(-1) == h * w, (out.stride(), gv.stride())
