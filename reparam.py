@@ -79,9 +79,13 @@ def main(argv=None) -> int:
         ref, out = model(x), deploy(x)
     err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
     params = [sum(p.numel() for p in m.parameters()) for m in (model, deploy)]
-    no_aux = [sum(p.numel() for n, p in m.named_parameters() if not n.startswith('aux_head.')) for m in (model, deploy)]
     print(f'max relative error of deploy vs training-form logits: {err:.3e} (limit {TOLERANCE:g})')
-    print(f'params: {params[0]:,} -> {params[1]:,} (without aux head: {no_aux[0]:,} -> {no_aux[1]:,})')
+    line = f'params: {params[0]:,} -> {params[1]:,}'
+    if getattr(model, 'aux_head', None) is not None:  # a use_ds=True model (the release's layout)
+        no_aux = [sum(p.numel() for n, p in m.named_parameters() if not n.startswith('aux_head.'))
+                  for m in (model, deploy)]
+        line += f' (without aux head: {no_aux[0]:,} -> {no_aux[1]:,})'
+    print(line)
     if args.bench_iters > 0:
         with torch.no_grad():  # median ms of one forward pass of each form
             t_train, t_deploy = (time_ms(lambda m=m: m(x), device, warmup=1, repeat=args.bench_iters).median

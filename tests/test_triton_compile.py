@@ -41,17 +41,17 @@ LAYOUTS = ('channels_last', 'channel_first', 'contiguous')
 
 
 @functools.lru_cache(maxsize=None)
-def variant_calls(img_size: int = 224) -> Dict[str, Tuple[Tuple[int, int, int, int, int, int], ...]]:
-    """Per registered OverLoCK variant, (G, H, W, c, s, K) of its ContMix calls, read off the model."""
+def variant_calls(names: Tuple[str, ...] = (), img_size: int = 224
+                  ) -> Dict[str, Tuple[Tuple[int, int, int, int, int, int], ...]]:
+    """Per OverLoCK variant (default: every registered one), (G, H, W, c, s, K) of its ContMix calls, read off
+    the model."""
     import timm
 
-    from utils.measure import static_gpu
+    from utils.measure.shapes import contmix_block_calls
     calls = {}
-    for name in timm.list_models('overlock_*'):
-        shapes = set()
-        for call in static_gpu.contmix_calls(name, 1, img_size):
-            b, g, h, w, _ = call.logits.shape
-            shapes.add((g, h, w, call.x.shape[1] // (2 * g), call.small, call.large))
+    for name in names or timm.list_models('overlock_*'):
+        shapes = {(c.groups, c.height, c.width, c.channels // (2 * c.groups), c.small, c.large)
+                  for c in contmix_block_calls([name], img_size)}
         calls[name] = tuple(sorted(shapes))
     return calls
 
@@ -157,9 +157,10 @@ def test_front_end_representative():
 @pytest.mark.slow
 def test_variant_shapes_read_from_models():
     """The variants' group shapes come from the models: OverLoCK-T's stage 3 and 4 calls are among them."""
-    shapes = variant_shapes()
-    assert (8, 14, 14, 16, 5, 13) in shapes and (16, 7, 7, 16, 5, 7) in shapes
-    assert any(c == 14 for _, _, _, c, _, _ in shapes)  # XT's last stage: rows not 16-byte aligned
+    calls = variant_calls(('overlock_t', 'overlock_t_reparam', 'overlock_xt'))
+    assert (8, 14, 14, 16, 5, 13) in calls['overlock_t'] and (16, 7, 7, 16, 5, 7) in calls['overlock_t']
+    assert calls['overlock_t_reparam'] == calls['overlock_t']
+    assert any(c == 14 for _, _, _, c, _, _ in calls['overlock_xt'])  # XT's last stage: rows not 16-byte aligned
 
 
 @pytest.mark.sweep

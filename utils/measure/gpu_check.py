@@ -92,11 +92,12 @@ class CheckConfig:
     @classmethod
     def smoke_config(cls, model_kwargs: Dict[str, object]) -> 'CheckConfig':
         """The CPU run of the check itself: a tiny model at 32 px with 3x3 and 5x5 windows, its smallest ContMix
-        block, float32 and one AMP mix (the interpreter takes seconds per case), gloo, 2 processes."""
+        block, float32 and one AMP mix, channels_last only (the interpreter takes seconds per case), gloo,
+        2 processes."""
         kwargs = dict(model_kwargs, kernel_size=[5, 5, 5, 5], smk_size=3)
         return cls(device='cpu', models=('overlock_xt',), img_size=32, batch=2, model_kwargs=kwargs,
                    train_model='overlock_xt', train_img_size=32, train_dtypes=('bfloat16',), mixes=('fp32', 'amp_bf16'),
-                   dist_backend='gloo', processes=2, max_blocks=1, smoke=True)
+                   layouts=('channels_last',), dist_backend='gloo', processes=2, max_blocks=1, smoke=True)
 
 
 # --- versions and cache ---------------------------------------------------------------------------------------

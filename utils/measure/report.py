@@ -123,7 +123,7 @@ class _Report:
 
     def op(self) -> None:
         cfg, device = self.cfg, self.device
-        timing = dict(warmup=1, repeat=3) if cfg.smoke else dict(warmup=10, repeat=50, flush_l2=True)
+        timing = dict(warmup=0, repeat=1) if cfg.smoke else dict(warmup=10, repeat=50, flush_l2=True)
         copy_gbs = copy_bandwidth(device, (1 << 22) if cfg.smoke else (1 << 30), **timing)
         backends = [b for b in ('triton', 'torch') if b in default_backends()]
         calls = na2d_calls(cfg.target, cfg.img_size, **cfg.model_kwargs)

@@ -24,13 +24,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
-from unittest import mock
 
 import torch
 
+from .dtypes import parse_dtype, short_name
 from .sass import KernelCode, kernel_code
+from .shapes import contmix_block_calls
 
-__all__ = ['Device', 'H100_SXM', 'KernelCode', 'Row', 'analyse_launch', 'contmix_calls', 'measure_call', 'step_rows',
+__all__ = ['Device', 'H100_SXM', 'KernelCode', 'Row', 'analyse_launch', 'LaunchInputs', 'launch_inputs', 'measure_call', 'step_rows',
            'format_table', 'main']
 
 
@@ -133,12 +134,13 @@ def analyse_launch(label: str, launch, device: Device = H100_SXM) -> Row:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The launches of a model: ContMix calls read off a forward pass on the meta device.
+# The launches of a model: the ContMix calls read off a forward pass on the meta device (utils.measure.shapes).
 
 
 @dataclass
-class ContMixCall:
-    """The aggregation of one ContMix block (both windows) as the model calls it."""
+class LaunchInputs:
+    """The (meta) tensors one ContMix block passes to ``contmix_softmax_av``, laid out as on the GPU: what the
+    launch plans read."""
     name: str
     x: torch.Tensor  # [B, C, H, W]: value, both halves
     logits: torch.Tensor  # [B, G, H, W, s^2 + K^2]
@@ -148,52 +150,39 @@ class ContMixCall:
     large: int
 
 
-def contmix_calls(model_name: str, batch: int, img_size: int = 224, dtype: torch.dtype = torch.float32,
+def launch_inputs(model_name: str, batch: int, img_size: int = 224, dtype: torch.dtype = torch.float32,
                   value_dtype: Optional[torch.dtype] = None, channels_last: bool = True,
-                  **model_kwargs) -> List[ContMixCall]:
-    """Every ContMix aggregation (``ops.contmix_softmax_av``) of one forward of ``model_name`` (timm name),
-    read off a forward on the meta device, with meta tensors laid out as on the GPU: the logits the
-    ``[B, G, H, W, s^2 + K^2]`` projection, value the ``[B, C, H, W]`` map (channels_last: channels innermost).
+                  **model_kwargs) -> List[LaunchInputs]:
+    """The inputs of every ContMix aggregation of one forward of ``model_name`` (timm name), one entry per
+    block (:func:`utils.measure.shapes.contmix_block_calls`, expanded by its call counts), as meta tensors:
+    the logits the ``[B, G, H, W, s^2 + K^2]`` projection, value the ``[B, C, H, W]`` map (channels_last:
+    channels innermost).
 
     Args:
         dtype: dtype of the logits (bf16 under bf16 autocast: ContMix adds the bias in the product's dtype).
         value_dtype: dtype of value and rpb (default ``dtype``; value is float32 under AMP after GRN's
             float32 gamma, rpb a float32 parameter).
     """
-    import timm
-
-    import models  # noqa: F401  (registers the OverLoCK models)
-    import models.contmix as contmix
+    try:
+        blocks = contmix_block_calls([model_name], img_size, **model_kwargs)
+    except RuntimeError as e:
+        raise ValueError(f'static_gpu: cannot build model {model_name!r}: {e}') from None
     value_dtype = value_dtype or dtype
-    seen = []
-    real = contmix.contmix_softmax_av
-
-    def record(x, logits, rpb_small, rpb_large, small, large, **kwargs):
-        seen.append((tuple(x.shape), tuple(logits.shape), small, large))
-        return real(x, logits, rpb_small, rpb_large, small, large, backend='torch')
-
-    with torch.device('meta'):
-        try:
-            model = timm.create_model(model_name, **model_kwargs)
-        except RuntimeError as e:
-            raise ValueError(f'static_gpu: cannot build model {model_name!r}: {e}') from None
-    with mock.patch.object(contmix, 'contmix_softmax_av', record), torch.no_grad():
-        model.eval()(torch.empty(batch, 3, img_size, img_size, device='meta'))
-
-    calls = []
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for (b, c, h, w), logits_shape, s, k in seen:
-        g = logits_shape[1]
-        calls.append(ContMixCall(
+    inputs = []
+    for call in blocks:
+        b, c, g, h, w, s, k = batch, call.channels, call.groups, call.height, call.width, call.small, call.large
+        entry = LaunchInputs(
             f'{h}x{w} G{g} c{c // (2 * g)}',
             torch.empty(b, c, h, w, dtype=value_dtype, device='meta').to(memory_format=fmt),
-            torch.empty(logits_shape, dtype=dtype, device='meta'),
+            torch.empty(b, g, h, w, s * s + k * k, dtype=dtype, device='meta'),
             torch.empty(g, 2 * s - 1, 2 * s - 1, dtype=value_dtype, device='meta'),
-            torch.empty(g, 2 * k - 1, 2 * k - 1, dtype=value_dtype, device='meta'), s, k))
-    return calls
+            torch.empty(g, 2 * k - 1, 2 * k - 1, dtype=value_dtype, device='meta'), s, k)
+        inputs.extend([entry] * call.calls)
+    return inputs
 
 
-def _around_rows(call: ContMixCall, backward: bool, device: Device) -> List[Row]:
+def _around_rows(call: LaunchInputs, backward: bool, device: Device) -> List[Row]:
     """Tensor traffic of the torch code around the op (memory-bound): the rpb gradients' ``index_add``
     reads the logits gradient once more."""
     if not backward:
@@ -208,7 +197,7 @@ def _materialise(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.empty_like(t, device=device).normal_()
 
 
-def measure_call(call: ContMixCall, backward: bool, device: torch.device, warmup: int = 2,
+def measure_call(call: LaunchInputs, backward: bool, device: torch.device, warmup: int = 2,
                  repeat: int = 10) -> List[float]:
     """Seconds per launch (median, L2 flushed before each sample) of the call's launches on ``device``, in
     the order of ``plan_contmix``: the launches the static rows describe, run on random data laid out as
@@ -230,15 +219,15 @@ def measure_call(call: ContMixCall, backward: bool, device: torch.device, warmup
             for _, launch in launches]
 
 
-def step_rows(calls: Sequence[ContMixCall], backward: bool, device: Device = H100_SXM,
+def step_rows(inputs: Sequence[LaunchInputs], backward: bool, device: Device = H100_SXM,
               around: bool = True, measure_on: Optional[torch.device] = None, repeat: int = 10) -> List[Row]:
-    """One row per kernel launch of the calls (forward, and backward when ``backward``), plus the torch code
+    """One row per kernel launch of each block's inputs (forward, and backward when ``backward``), plus the torch code
     around the op. ``measure_on``: also time every launch there, ``repeat`` samples after as many warm-up
     calls, at most 2 (calls of the same shapes are timed once)."""
     from models.ops import triton_plans
     rows = []
     timed: Dict[tuple, List[float]] = {}
-    for call in calls:
+    for call in inputs:
         launches = triton_plans.plan_contmix(call.x, call.logits, call.rpb_small, call.rpb_large,
                                                call.small, call.large, backward=backward, gpu=True)
         measured: List[Optional[float]] = [None] * len(launches)
@@ -318,9 +307,6 @@ def format_table(rows: Sequence[Row], device: Device = H100_SXM) -> str:
     return '\n'.join(lines)
 
 
-_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='python -m utils.measure.static_gpu',
                                      description=__doc__.split('\n\n')[0])
@@ -330,8 +316,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--mode', choices=('train', 'infer'), default='train',
                         help='train: forward + backward at bf16-autocast dtypes (bf16 logits, fp32 value and rpb); '
                              'infer: forward of the deploy form in bf16')
-    parser.add_argument('--dtype', choices=sorted(_DTYPES), default='bf16', help='logits dtype (default bf16)')
-    parser.add_argument('--value-dtype', choices=sorted(_DTYPES), default=None,
+    parser.add_argument('--dtype', type=parse_dtype, default=torch.bfloat16, help='logits dtype (default bf16)')
+    parser.add_argument('--value-dtype', type=parse_dtype, default=None,
                         help='value and rpb dtype (default: fp32 for train, --dtype for infer)')
     parser.add_argument('--no-channels-last', action='store_true', help='value as a view of an NCHW map')
     parser.add_argument('--no-around', action='store_true', help='leave out the torch code around the op')
@@ -355,15 +341,19 @@ def _measure_device() -> Optional[torch.device]:
     return torch.device('cpu') if triton_plans.INTERPRET else None
 
 
+def _short(dtype: torch.dtype) -> str:
+    return short_name(str(dtype).replace('torch.', ''))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = parse_args(argv)
-    dtype = _DTYPES[args.dtype]
-    value_dtype = _DTYPES[args.value_dtype or ('fp32' if args.mode == 'train' else args.dtype)]
+    dtype = args.dtype
+    value_dtype = args.value_dtype or (torch.float32 if args.mode == 'train' else dtype)
     name = args.model + ('_reparam' if args.mode == 'infer' and not args.model.endswith('_reparam') else '')
-    calls = contmix_calls(name, args.batch, args.img_size, dtype, value_dtype, not args.no_channels_last)
-    rows = step_rows(calls, backward=args.mode == 'train', around=not args.no_around,
+    inputs = launch_inputs(name, args.batch, args.img_size, dtype, value_dtype, not args.no_channels_last)
+    rows = step_rows(inputs, backward=args.mode == 'train', around=not args.no_around,
                      measure_on=_measure_device() if args.measure else None)
-    title = (f'{name}, batch {args.batch}, {args.img_size}², {args.mode}, logits {dtype}, value {value_dtype}, '
+    title = (f'{name}, batch {args.batch}, {args.img_size}², {args.mode}, logits {_short(dtype)}, value {_short(value_dtype)}, '
              f'{"NCHW" if args.no_channels_last else "channels_last"}')
     text = f'{title}\n\n{format_table(rows)}'
     print(text)
