@@ -1,8 +1,8 @@
-"""train.py on the CPU: outputs, learning, exact resume, preemption, torchrun, bad input, configuration.
+"""train.py on the CPU: outputs, learning, exact resume, preemption, bad input, configuration.
 
 Runs use a tiny OverLoCK on a synthetic 3-class ImageFolder of 32x32 images. Most runs go through
-``run_cli(main)`` in this process (no interpreter start-up); the preemption and torchrun tests and one
-bad-input case start real processes.
+``run_cli(main)`` in this process (no interpreter start-up); the preemption test and one bad-input case start
+real processes (torchrun runs: test_train_resume.py, test_train_scale.py).
 """
 import math
 import os
@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from tests.helpers import (
-    FAST, REPO, TINY, free_port, load, read_summary, run_inprocess, run_train, state_dicts_equal,
+    FAST, REPO, TINY, load, read_summary, run_inprocess, run_train, state_dicts_equal,
     subprocess_env,
 )
 from utils.checkpoint import CheckpointSaver, atomic_save
@@ -254,28 +254,6 @@ def test_sigterm_saves_recovery_checkpoint_and_resume_matches(data_dir, referenc
     assert state_dicts_equal(a, b) is None, state_dicts_equal(a, b)
     losses = [[r['train_loss'] for r in read_summary(d / 'summary.csv')] for d in (out, reference_run)]
     assert losses[0] == losses[1]  # the interrupted epoch's mean includes the batches before the signal
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_gloo(data_dir, tmp_path):
-    """The shipped script with the full XT recipe (fp16 AMP, EMA, mixup, RandAugment), 2 CPU processes."""
-    out = tmp_path / 'run'
-    env = subprocess_env()
-    env.update(GPUS='2', MASTER_PORT=str(free_port()))
-    proc = subprocess.run(
-        ['bash', str(REPO / 'scripts' / 'train_xt_model.sh'), str(data_dir), *TINY, *FAST, '--epochs', '1',
-         '--grad-accum-steps', '2', '--output', str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert '2 process(es) x batch 4 x 2 accumulation = global batch 16' in proc.stderr
-    assert not [line for line in proc.stderr.splitlines() if line.startswith('[rank 1] Train')]  # rank 0 logs
-    saved = yaml.safe_load((out / 'args.yaml').read_text())
-    assert saved['lr'] == pytest.approx(1e-3 * 16 / 1024) and saved['drop_path'] == 0.1 and saved['amp']
-    rows = read_summary(out / 'summary.csv')
-    assert len(rows) == 1 and math.isfinite(float(rows[0]['eval_ema_top1']))
-    ckpt = load(out / 'last.pth')
-    assert ckpt['global_step'] == 2 and len(ckpt['rng']) == 2  # 3 batches / process -> 2 updates
-    assert 'scaler' in ckpt  # float16 AMP from the config
 
 
 @pytest.mark.slow

@@ -63,26 +63,38 @@ def test_model_change_is_refused_in_one_line(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_on_fewer_processes_recomputes_the_auto_lr(data_dir, tmp_path):
-    """2 processes (global batch 8) for one epoch, then one process (global batch 4) for a second one."""
+def test_shipped_script_on_two_processes_then_resume_on_one(data_dir, tmp_path):
+    """scripts/train_xt_model.sh (the XT config: float16 AMP, EMA, drop path) with the tiny model on 2 CPU
+    processes for one epoch (global batch 2 x 4 x 2 = 16), then one process resumes it for a second: the auto lr
+    follows the new global batch (8) and the schedule continues."""
     out = tmp_path / 'run'
+    config = str(REPO / 'configs' / 'overlock_xt.yaml')
     env = subprocess_env()
     env.update(GPUS='2', MASTER_PORT=str(free_port()), PYTHON=sys.executable)
-    common = TINY + FAST + ['--no-aug', '--auto-lr', '--lr-base', '1e-3', '--sched', 'cosine']
-    proc = subprocess.run(['bash', str(REPO / 'scripts' / 'dist_train.sh'), str(REPO / 'configs' / 'overlock_xt.yaml'),
-                           str(data_dir), *common, '--epochs', '1', '--output', str(out), '--no-amp'],
+    common = TINY + FAST + ['--grad-accum-steps', '2']
+    proc = subprocess.run(['bash', str(REPO / 'scripts' / 'train_xt_model.sh'), str(data_dir), *common,
+                           '--epochs', '1', '--output', str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert yaml.safe_load((out / 'args.yaml').read_text())['lr'] == pytest.approx(1e-3 * 8 / 1024)
-    code, err = run_inprocess(['-c', str(REPO / 'configs' / 'overlock_xt.yaml'), *common, '--data-dir',
-                               str(data_dir), '--epochs', '2', '--no-amp', '--resume', str(out / 'last.pth')])
+    assert '2 process(es) x batch 4 x 2 accumulation = global batch 16' in proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if line.startswith('[rank 1] Train')]  # rank 0 logs
+    saved = yaml.safe_load((out / 'args.yaml').read_text())
+    assert saved['lr'] == pytest.approx(1e-3 * 16 / 1024) and saved['drop_path'] == 0.1 and saved['amp']
+    rows = read_summary(out / 'summary.csv')
+    assert len(rows) == 1 and math.isfinite(float(rows[0]['eval_ema_top1']))
+    ckpt = load(out / 'last.pth')
+    assert ckpt['global_step'] == 2 and len(ckpt['rng']) == 2  # 3 batches / process -> 2 updates
+    assert 'scaler' in ckpt  # float16 AMP from the config
+
+    code, err = run_inprocess(['-c', config, *common, '--data-dir', str(data_dir), '--epochs', '2',
+                               '--resume', str(out / 'last.pth')])
     assert code == 0, err
     assert 'checkpoint from 2 processes, now 1' in err
-    assert 'lr 7.8125e-06 \u2192 3.90625e-06' in err and 'epochs 1 \u2192 2' in err
-    assert yaml.safe_load((out / 'args.yaml').read_text())['lr'] == pytest.approx(1e-3 * 4 / 1024)
+    assert 'lr 1.5625e-05 \u2192 7.8125e-06' in err and 'epochs 1 \u2192 2' in err
+    assert yaml.safe_load((out / 'args.yaml').read_text())['lr'] == pytest.approx(1e-3 * 8 / 1024)
     lr2 = float(read_summary(out / 'summary.csv')[1]['lr'])
-    fresh = _fresh_schedule_lrs(['-c', str(REPO / 'configs' / 'overlock_xt.yaml'), *common, '--data-dir', 'x',
-                                 '--epochs', '2', '--lr', str(1e-3 * 4 / 1024)], 2)
+    fresh = _fresh_schedule_lrs(['-c', config, *common, '--data-dir', 'x', '--epochs', '2',
+                                 '--lr', str(1e-3 * 8 / 1024)], 2)
     assert lr2 == pytest.approx(fresh[1], rel=1e-5)
     assert math.isfinite(float(read_summary(out / 'summary.csv')[1]['train_loss']))
     assert load(out / 'last.pth')['world_size'] == 1
