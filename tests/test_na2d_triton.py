@@ -539,9 +539,10 @@ def test_dispatch(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('h,k,g,c', [(14, 13, 8, 16), (14, 5, 8, 16), (7, 7, 16, 16), (7, 7, 12, 14)])
+@pytest.mark.parametrize('h,k,g,c', [(14, 13, 8, 16), (7, 7, 12, 14)])
 def test_kernels_compile_for_sm90(h, k, g, c, dtype):
-    """OverLoCK-T's stage-3/4 shapes and XT's stage 4 (14 channels per group, rows read channel by channel)."""
+    """OverLoCK-T's stage 3 (the largest window) and XT's stage 4 (14 channels per group, rows read channel by
+    channel); every variant's launches: tests/test_triton_compile.py."""
     from utils.measure import sass
     if not sass.has_toolchain():
         pytest.skip('no sm_90 toolchain (ptxas/nvdisasm) in triton')

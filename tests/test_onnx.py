@@ -23,7 +23,6 @@ from scripts import export_onnx  # noqa: E402
 from utils import export  # noqa: E402
 
 TOL = 1e-4  # max relative error of the logits
-TINY_T = dict(depth=[1, 1, 2, 1], sub_depth=[2, 1], embed_dim=[16, 24, 40, 48], sub_num_heads=[2, 3], projection=64)
 
 
 def _ort_logits(path, x):
@@ -60,6 +59,22 @@ def test_composite_equals_torch_backend(h, w, k):
     rpb = torch.randn(g, 2 * k - 1, 2 * k - 1, dtype=torch.float64)
     fused_ref = torch_backend.na2d_av(torch.softmax(logits + relative_position_bias(rpb, h, w, k), -1), value, k)
     torch.testing.assert_close(composite.na2d_softmax_av(logits, rpb, value, k), fused_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_deploy_copy_leaves_the_model_unchanged(caplog):
+    """What export, parity and the ONNX benchmark convert: a re-parameterised copy, said once in the log."""
+    model = timm.create_model('overlock_xt', **TINY_KWARGS, num_classes=11).eval()
+    randomize_bn_stats(model)
+    before = copy.deepcopy(model.state_dict())
+    with caplog.at_level(logging.INFO, logger='utils.export'):
+        deploy = export.deploy_copy(model)
+    assert 're-parameterised copy' in caplog.text
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), model(x), rtol=1e-4, atol=1e-5)
+    assert export.deploy_copy(deploy) is deploy  # a deploy-form model is used as it is
 
 
 def test_both_layouts_are_exercised():
@@ -114,49 +129,29 @@ def test_plain_torch_onnx_export_uses_standard_ops(tmp_path):
 # --- export and parity in ONNX Runtime --------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name,kwargs,size', [('overlock_t', TINY_T, (160, 96))])  # XT at 224^2: below
-def test_parity_tiny(name, kwargs, size, tmp_path, caplog):
-    """Training form with random BN statistics -> exported deploy form; ONNX Runtime equals PyTorch's deploy
-    form at a non-square size, at several batch sizes (dynamic batch axis)."""
-    model = timm.create_model(name, **kwargs, num_classes=11).eval()
-    randomize_bn_stats(model)
-    before = copy.deepcopy(model.state_dict())
-    path = tmp_path / 'model.onnx'
-    with caplog.at_level(logging.INFO, logger='utils.export'):
-        record = export.export_onnx(model, str(path), input_size=(3, *size))
-    assert 're-parameterised copy' in caplog.text
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model itself is unchanged
-    assert record['input_size'] == [3, *size] and record['num_classes'] == 11
-    proto = _standard_ops_only(path)
-    assert {o.domain: o.version for o in proto.opset_import}[''] >= 17
-    deploy = copy.deepcopy(model).reparameterize()
-    for batch in (1, 3):
-        x = torch.randn(batch, 3, *size)
-        with torch.no_grad():
-            ref = deploy(x)
-        out = _ort_logits(path, x)
-        assert out.shape == (batch, 11)
-        assert _max_rel_err(out, ref) <= TOL
-
-
-@pytest.mark.slow
 def test_parity_real_size_xt(tmp_path, cli):
-    """OverLoCK-XT at its real size and 224^2 (random BN statistics), through the command line."""
+    """OverLoCK-XT at its real size (random BN statistics) through the command line, at a non-square input
+    (224 x 160): ONNX Runtime equals PyTorch's deploy form at several batch sizes (dynamic batch axis)."""
     model = timm.create_model('overlock_xt').eval()
     randomize_bn_stats(model)
     ckpt = tmp_path / 'xt.pth'
     torch.save({'state_dict': model.state_dict()}, ckpt)
     path = tmp_path / 'xt.onnx'
-    code, _, err = cli(export_onnx, ['--model', 'overlock_xt', '--checkpoint', str(ckpt), '--output', str(path)])
+    code, _, err = cli(export_onnx, ['--model', 'overlock_xt', '--checkpoint', str(ckpt), '--output', str(path),
+                                     '--img-size', '224', '160'])
     assert code == 0, err
-    _standard_ops_only(path)
+    proto = _standard_ops_only(path)
+    assert {o.domain: o.version for o in proto.opset_import}[''] >= 17
     deploy = model.reparameterize()
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        ref = deploy(x)
-    assert _max_rel_err(_ort_logits(path, x), ref) <= TOL
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 224, 160)
+        with torch.no_grad():
+            ref = deploy(x)
+        out = _ort_logits(path, x)
+        assert out.shape == (batch, 1000) and _max_rel_err(out, ref) <= TOL
     meta = export.read_metadata(str(path))
     assert meta['architecture'] == 'overlock_xt' and meta['crop_pct'] == 0.925 and meta['num_classes'] == 1000
+    assert meta['input_size'] == [3, 224, 160]
 
 
 # --- validate.py --onnx on the digits ---------------------------------------------------------------------

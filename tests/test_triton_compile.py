@@ -178,11 +178,12 @@ def test_front_end_every_plan():
 # The launches the models run, compiled to cubins.
 
 
-def model_launches(arch: int, batch: int = 128) -> Dict[sass.Specialisation, str]:
-    """The distinct launches of every variant's training step (float32 value and rpb; float32, bfloat16 or
-    float16 logits) and inference (deploy form, uniform float32 / bfloat16 / float16), channels-last."""
+def model_launches(arch: int, batch: int = 128, names: Tuple[str, ...] = ()) -> Dict[sass.Specialisation, str]:
+    """The distinct launches of every variant's (or those of ``names``) training step (float32 value and rpb;
+    float32, bfloat16 or float16 logits) and inference (deploy form, uniform float32 / bfloat16 / float16),
+    channels-last."""
     found = {}
-    for name, shapes in variant_calls().items():
+    for name, shapes in variant_calls(names).items():
         train = not name.endswith('_reparam')
         for (g, h, w, c, s, k), dtype in itertools.product(shapes, (torch.float32, torch.bfloat16, torch.float16)):
             value_dtype = torch.float32 if train else dtype
@@ -217,8 +218,10 @@ def test_model_launches_compile(arch):
 def test_model_launches_compile_sample(arch):
     """The slow tier's share of the sweep above: training launches at bfloat16 logits (the recipe's AMP)
     through ptxas for ``arch``: each kernel at the largest window, and the forward at the smallest."""
-    sample = {spec: label for spec, label in model_launches(arch).items()
-              if '_reparam' not in label and label.endswith('bfloat16 logits')}
+    import timm
+    training_forms = tuple(n for n in timm.list_models('overlock_*') if not n.endswith('_reparam'))
+    sample = {spec: label for spec, label in model_launches(arch, names=training_forms).items()
+              if label.endswith('bfloat16 logits')}
     windows = sorted({int(label.split(' K')[1].split()[0]) for label in sample.values()})
     wanted = {f'fwd K{windows[0]}', f'fwd K{windows[-1]}', f'grad_logits K{windows[-1]}',
               f'grad_value K{windows[-1]}'}
