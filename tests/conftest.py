@@ -1,12 +1,22 @@
 """Fixtures shared by every test module. Tests run from the repository root on the CPU (see pytest.ini); the
 shared helpers are plain modules: tests/helpers.py (the tiny model, paths, image folder, command-line runner)
 and tests/reference.py (brute-force ops)."""
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import TINY_KWARGS, make_image_folder, randomize_bn_stats, run_main
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``) each worker takes its share of the cores for torch's own threads, so N
+    workers do not oversubscribe the machine (the processes the tests start take one thread each:
+    tests.helpers.subprocess_env)."""
+    workers = os.environ.get('PYTEST_XDIST_WORKER_COUNT')
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 @pytest.fixture

@@ -130,10 +130,16 @@ def subprocess_env() -> Dict[str, str]:
     return env
 
 
+def run_program(args: List[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python *args`` (a script or ``-m module`` and its options) from the repository root, as a user
+    starts it; output captured."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def run_train(argv: List[str], timeout: float = 240) -> subprocess.CompletedProcess:
     """``python train.py argv`` from the repository root."""
-    return subprocess.run([sys.executable, 'train.py', *argv], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_program(['train.py', *argv], timeout=timeout)
 
 
 def load(path: Path) -> dict:

@@ -1,7 +1,5 @@
 """The measurement package and its command lines (scripts.benchmark, scripts.gpu_report), the MAC counter,
 and the demo pipeline in a reduced setting."""
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -12,7 +10,7 @@ from torch import nn
 import models  # noqa: F401  (registers the overlock models)
 from models.ops import na2d_av
 from scripts import benchmark
-from tests.helpers import REPO, TINY_KWARGS, tiny_cli_kwargs
+from tests.helpers import TINY_KWARGS, run_program, tiny_cli_kwargs
 from utils.measure import depthwise_convs, dtype_name, na2d_calls, parse_dtype, time_ms
 from utils.measure.macs import count_macs
 from utils.measure.ops import time_depthwise_convs, time_na2d
@@ -148,8 +146,7 @@ def test_benchmark_bad_input():
 @pytest.mark.slow
 @pytest.mark.parametrize('script', ['benchmark', 'gpu_report', 'demo'])
 def test_scripts_run_as_files_say_the_module_form(script):
-    proc = subprocess.run([sys.executable, f'scripts/{script}.py'], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)
+    proc = run_program([f'scripts/{script}.py'], timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f'run from the repository root as: python -m scripts.{script}' + \
         (' [OUTDIR] (or bash scripts/demo.sh)' if script == 'demo' else ' [--help]')
@@ -159,8 +156,7 @@ def test_scripts_run_as_files_say_the_module_form(script):
 def test_demo_reduced(tmp_path):
     """The whole demo path (data, train, validate, reparam, validate) with 1 epoch on a few images; the
     training's epochs are shown as they run and kept in the log."""
-    proc = subprocess.run([sys.executable, '-m', 'scripts.demo', str(tmp_path / 'demo'), '--epochs', '1',
-                           '--per-class', '6'], cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = run_program(['-m', 'scripts.demo', str(tmp_path / 'demo'), '--epochs', '1', '--per-class', '6'])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert 'top-1 on the digits validation set' in proc.stdout
     log = (tmp_path / 'demo' / 'train.log').read_text()
@@ -174,8 +170,7 @@ def test_demo_reduced(tmp_path):
 def test_gpu_report_smoke(tmp_path):
     """The one-call GPU report runs end to end on the CPU (tiny models, Triton interpreter)."""
     out = tmp_path / 'report.md'
-    proc = subprocess.run([sys.executable, '-m', 'scripts.gpu_report', '--smoke', '--out', str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_program(['-m', 'scripts.gpu_report', '--smoke', '--out', str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     text = out.read_text()
     for section in ('## Summary', '## Correctness tests (tests/test_gpu.py)', '## ContMix aggregation op',

@@ -1,13 +1,11 @@
 """The GPU node check (python -m scripts.gpu_check): its case list, table, verdict and fallback line with injected
 results (fast), and the whole check on the CPU through the Triton interpreter (slow)."""
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY_KWARGS
+from tests.helpers import TINY_KWARGS, run_program
 from utils.measure import gpu_check as gc
 from utils.measure.shapes import ContMixCall, Na2dCall, contmix_block_calls
 
@@ -127,8 +125,7 @@ def test_no_gpu_is_a_one_line_error(monkeypatch, capsys):
 def test_smoke_run_on_the_cpu(tmp_path):
     """The whole check on the CPU: Triton interpreter, tiny model, gloo; every check runs and passes."""
     out = tmp_path / 'check.md'
-    proc = subprocess.run([sys.executable, '-m', 'scripts.gpu_check', '--smoke', '--out', str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=1500)
+    proc = run_program(['-m', 'scripts.gpu_check', '--smoke', '--out', str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
     for op in gc.OPS:

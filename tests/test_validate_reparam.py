@@ -1,7 +1,6 @@
 """validate.py / reparam.py on tiny data: round trip, checkpoint layouts, bad input (one line, non-zero exit)."""
 import csv
 import os
-import sys
 import urllib.error
 
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 import models
 import reparam
 import validate
-from tests.helpers import REPO, TINY_KWARGS, tiny_cli_kwargs
+from tests.helpers import TINY_KWARGS, run_program, tiny_cli_kwargs
 
 KW = tiny_cli_kwargs()
 COMMON = ['--model-kwargs', *KW, '--img-size', '32', '--crop-pct', '1.0', '-b', '4', '-j', '0', '--no-progress']
@@ -161,9 +160,7 @@ def test_reparam_bad_input(tiny_checkpoint, tmp_path, cli):
 @pytest.mark.slow
 def test_validate_cli_exits_cleanly_in_a_subprocess(tmp_path):
     """The real entry point: one line on stderr, exit 2, no traceback."""
-    import subprocess
-    proc = subprocess.run([sys.executable, 'validate.py', str(tmp_path / 'missing'), '--model', 'overlock_xt',
-                           '--num-classes', '3'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_program(['validate.py', str(tmp_path / 'missing'), '--model', 'overlock_xt', '--num-classes', '3'])
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and errors[0].startswith('error: data directory') and 'Traceback' not in proc.stderr
