@@ -11,12 +11,13 @@ from tests.helpers import TINY_KWARGS, make_image_folder, randomize_bn_stats, ru
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (``-n N``) each worker takes its share of the cores for torch's own threads, so N
-    workers do not oversubscribe the machine (the processes the tests start take one thread each:
-    tests.helpers.subprocess_env)."""
+    """Under pytest-xdist (``-n N``) each worker, and each process it starts, takes its share of the cores for
+    torch's own threads, so N workers do not oversubscribe the machine."""
     workers = os.environ.get('PYTEST_XDIST_WORKER_COUNT')
     if workers:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+        share = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ.setdefault('OMP_NUM_THREADS', str(share))  # inherited by spawned and started processes
+        torch.set_num_threads(share)
 
 
 @pytest.fixture
