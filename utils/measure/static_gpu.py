@@ -31,8 +31,8 @@ from .dtypes import parse_dtype, short_name
 from .sass import KernelCode, kernel_code
 from .shapes import contmix_block_calls
 
-__all__ = ['Device', 'H100_SXM', 'KernelCode', 'Row', 'analyse_launch', 'LaunchInputs', 'launch_inputs', 'measure_call', 'step_rows',
-           'format_table', 'main']
+__all__ = ['Device', 'H100_SXM', 'KernelCode', 'Row', 'analyse_launch', 'LaunchInputs', 'launch_inputs',
+           'measure_call', 'step_rows', 'format_table', 'main']
 
 
 @dataclass(frozen=True)
@@ -221,8 +221,8 @@ def measure_call(call: LaunchInputs, backward: bool, device: torch.device, warmu
 
 def step_rows(inputs: Sequence[LaunchInputs], backward: bool, device: Device = H100_SXM,
               around: bool = True, measure_on: Optional[torch.device] = None, repeat: int = 10) -> List[Row]:
-    """One row per kernel launch of each block's inputs (forward, and backward when ``backward``), plus the torch code
-    around the op. ``measure_on``: also time every launch there, ``repeat`` samples after as many warm-up
+    """One row per kernel launch of each block's inputs (forward, and backward when ``backward``), plus the torch
+    code around the op. ``measure_on``: also time every launch there, ``repeat`` samples after as many warm-up
     calls, at most 2 (calls of the same shapes are timed once)."""
     from models.ops import triton_plans
     rows = []
@@ -353,7 +353,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     inputs = launch_inputs(name, args.batch, args.img_size, dtype, value_dtype, not args.no_channels_last)
     rows = step_rows(inputs, backward=args.mode == 'train', around=not args.no_around,
                      measure_on=_measure_device() if args.measure else None)
-    title = (f'{name}, batch {args.batch}, {args.img_size}², {args.mode}, logits {_short(dtype)}, value {_short(value_dtype)}, '
+    title = (f'{name}, batch {args.batch}, {args.img_size}², {args.mode}, logits {_short(dtype)}, '
+             f'value {_short(value_dtype)}, '
              f'{"NCHW" if args.no_channels_last else "channels_last"}')
     text = f'{title}\n\n{format_table(rows)}'
     print(text)
