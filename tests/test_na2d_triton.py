@@ -283,6 +283,33 @@ def test_forward_nonfinite_value_stays_in_its_windows():
         assert torch.allclose(got.cpu()[finite], ref[finite], rtol=1e-12, atol=0)
 
 
+@pytest.mark.skipif(CUDA, reason='the interpreter runs where there is no GPU')
+def test_interpreter_without_repeated_patching_gives_the_same_bits(monkeypatch):
+    """models/ops/triton_interpreter.py: a forward and backward (kernels that call helpers in their loops) with
+    the interpreter patching triton.language once per launch, and with its own patching at every helper call:
+    the same bits; the first patches a few times per launch only."""
+    from triton.runtime import interpreter
+
+    from models.ops.triton_interpreter import skip_repeated_patching
+    assert skip_repeated_patching()
+    k, shape = 3, (1, 2, 4, 5, 3)
+    logits, rpb, value = fused_inputs(k, shape, torch.float64)
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    fn = lambda lg, r, v: tb.na2d_softmax_av(lg, r, v, k)  # noqa: E731
+    patched, count = interpreter._patch_builtin, []
+    monkeypatch.setattr(interpreter, '_patch_builtin', lambda *a: count.append(1) or patched(*a))
+    runs = {}
+    for repeat in (False, True):
+        if repeat:
+            monkeypatch.setattr(interpreter, '_patch_lang', interpreter._patch_lang.original)
+        count.clear()
+        out, grads = grads_of(fn, [logits, rpb, value], grad_out)
+        runs[repeat] = ([out, *grads], len(count))
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][0], runs[True][0]))
+    launches = 3  # forward, grad of the logits and bias, grad of the value
+    assert runs[False][1] <= 4 * launches < 10 * 4 * launches < runs[True][1]
+
+
 def test_grad_value_key_order_choice():
     """The plan takes pixel blocks where they need fewer loop iterations: a 5 x 5 window on a 7 x 7 map
     with many (batch, group) slices (25 instead of 49 per key), not a single small slice."""

@@ -130,15 +130,19 @@ def test_plain_torch_onnx_export_uses_standard_ops(tmp_path):
 
 @pytest.mark.slow
 def test_parity_real_size_xt(tmp_path, cli):
-    """OverLoCK-XT at its real size (random BN statistics) through the command line, at a non-square input
-    (224 x 160): ONNX Runtime equals PyTorch's deploy form at several batch sizes (dynamic batch axis)."""
-    model = timm.create_model('overlock_xt').eval()
+    """OverLoCK-XT's widths, heads, kernel sizes and feature maps (random BN statistics), one block per stage
+    (the exporter's time grows with the graph; more blocks repeat the same ops), through the command line at a
+    non-square input (224 x 160): ONNX Runtime equals PyTorch's deploy form at several batch sizes (dynamic
+    batch axis)."""
+    one_block = dict(depth=[1, 1, 1, 1], sub_depth=[1, 1])
+    model = timm.create_model('overlock_xt', **one_block).eval()
     randomize_bn_stats(model)
     ckpt = tmp_path / 'xt.pth'
     torch.save({'state_dict': model.state_dict()}, ckpt)
     path = tmp_path / 'xt.onnx'
     code, _, err = cli(export_onnx, ['--model', 'overlock_xt', '--checkpoint', str(ckpt), '--output', str(path),
-                                     '--img-size', '224', '160'])
+                                     '--img-size', '224', '160', '--model-kwargs', 'depth=[1,1,1,1]',
+                                     'sub_depth=[1,1]'])
     assert code == 0, err
     proto = _standard_ops_only(path)
     assert {o.domain: o.version for o in proto.opset_import}[''] >= 17
@@ -180,7 +184,7 @@ def digits(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is as fast, and much faster on a busy machine
     try:
-        for _ in range(12):  # 36 steps: well above chance
+        for _ in range(6):  # 18 steps: top-1 about 50 % (chance: 10 %)
             for x, y in loader:
                 loss = torch.nn.functional.cross_entropy(model(x), y)
                 opt.zero_grad()

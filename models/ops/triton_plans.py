@@ -4,7 +4,7 @@ A :class:`Launch` holds one kernel call (grid, arguments, compile-time constants
 needs besides (bytes, FLOPs, loop trip counts); ``plan_*`` build them for every op of ``triton_backend``
 (meta tensors work too). The ops run the plans; ``utils/measure/static_gpu.py`` and the compile checks read the
 same plans without running anything. This module also holds the kernel table: the kernels compiled for the GPU,
-or run by Triton's interpreter on CPU tensors (:func:`use_interpreter`).
+or run by Triton's interpreter on CPU tensors (:func:`use_interpreter`; ``triton_interpreter`` makes that faster).
 """
 import contextlib
 import functools
@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _triton_kernels
+from .triton_interpreter import skip_repeated_patching
 
 __all__ = ['Launch', 'MAX_KERNEL_SIZE', 'INTERPRET', 'compiled_kernels', 'use_interpreter', 'launch_config',
            'plan_forward', 'plan_grad_attn', 'plan_grad_value', 'plan_softmax_av', 'plan_contmix']
@@ -46,6 +47,8 @@ def _kernels(interpret: bool) -> Dict[str, Any]:
     """
     imported = not isinstance(_triton_kernels._na2d_fwd_kernel, triton.runtime.jit.JITFunction)
     module = _triton_kernels
+    if interpret:
+        skip_repeated_patching()
     if interpret != imported:
         from triton import knobs
         spec = importlib.util.spec_from_file_location(
