@@ -17,7 +17,7 @@ from utils.measure.train_check import RunPlan, RunResult, plan_epochs, read_run,
 def test_smoke_two_processes_end_to_end(tmp_path, monkeypatch, cli):
     """bfloat16 AMP through torchrun with 2 CPU processes (gloo, DDP): the run passes with every planned step
     done and a finite loss, and the markdown file holds what was printed (each dtype is a run of the same code;
-    the next test launches float16's)."""
+    the next test shows float16's command)."""
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     out = tmp_path / 'report.md'
     code, stdout, err = cli(gpu_train_check, ['--smoke', '--gpus', '2', '--work', str(tmp_path / 'work'),
@@ -43,13 +43,14 @@ def test_smoke_two_processes_end_to_end(tmp_path, monkeypatch, cli):
         assert f'amp_dtype: {dtype}' in args and 'model: overlock_t' in args and 'channels_last: true' in args
 
 
-@pytest.mark.slow
-def test_failed_run_shows_its_log_and_fails_the_check(tmp_path, monkeypatch, cli):
-    """A run that train.py refuses: the row says FAIL with the exit code, the log's last lines follow, exit 1."""
+def test_failed_run_shows_its_log_and_fails_the_check(tmp_path, cli, monkeypatch):
+    """A run that exits 1 after an error line (the launch is real; the program a stand-in for train.py refusing
+    its options, which tests/test_train.py covers): the row says FAIL with the exit code, the log's last lines
+    follow, exit 1."""
     from utils.measure import train_check
-    command = train_check.train_command
-    monkeypatch.setattr(train_check, 'train_command',
-                        lambda *a, **k: command(*a, **k) + ['--model', 'overlock_nonexistent'])
+    launch = train_check.launch
+    refuse = "import sys; print('error: --model overlock_nonexistent: not a registered model'); sys.exit(1)"
+    monkeypatch.setattr(train_check, 'launch', lambda cmd, log, **kw: launch([sys.executable, '-c', refuse], log, **kw))
     code, stdout, err = cli(gpu_train_check, ['--smoke', '--dtypes', 'float16', '--work', str(tmp_path), '--quiet'])
     assert code == 1, stdout[-3000:] + err[-2000:]
     assert '| float16 | FAIL (exit 1) | 1 | 0 / 3 |' in stdout
