@@ -565,11 +565,11 @@ def test_dispatch(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('h,k,g,c', [(14, 13, 8, 16), (7, 7, 12, 14)])
+@pytest.mark.parametrize('h,k,g,c,dtype', [(14, 13, 8, 16, torch.float32), (7, 7, 12, 14, torch.bfloat16)])
 def test_kernels_compile_for_sm90(h, k, g, c, dtype):
-    """OverLoCK-T's stage 3 (the largest window) and XT's stage 4 (14 channels per group, rows read channel by
-    channel); every variant's launches: tests/test_triton_compile.py."""
+    """OverLoCK-T's stage 3 (the largest window) in float32 and XT's stage 4 (14 channels per group, rows read
+    channel by channel) in bfloat16; the training launches of every variant in bfloat16, for sm_80 and sm_90:
+    tests/test_triton_compile.py."""
     from utils.measure import sass
     if not sass.has_toolchain():
         pytest.skip('no sm_90 toolchain (ptxas/nvdisasm) in triton')
