@@ -25,14 +25,15 @@ def skip_repeated_patching() -> bool:
     if _installed:
         return True
     try:
+        import triton
         import triton.language as tl
         from triton.runtime import interpreter
     except ImportError:
         return False
     patch, scope_cls = getattr(interpreter, '_patch_lang', None), getattr(interpreter, '_LangPatchScope', None)
     if patch is None or scope_cls is None or not hasattr(scope_cls, 'restore'):
-        _logger.info('Triton %s: its interpreter patches as it did not before; left as it is',
-                     getattr(__import__('triton'), '__version__', '?'))
+        _logger.info('Triton %s: its interpreter has no _patch_lang/_LangPatchScope as expected; its repeated '
+                     'patching is left in place', triton.__version__)
         return False
     launches: List[Set[int]] = []  # the language modules patched by the launch in progress
 
