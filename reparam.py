@@ -17,7 +17,7 @@ import os
 import torch
 
 from utils.checkpoint import atomic_save
-from utils.cli import UsageError, add_na2d_backend_arg, apply_na2d_backend, run_cli
+from utils.cli import UsageError, add_model_kwargs_arg, add_na2d_backend_arg, apply_na2d_backend, run_cli
 from utils.evaluate import build_eval_model, is_deploy
 from utils.measure import time_ms
 from utils.export import DEFAULT_OPSET, check_opset, export_and_check
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--use-ema', action='store_true', help='convert the EMA weights of a training checkpoint')
     p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
     p.add_argument('--img-size', type=int, default=None, help="check/benchmark input size (default: model's)")
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE')
+    add_model_kwargs_arg(p)
     p.add_argument('--batch-size', type=int, default=2, help='batch of the equivalence check and timing')
     p.add_argument('--bench-iters', type=int, default=3, help='timed forward passes of each form (0: skip)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')

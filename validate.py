@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from utils.cli import UsageError, add_na2d_backend_arg, apply_na2d_backend, run_cli
+from utils.cli import UsageError, add_model_kwargs_arg, add_na2d_backend_arg, apply_na2d_backend, run_cli
 from utils.evaluate import (
     append_results, build_eval_model, eval_dataset, evaluate, expand_model_names, is_deploy, markdown_table, rounded,
 )
@@ -51,8 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--img-size', type=int, default=None, help="default: the model's pretrained_cfg")
     p.add_argument('--crop-pct', type=float, default=None, help="default: the model's (0.925-0.975)")
     p.add_argument('--interpolation', default=None, help="default: the model's (bicubic)")
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='extra model constructor arguments (Python literals)')
+    add_model_kwargs_arg(p)
     p.add_argument('-b', '--batch-size', type=int, default=128)
     p.add_argument('-j', '--workers', type=int, default=4)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')

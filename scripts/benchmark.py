@@ -1,4 +1,4 @@
-"""Params, GFLOPs (MACs, as the paper counts them), images/s and peak memory of any timm models; the ContMix
+"""Params, GFLOPs (MACs, as the paper counts them), images/s and peak CUDA memory of any timm models; the ContMix
 aggregation op at the models' own shapes; the training input pipeline's images/s per worker.
 
     python -m scripts.benchmark --models overlock_xt overlock_t convnext_tiny --reparam          # CPU inference
@@ -25,7 +25,9 @@ import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from utils.cli import add_na2d_backend_arg, apply_na2d_backend, parse_kwargs, run_cli  # noqa: E402
+from utils.cli import (  # noqa: E402
+    add_model_kwargs_arg, add_na2d_backend_arg, apply_na2d_backend, parse_kwargs, run_cli,
+)
 from utils.evaluate import markdown_table  # noqa: E402
 from utils.measure.dtypes import dtype_name, parse_dtype  # noqa: E402
 
@@ -38,8 +40,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--mode', choices=MODES, default='infer')
     p.add_argument('--models', nargs='+', default=['overlock_xt'], metavar='NAME')
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='constructor overrides applied to the overlock models (e.g. a tiny variant)')
+    add_model_kwargs_arg(p, help='constructor overrides applied to the overlock models only, the others are built '
+                                 'at their defaults (e.g. a tiny variant)')
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('-b', '--batch-size', type=int, default=8)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -97,7 +99,9 @@ def run(args):
     cols = [c for c in COLUMNS if not (args.no_flops and c in ('gmacs', 'paper_gflops'))]
     header = (f'mode={args.mode} device={device.type} dtype={args.dtype} batch={args.batch_size} '
               f'img={args.img_size} channels_last={args.channels_last} reparam={args.reparam} '
-              f'compile={args.compile} threads={torch.get_num_threads()} torch={torch.__version__}')
+              f'compile={args.compile} threads={torch.get_num_threads()} torch={torch.__version__}\n'
+              f'peak_mem_mb: CUDA only, the most memory allocated while timing each model (its peak statistics '
+              f'reset before it)')
     return header, rows, cols
 
 

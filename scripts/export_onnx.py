@@ -16,7 +16,7 @@ import argparse
 import logging
 import os
 
-from utils.cli import UsageError, add_na2d_backend_arg, apply_na2d_backend, run_cli
+from utils.cli import UsageError, add_model_kwargs_arg, add_na2d_backend_arg, apply_na2d_backend, run_cli
 from utils.evaluate import build_eval_model, expand_model_names, markdown_table
 from utils.export import (
     DEFAULT_OPSET, MIN_OPSET, benchmark_onnx, check_opset, deploy_copy, export_and_check, input_size_arg,
@@ -42,8 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f'ONNX opset (>= {MIN_OPSET}, default {DEFAULT_OPSET})')
     p.add_argument('--no-simplify', action='store_true', help='save the graph without onnxslim')
     p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='extra model constructor arguments (Python literals)')
+    add_model_kwargs_arg(p)
     p.add_argument('--benchmark', action='store_true',
                    help='time ONNX Runtime against PyTorch eager (CPU, float32) and print a table')
     p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8], metavar='B', help='benchmark batches')

@@ -1,7 +1,7 @@
-"""Check a new GPU node before training, in about 2 minutes: versions, the Triton kernel cache, every Triton
-kernel forward and backward at the eight variants' ContMix shapes in every dtype and layout against a float64
-reference, the second GPU, one OverLoCK-T AMP training step on triton vs torch, a 2-process NCCL step with
-SyncBatchNorm. Prints a table and a one-line verdict; exit code 1 when a check failed, with the line that
+"""Check a new GPU node before training: versions, the Triton kernel cache, every Triton kernel forward and
+backward at the eight variants' ContMix shapes in every dtype and layout against a float64 reference, the
+second GPU, one OverLoCK-T AMP training step on triton vs torch, a 2-process NCCL step with SyncBatchNorm.
+Prints a table and a one-line verdict; exit code 1 when a check failed, with the line that
 trains on the torch backend instead. See docs/training.md ("Before training on a new GPU node").
 
     python -m scripts.gpu_check                 # on the GPU node

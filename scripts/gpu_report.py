@@ -8,7 +8,7 @@
      of OverLoCK-XT/T beside ConvNeXt-T;
   4. the depthwise convolutions of OverLoCK-T timed alone in both layouts, summed per step, against the step;
   5. torch.profiler's top kernels of one OverLoCK-T training step;
-  6. the static cost model of the Triton kernels, where utils/measure/static_gpu.py exists.
+  6. the static cost model of the Triton kernels (utils/measure/static_gpu.py).
 
     python -m scripts.gpu_report --out docs/gpu_report.md     # CUDA
     python -m scripts.gpu_report --smoke                        # CPU: tiny models, Triton interpreter

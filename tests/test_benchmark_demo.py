@@ -114,6 +114,14 @@ def test_time_na2d_rows_and_bytes():
 # ---------------------------------------------------------------------------------------------------------
 # The command lines.
 
+def _table_rows(out):
+    """The printed markdown table's rows by their first cell, each a dict keyed by the header."""
+    lines = [line for line in out.splitlines() if line.startswith('| ')]
+    cols = [c.strip() for c in lines[0].strip('|').split('|')]
+    rows = [dict(zip(cols, (c.strip() for c in line.strip('|').split('|')))) for line in lines[1:]]
+    return {row[cols[0]]: row for row in rows}
+
+
 @pytest.mark.parametrize('mode', ['infer', pytest.param('train', marks=pytest.mark.slow)])
 def test_benchmark_prints_table(mode, capsys, tmp_path):
     out_md = tmp_path / 'bench.md'
@@ -121,9 +129,20 @@ def test_benchmark_prints_table(mode, capsys, tmp_path):
                     '--img-size', '32', '-b', '2', '--warmup', '0', '--iters', '1', '--reparam', '--out', str(out_md)])
     out = capsys.readouterr().out
     assert f'mode={mode}' in out and '| overlock_xt |' in out and '| resnet18 |' in out
-    row = [line for line in out.splitlines() if line.startswith('| overlock_xt |')][0].split('|')
-    assert float(row[-3]) > 0  # images/s
+    row = _table_rows(out)['overlock_xt']
+    assert float(row['images_per_s']) > 0
+    assert row['paper_gflops'] == ''  # a variant changed by --model-kwargs is not the paper's
+    # a per-model peak exists on CUDA only (a process's peak resident set only grows from model to model)
+    assert 'peak_mem_mb: CUDA only' in out
+    assert (row['peak_mem_mb'] != '') == torch.cuda.is_available()
     assert out_md.read_text().count('| resnet18 |') == 1
+
+
+def test_benchmark_paper_gflops_beside_a_variant_as_published(capsys):
+    """Without --model-kwargs the paper's GFLOPs stand beside our count (the auxiliary head the benchmark
+    builds every OverLoCK model with is no change to the variant)."""
+    benchmark.main(['--models', 'overlock_xt', '--img-size', '32', '-b', '1', '--warmup', '0', '--iters', '1'])
+    assert _table_rows(capsys.readouterr().out)['overlock_xt']['paper_gflops'] == '2.6'
 
 
 def test_benchmark_na2d_mode(capsys):

@@ -3,9 +3,10 @@
 ``test_node_check_case``: the cases of the GPU node check (``utils.measure.gpu_check.kernel_cases``, one list
 for both): ``contmix_softmax_av`` (the op the model calls), ``na2d_softmax_av`` and ``na2d_av`` at every distinct
 ContMix shape of the eight variants, batch 8, float32/float16/bfloat16 and AMP's mixes (low-precision logits,
-float32 value and bias), value channels-last and channel-first. ``test_triton_matches_float64_reference``:
-OverLoCK-T's windows at the benchmarks' batches. Output and every input gradient against the torch backend run
-in float64 on the same (rounded) inputs. Bound on the relative Frobenius error: float32 <= 1e-5, float16/bfloat16
+float32 value and bias), value channels-last and channel-first: output and every input gradient.
+``test_triton_matches_float64_reference``: OverLoCK-T's windows at the benchmarks' two batches: the output at both,
+every input gradient at the training batch only (memory). Both against the torch backend run in float64 on the
+same (rounded) inputs. Bound on the relative Frobenius error: float32 <= 1e-5, float16/bfloat16
 (and their AMP mixes) <= 1e-2. Skipped without CUDA; the CPU path of the same kernels is tested through the
 Triton interpreter elsewhere. ``python -m scripts.gpu_report`` runs these and tabulates the recorded errors.
 """

@@ -234,8 +234,7 @@ def test_torch_compile_matches_eager():
 @pytest.mark.slow
 def test_contmix_block_compiles_with_inductor_without_graph_breaks():
     """Inductor lowers a ContMix block (its custom op and the layers around it) and matches eager. Its C++ is
-    built without SIMD: the lowering is what is checked, and the vectorised build takes twice as long (about
-    50 s on 2 cores with an empty inductor cache)."""
+    built without SIMD: the lowering is what is checked, and the vectorised build takes twice as long."""
     import torch._inductor.config as inductor_config
     torch._dynamo.reset()
     block = models.DynamicConvBlock(32, 48, kernel_size=7, num_heads=2, ls_init_value=1., res_scale=True).eval()

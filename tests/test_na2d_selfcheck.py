@@ -21,7 +21,7 @@ from models.ops import dispatch, selfcheck, torch_backend, triton_backend as tb,
 def clean(monkeypatch):
     """No backend forced, no kept self-check results, the triton backend usable on CPU tensors."""
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    monkeypatch.delenv(selfcheck.ENV_VAR, raising=False)
+    monkeypatch.delenv(selfcheck.SELFCHECK_ENV_VAR, raising=False)
     monkeypatch.setenv('TRITON_INTERPRET', '1')
     monkeypatch.setattr(dispatch, '_override', None)
     monkeypatch.setattr(selfcheck, '_results', {})
@@ -109,7 +109,7 @@ def test_kinds_are_checked_separately(auto_triton):
 
 def test_env_var_turns_check_off(auto_triton):
     calls = _stand_in(auto_triton, lambda out, logits: out * float('nan'))
-    auto_triton.setenv(selfcheck.ENV_VAR, '0')
+    auto_triton.setenv(selfcheck.SELFCHECK_ENV_VAR, '0')
     logits, rpb, value, k = _inputs()
     assert torch.isnan(dispatch.na2d_softmax_av(logits, rpb, value, k)).all()
     assert calls == [tuple(logits.shape)] and not selfcheck._results

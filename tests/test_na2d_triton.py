@@ -561,7 +561,7 @@ def test_dispatch(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for the GPU (no device needed): code that only the interpreter accepts fails
-# here, and so do register spills at the launch configurations of OverLoCK-T's shapes.
+# here, and so do register spills at the launch configurations of OverLoCK-T's stage 3 and XT's stage 4.
 
 
 @pytest.mark.slow

@@ -19,8 +19,9 @@ pytest.importorskip('onnxscript')
 
 import reparam  # noqa: E402  (the repository root is on sys.path: pytest.ini)
 import validate  # noqa: E402
-from scripts import export_onnx  # noqa: E402
+from scripts import demo, export_onnx  # noqa: E402
 from utils import export  # noqa: E402
+from utils.cli import parse_kwargs  # noqa: E402
 
 TOL = 1e-4  # max relative error of the logits
 
@@ -160,8 +161,7 @@ def test_parity_real_size_xt(tmp_path, cli):
 
 # --- validate.py --onnx on the digits ---------------------------------------------------------------------
 
-DEMO_KWARGS = dict(depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 32, 48, 64], sub_num_heads=[2, 2],
-                   projection=128)
+DEMO_KWARGS = parse_kwargs(demo.MODEL_KWARGS)  # the demo's small OverLoCK
 
 
 @pytest.fixture(scope='module')
@@ -202,7 +202,7 @@ def test_reparam_onnx_scores_like_pytorch(digits, tmp_path, cli):
     """reparam.py --onnx writes the deploy checkpoint and the ONNX file: their logits agree, and validate.py
     --onnx gives the PyTorch table of the training checkpoint."""
     data, ckpt = digits
-    kw = ['--model-kwargs', *[f'{k}={v}'.replace(' ', '') for k, v in DEMO_KWARGS.items()]]
+    kw = ['--model-kwargs', *demo.MODEL_KWARGS]
     path, deploy_ckpt = tmp_path / 'd.onnx', tmp_path / 'd.pth'
     code, out, err = cli(reparam, ['--model', 'overlock_xt', '--checkpoint', str(ckpt), '--output', str(deploy_ckpt),
                                    '--onnx', str(path), '--img-size', '32', '--bench-iters', '0', *kw])

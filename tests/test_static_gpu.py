@@ -3,8 +3,7 @@ import pytest
 import torch
 
 pytest.importorskip('triton')
-static_gpu = pytest.importorskip('utils.measure.static_gpu')
-from utils.measure import sass  # noqa: E402
+from utils.measure import sass, static_gpu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sass.has_toolchain(), reason='no sm_90 toolchain (ptxas/nvdisasm) in triton')
 

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from tests.helpers import (
-    FAST, REPO, TINY, load, read_summary, run_inprocess, run_train, state_dicts_equal,
+    FAST, REPO, TINY, TINY_KWARGS, load, read_summary, run_inprocess, run_train, state_dicts_equal,
     subprocess_env,
 )
 from utils.checkpoint import CheckpointSaver, atomic_save
@@ -184,8 +184,7 @@ def test_one_epoch_run_writes_every_output(data_dir, tmp_path):
     assert ckpt['version'] == 1 and ckpt['arch'] == 'overlock_xt' and ckpt['epoch'] == 1
     assert isinstance(ckpt['args'], dict) and ckpt['metric'] == pytest.approx(float(rows[0]['eval_top1']), abs=1e-3)
     assert {'state_dict', 'state_dict_ema', 'optimizer', 'scheduler', 'rng', 'global_step'} <= set(ckpt)
-    model = models.create_overlock('overlock_xt', depth=[1, 1, 1, 1], sub_depth=[1, 1], embed_dim=[16, 24, 32, 48],
-                                   sub_num_heads=[2, 2], projection=64, num_classes=3)
+    model = models.create_overlock('overlock_xt', **TINY_KWARGS, num_classes=3)
     models.load_checkpoint(model, str(out / 'model_best.pth'), use_ema=True)  # what validate.py does
     assert torch.equal(model.state_dict()['head.4.weight'], ckpt['state_dict_ema']['head.4.weight'])
 

@@ -14,9 +14,9 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    'UsageError', 'run_cli', 'parse_kwargs', 'add_model_args', 'parse_args_with_config', 'load_config_file', 'BASE_KEY',
-    'create_model_from_args', 'model_kwargs_from_args', 'user_error_types', 'one_line', 'NA2D_BACKENDS',
-    'add_na2d_backend_arg', 'apply_na2d_backend', 'na2d_backend_advice', 'FALLBACK_HINT',
+    'UsageError', 'run_cli', 'parse_kwargs', 'add_model_kwargs_arg', 'add_model_args', 'parse_args_with_config',
+    'load_config_file', 'BASE_KEY', 'create_model_from_args', 'model_kwargs_from_args', 'user_error_types', 'one_line',
+    'NA2D_BACKENDS', 'add_na2d_backend_arg', 'apply_na2d_backend', 'na2d_backend_advice', 'FALLBACK_HINT',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -97,6 +97,12 @@ def parse_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
     return out
 
 
+def add_model_kwargs_arg(parser, help: str = 'extra model constructor arguments, values read as Python literals'):
+    """Add ``--model-kwargs KEY=VALUE ...`` (read by :func:`parse_kwargs`) to a parser or argument group, so that
+    every script spells it alike; ``help`` where a script gives it another reach (some models only)."""
+    parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE', help=help)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add the model flags shared by the scripts: --model, --num-classes, --img-size, --in-chans,
     --model-kwargs, --drop-path, --grad-checkpoint, --ckpt-stg."""
@@ -109,8 +115,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help='input image size; None: the model\'s pretrained_cfg (224)')
     group.add_argument('--in-chans', default=None, type=int, metavar='N',
                        help='input channels; None: the model\'s default (3)')
-    group.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                       help='extra model constructor arguments, values read as Python literals')
+    add_model_kwargs_arg(group)
     group.add_argument('--drop-path', default=None, type=float, metavar='P', help='drop path (stochastic depth) rate')
     group.add_argument('--grad-checkpoint', action=argparse.BooleanOptionalAction, default=False,
                        help='activation checkpointing (all blocks, or the first --ckpt-stg blocks per stage)')

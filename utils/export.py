@@ -14,9 +14,7 @@ import importlib.util
 import json
 import logging
 import os
-import statistics
 import tempfile
-import time
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from .cli import UsageError
+from .measure.timing import time_ms
 
 __all__ = [
     'MIN_OPSET', 'DEFAULT_OPSET', 'PARITY_TOLERANCE', 'supported_opsets', 'check_opset', 'require', 'deploy_copy',
@@ -277,17 +276,6 @@ def export_and_check(model: nn.Module, path: str, input_size: Sequence[int], ops
     return 0
 
 
-def _images_per_sec(fn, batch: int, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
-
-
 def benchmark_onnx(
         model: nn.Module,
         path: str,
@@ -301,7 +289,8 @@ def benchmark_onnx(
     execution provider), both with ``threads`` intra-op threads, at the file's input size, in one process.
 
     Returns one row per batch size: model, batch, img_size, torch/onnxruntime images/s, their ratio and the
-    file size in MB. Speed is the median over ``iters`` timed calls after ``warmup`` calls.
+    file size in MB. Speed is the median of ``iters`` timed calls after ``warmup`` calls (the measurement
+    package's timer, :func:`utils.measure.timing.time_ms`).
     """
     model = deploy_copy(model).cpu()
     meta = read_metadata(path)
@@ -316,8 +305,8 @@ def benchmark_onnx(
             x = torch.randn(batch, *meta['input_size'], generator=gen)
             feed = {input_name: x.numpy()}
             with torch.inference_mode():
-                eager = _images_per_sec(lambda: model(x), batch, iters, warmup)
-            ort = _images_per_sec(lambda: session.run(None, feed), batch, iters, warmup)
+                eager = batch * 1e3 / time_ms(lambda: model(x), warmup=warmup, repeat=iters).median
+            ort = batch * 1e3 / time_ms(lambda: session.run(None, feed), warmup=warmup, repeat=iters).median
             rows.append({
                 'model': meta.get('architecture', ''), 'batch': batch,
                 'img_size': 'x'.join(str(s) for s in meta['input_size'][1:]), 'threads': threads,

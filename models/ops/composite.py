@@ -53,7 +53,8 @@ def uses_dense(height: int, width: int, kernel_size: int) -> bool:
 
 
 # The index tables are built with numpy so that a tracing exporter records them as constants, not as the
-# ops that computed them.
+# ops that computed them; hence the window starts here repeat ``torch_backend.window_starts`` in numpy (the
+# exporter traces a torch tensor's ``.numpy()`` and the numpy ops after it into the graph).
 
 @functools.lru_cache(maxsize=64)
 def _neighbours(height: int, width: int, kernel_size: int) -> np.ndarray:

@@ -21,12 +21,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-__all__ = ['ENV_VAR', 'Case', 'enabled', 'case_of', 'check', 'passed', 'failure', 'record_failure', 'report',
-           'SelfCheckError']
+__all__ = ['SELFCHECK_ENV_VAR', 'Case', 'enabled', 'case_of', 'check', 'passed', 'failure', 'record_failure',
+           'report', 'SelfCheckError']
 
 _logger = logging.getLogger(__name__)
 
-ENV_VAR = 'OVERLOCK_NA2D_SELFCHECK'
+SELFCHECK_ENV_VAR = 'OVERLOCK_NA2D_SELFCHECK'
 
 # (op, dtype names of the inputs, dimension order of value (or x), device, channels per group, window sizes):
 # plain values, so torch.compile can pass it to a function whose result it takes as a constant.
@@ -37,7 +37,7 @@ Case = Tuple[str, Tuple[str, ...], Tuple[int, ...], str, int, Tuple[int, ...]]
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 _HOW_TO = ('force a backend with OVERLOCK_NA2D_BACKEND=torch (or --na2d-backend torch); '
-           f'{ENV_VAR}=0 skips this check')
+           f'{SELFCHECK_ENV_VAR}=0 skips this check')
 
 _results: Dict[tuple, Optional[str]] = {}  # kind of call -> None (passed) or what failed
 _logged: Set[tuple] = set()  # kinds whose fallback was logged
@@ -48,7 +48,7 @@ class SelfCheckError(RuntimeError):
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_VAR, '1').strip() != '0'
+    return os.environ.get(SELFCHECK_ENV_VAR, '1').strip() != '0'
 
 
 def _order(t: torch.Tensor) -> Tuple[int, ...]:
@@ -95,7 +95,7 @@ def report(case: Case, what: str, explicit: bool = False) -> str:
     if explicit:
         return (f'na2d {op}: the Triton kernels failed their self-check {where}: {what}; triton was chosen '
                 f'explicitly, so nothing falls back: choose another backend (OVERLOCK_NA2D_BACKEND=torch or '
-                f'--na2d-backend torch), or skip the check with {ENV_VAR}=0')
+                f'--na2d-backend torch), or skip the check with {SELFCHECK_ENV_VAR}=0')
     line = (f'na2d {op}: the Triton kernels failed their self-check {where}: {what}; using the torch backend '
             f'for these calls from now on ({_HOW_TO})')
     if _kind(case) not in _logged:

@@ -5,7 +5,7 @@ The interpreter replaces the builtins of ``triton.language`` (and some tensor me
 kernel launch and puts the originals back afterwards. It does the same again at every call of a
 ``@triton.jit`` helper inside the launch, and never undoes that second time: the builtins it looks for have
 already been replaced, so it finds none and rewrites a few attributes with equal ones. Our kernels call their
-helpers in the inner loops, and the repeat costs more than half of their interpreted run time.
+helpers in the inner loops, so the repeat runs at every iteration of those loops.
 :func:`skip_repeated_patching` leaves the repeat out for helpers that see no language module the launch has
 not patched (the results are the same bit for bit; tests/test_na2d_triton.py checks it).
 """

@@ -24,7 +24,8 @@ from .triton_interpreter import skip_repeated_patching
 __all__ = ['Launch', 'MAX_KERNEL_SIZE', 'INTERPRET', 'compiled_kernels', 'use_interpreter', 'launch_config',
            'plan_forward', 'plan_grad_attn', 'plan_grad_value', 'plan_softmax_av', 'plan_contmix']
 
-# The largest window the kernels are checked for (against references, and compiled without spills). The
+# The largest window the kernels take. Their results are checked against references up to it; compiled to
+# cubins, they are checked for spills at the model's own launches (K <= 13: tests/test_triton_compile.py). The
 # forward unrolls a window row (K + 1 columns, each a value row read for two queries), so its code and register
 # use grow with K; larger windows go to the torch backend.
 MAX_KERNEL_SIZE = 15

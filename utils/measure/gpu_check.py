@@ -1,4 +1,4 @@
-"""The check a user runs on a new GPU node before training (``python -m scripts.gpu_check``, about 2 minutes).
+"""The check a user runs on a new GPU node before training (``python -m scripts.gpu_check``).
 
 Checks, each one row of the table:
   ``versions``      torch, triton, CUDA, driver, GPU name and architecture (information);

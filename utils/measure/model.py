@@ -1,14 +1,13 @@
-"""Whole-model measurements: parameters, MACs, images/s and peak memory of one inference or training step,
-and torch.profiler's table of a step.
+"""Whole-model measurements: parameters, MACs, images/s and peak CUDA memory of one inference or training
+step, and torch.profiler's table of a step.
 
 Inference times eval-mode forward passes (the deploy form of OverLoCK with ``reparam``); training times a
 whole step (forward, loss main + 0.4 x aux, backward, AdamW step; bf16/fp16 via autocast, fp16 with a
 GradScaler).
 """
-import resource
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -57,11 +56,12 @@ def _params(model: nn.Module):
     return total, no_aux
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated since the last reset; CPU: the process's peak resident set."""
+def peak_memory_mb(device: torch.device) -> Optional[float]:
+    """CUDA: max allocated since the last reset (:func:`make_step` resets it per model); None elsewhere, where
+    no per-model peak exists (a process's peak resident set only grows from one model to the next)."""
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return None
 
 
 def create(name: str, bench: ModelBench) -> nn.Module:
@@ -120,7 +120,8 @@ def make_step(model: nn.Module, bench: ModelBench, device: torch.device) -> Call
 
 def bench_model(name: str, bench: ModelBench, device: torch.device) -> Dict[str, object]:
     """One table row (see :data:`COLUMNS`): params of the training form, the deploy form and the deploy form
-    without the auxiliary head, GMACs at batch 1, the paper's GFLOPs, images/s (median step) and peak memory."""
+    without the auxiliary head, GMACs at batch 1, the paper's GFLOPs (for a variant as published: no
+    ``model_kwargs``), images/s (median step) and peak memory (CUDA only, else empty)."""
     import timm
 
     from .macs import count_macs
@@ -137,12 +138,13 @@ def bench_model(name: str, bench: ModelBench, device: torch.device) -> Dict[str,
     model = create(name, bench)
     if bench.flops:
         row['gmacs'] = round(count_macs(model, (1, 3, bench.img_size, bench.img_size)) / 1e9, 3)
-        row['paper_gflops'] = '' if kwargs else PAPER_GFLOPS.get(name.replace('_reparam', ''), '')
+        row['paper_gflops'] = '' if bench.model_kwargs else PAPER_GFLOPS.get(name.replace('_reparam', ''), '')
     step = make_step(model, bench, device)
     timing = time_ms(step, device, warmup=bench.warmup, repeat=bench.iters)
     synchronize(device)
+    peak = peak_memory_mb(device)
     row.update(images_per_s=round(bench.batch_size / (timing.median * 1e-3), 2),
-               peak_mem_mb=round(peak_memory_mb(device), 1))
+               peak_mem_mb='' if peak is None else round(peak, 1))
     return row
 
 

@@ -7,7 +7,7 @@ Parts (each can be left out):
   ``model``   inference (deploy form) and training images/s and peak memory beside a reference model;
   ``dwconv``  every depthwise convolution of the model timed alone in both layouts, against the step time;
   ``profile`` torch.profiler's top kernels of one training step;
-  ``static``  the static cost model's table, where ``utils.measure.static_gpu`` exists.
+  ``static``  the static cost model's table (``utils.measure.static_gpu``).
 """
 import contextlib
 import datetime
@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import static_gpu
 from .dtypes import dtype_name, parse_dtype, short_name
 from .model import ModelBench, bench_models, create, make_step, profile_table
 from .ops import copy_bandwidth, default_backends, gbs, time_depthwise_convs, time_na2d
@@ -222,10 +223,6 @@ class _Report:
                  f'```\n{table}\n```')
 
     def static(self) -> None:
-        try:
-            from . import static_gpu
-        except ImportError:
-            return  # the static cost model is optional
         if self.cfg.smoke:
             return  # it models the full-size variants only
         cfg = self.cfg
