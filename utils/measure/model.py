@@ -120,8 +120,8 @@ def make_step(model: nn.Module, bench: ModelBench, device: torch.device) -> Call
 
 def bench_model(name: str, bench: ModelBench, device: torch.device) -> Dict[str, object]:
     """One table row (see :data:`COLUMNS`): params of the training form, the deploy form and the deploy form
-    without the auxiliary head, GMACs at batch 1, the paper's GFLOPs (for a variant as published: no
-    ``model_kwargs``), images/s (median step) and peak memory (CUDA only, else empty)."""
+    without the auxiliary head, GMACs at batch 1, the paper's GFLOPs (for a variant as published, at 224²:
+    no ``model_kwargs``), images/s (median step) and peak memory (CUDA only, else empty)."""
     import timm
 
     from .macs import count_macs
@@ -138,7 +138,8 @@ def bench_model(name: str, bench: ModelBench, device: torch.device) -> Dict[str,
     model = create(name, bench)
     if bench.flops:
         row['gmacs'] = round(count_macs(model, (1, 3, bench.img_size, bench.img_size)) / 1e9, 3)
-        row['paper_gflops'] = '' if bench.model_kwargs else PAPER_GFLOPS.get(name.replace('_reparam', ''), '')
+        as_published = not bench.model_kwargs and bench.img_size == 224  # the paper counts at 224²
+        row['paper_gflops'] = PAPER_GFLOPS.get(name.replace('_reparam', ''), '') if as_published else ''
     step = make_step(model, bench, device)
     timing = time_ms(step, device, warmup=bench.warmup, repeat=bench.iters)
     synchronize(device)
