@@ -96,7 +96,7 @@ class CheckConfig:
         """The CPU run of the check itself: a tiny model at 32 px with 3x3 and 5x5 windows, its smallest ContMix
         block, one AMP mix, channels_last only (the interpreter takes seconds per case), gloo, 2 processes. The
         2-process step runs the torch backend: on a CPU it checks DDP over gloo, and two more interpreters would
-        only repeat the kernel cases (at ~3x the CPU time of the whole step)."""
+        only repeat the kernel cases at a multiple of the step's CPU time."""
         kwargs = dict(model_kwargs, kernel_size=[5, 5, 5, 5], smk_size=3)
         return cls(device='cpu', models=('overlock_xt',), img_size=32, batch=2, model_kwargs=kwargs,
                    train_model='overlock_xt', train_img_size=32, train_dtypes=('bfloat16',), mixes=('amp_bf16',),
