@@ -205,8 +205,8 @@ def test_dataset_options_are_checked_in_one_line(tmp_path, monkeypatch):
     from utils.cli import UsageError, parse_args_with_config
     from utils.config import build_train_parser, check_train_args
     from utils.data import DataError, build_timm_dataset, split_tar
-    args = parse_args_with_config(build_train_parser(), ['--data-dir', 'x', '--dataset', 'tfds/imagenet'])
-    with pytest.raises(UsageError, match='--dataset tfds/imagenet: use wds/NAME'):
+    args = parse_args_with_config(build_train_parser(), ['--data-dir', 'x', '--dataset', 'tfrecords/imagenet'])
+    with pytest.raises(UsageError, match='--dataset tfrecords/imagenet: use wds/NAME'):
         check_train_args(args)
     args = parse_args_with_config(build_train_parser(), ['--dataset', 'hfds/x', '--recovery-interval', '-1'])
     with pytest.raises(UsageError, match='--recovery-interval must be >= 0'):

@@ -152,26 +152,32 @@ def read_training_checkpoint(path: str) -> Dict[str, Any]:
 
 
 class BestCheckpoints:
-    """The ``k`` best epochs by one metric (higher is better): ``<folder>/checkpoint-<epoch>.pth`` each, the
-    best also as ``best_path``. Files are hard links to (or copies of) the epoch's ``last.pth``.
+    """The ``k`` best epochs by one metric (higher is better, or lower with ``decreasing``):
+    ``<folder>/checkpoint-<epoch>.pth`` each, the best also as ``best_path``. Files are hard links to (or
+    copies of) the epoch's ``last.pth``.
 
     Args:
         folder: where the ``checkpoint-<epoch>.pth`` files go.
         best_path: the file that holds the best epoch.
         max_history: how many to keep (0: none).
         entries: ``[(metric, epoch), ...]`` restored from a resumed checkpoint.
+        decreasing: lower is better (``--eval-metric loss``).
     """
 
     def __init__(self, folder: str, best_path: str, max_history: int,
-                 entries: Optional[List[Tuple[float, int]]] = None):
+                 entries: Optional[List[Tuple[float, int]]] = None, decreasing: bool = False):
         self.folder = folder
         self.best_path = best_path
         self.max_history = max_history
+        self.sign = 1.0 if decreasing else -1.0
         self.entries: List[Tuple[float, int]] = []
         for metric, epoch in entries or []:
             if os.path.exists(self.path_for(int(epoch))):  # a kill between writes may leave an entry without file
                 self.entries.append((float(metric), int(epoch)))
-        self.entries.sort(key=lambda x: (-x[0], x[1]))
+        self.entries.sort(key=self._rank)
+
+    def _rank(self, entry: Tuple[float, int]) -> Tuple[float, int]:
+        return self.sign * entry[0], entry[1]  # ties: the earlier epoch stays ahead
 
     def path_for(self, epoch: int) -> str:
         return os.path.join(self.folder, epoch_file(epoch))
@@ -185,7 +191,7 @@ class BestCheckpoints:
         entries = [e for e in self.entries if e[1] != epoch]
         if metric is not None and math.isfinite(metric) and self.max_history > 0:
             entries.append((float(metric), epoch))
-        entries.sort(key=lambda x: (-x[0], x[1]))  # ties: the earlier epoch stays ahead
+        entries.sort(key=self._rank)
         return entries[:self.max_history]
 
     def keep(self, source: str, epoch: int, new: List[Tuple[float, int]]) -> None:
@@ -213,15 +219,17 @@ class CheckpointSaver:
         best_k: ``[(metric, epoch), ...]`` restored from a resumed checkpoint.
         ema: keep the EMA ranking too.
         best_k_ema: its list restored from a resumed checkpoint.
+        decreasing: lower metrics are better (a loss).
     """
 
     def __init__(self, output_dir: str, max_history: int = 3, best_k: Optional[List[Tuple[float, int]]] = None,
-                 ema: bool = False, best_k_ema: Optional[List[Tuple[float, int]]] = None):
+                 ema: bool = False, best_k_ema: Optional[List[Tuple[float, int]]] = None, decreasing: bool = False):
         self.output_dir = output_dir
-        self.ranking = BestCheckpoints(output_dir, os.path.join(output_dir, BEST_FILE), max_history, best_k)
+        self.ranking = BestCheckpoints(output_dir, os.path.join(output_dir, BEST_FILE), max_history, best_k,
+                                       decreasing)
         self.ranking_ema = BestCheckpoints(os.path.join(output_dir, EMA_FOLDER),
                                            os.path.join(output_dir, BEST_EMA_FILE), max_history,
-                                           best_k_ema) if ema else None
+                                           best_k_ema, decreasing) if ema else None
 
     @property
     def last_path(self) -> str:
@@ -357,7 +365,8 @@ class ResumePoint:
 # schedule is rebuilt from the command line and stepped to the resumed epoch (timm's resume does the same);
 # when none does, the scheduler's saved state is loaded, which keeps a resumed run bit-identical.
 SCHEDULE_OPTIONS = ('sched', 'epochs', 'cooldown_epochs', 'warmup_epochs', 'warmup_lr', 'warmup_prefix', 'lr',
-                    'min_lr', 'decay_epochs', 'decay_rate', 'sched_on_updates')
+                    'min_lr', 'decay_epochs', 'decay_rate', 'sched_on_updates', 'patience_epochs', 'lr_noise',
+                    'lr_noise_pct', 'lr_noise_std', 'lr_cycle_mul', 'lr_cycle_decay', 'lr_cycle_limit', 'lr_k_decay')
 # Options a resumed run cannot change: the weights would not fit.
 FIXED_OPTIONS = (('model', '--model'), ('num_classes', '--num-classes'), ('in_chans', '--in-chans'))
 
@@ -396,7 +405,8 @@ def _load_module(module, state: Dict[str, Any], what: str, path: str) -> None:
 def restore_training_state(path: str, args, *, model, optimizer, scheduler, ema=None, scaler=None,
                            world_size: int = 1, batches_per_epoch: int, updates_per_epoch: int) -> ResumePoint:
     """Load a checkpoint of train.py into the run's objects; RNG states are returned, not applied (they go
-    last, after everything else that draws random numbers has been built)."""
+    last, after everything else that draws random numbers has been built). ``optimizer`` / ``scaler`` None:
+    theirs are not restored (``--no-resume-opt``)."""
     from models import CheckpointError
     ckpt = read_training_checkpoint(path)
     if ckpt.get('arch') not in (None, args.model):
@@ -420,13 +430,17 @@ def restore_training_state(path: str, args, *, model, optimizer, scheduler, ema=
         else:
             _logger.warning('%s has no EMA weights: the EMA restarts from the current weights', path)
             ema.module.load_state_dict(model.state_dict())
-    try:
-        optimizer.load_state_dict(ckpt['optimizer'])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f'checkpoint {path}: optimizer state does not fit (--opt {args.opt}?): {e}') from None
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f'checkpoint {path}: optimizer state does not fit (--opt {args.opt}?): {e}') \
+                from None
+    else:
+        _logger.info('%s: weights restored; the optimizer and loss scaler start afresh (--no-resume-opt)', path)
     if scaler is not None and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
-    if changes:
+    if changes and optimizer is not None:
         # The saved schedule is replaced by the one just built from the command line; the optimizer's
         # groups keep their checkpointed lr until the caller steps the schedule to the resumed epoch.
         for group, base in zip(optimizer.param_groups, getattr(scheduler, 'base_values', [])):

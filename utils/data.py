@@ -208,9 +208,15 @@ class ResumableSampler(Sampler):
         rank: this process.
         shuffle: permute each epoch.
         seed: base seed, shared by all processes.
+        repeats: ``--epoch-repeats``: an epoch passes over the data this many times (successive permutations,
+            the last one cut short for a fraction); 0 or 1: once.
+        aug_repeats: ``--aug-repeats``: timm's ``RepeatAugSampler`` (each image ``aug_repeats`` times, the
+            copies on different processes; as many images per process as one pass over the data gives, rounded
+            down to 256s), seeded with ``seed + epoch``.
     """
 
-    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 repeats: float = 0., aug_repeats: int = 0):
         self.dataset_len = num_samples
         self.num_replicas = num_replicas
         self.rank = rank
@@ -218,7 +224,16 @@ class ResumableSampler(Sampler):
         self.seed = seed
         self.epoch = 0
         self.start = 0
-        self.per_replica = math.ceil(num_samples / num_replicas)
+        self.repeat_aug = None
+        if aug_repeats:
+            from timm.data.distributed_sampler import RepeatAugSampler
+            self.repeat_aug = RepeatAugSampler(range(num_samples), num_replicas=num_replicas, rank=rank,
+                                               shuffle=shuffle, num_repeats=aug_repeats)
+            self.epoch_len = len(self.repeat_aug) * num_replicas
+            self.per_replica = len(self.repeat_aug)
+        else:
+            self.epoch_len = math.ceil(num_samples * repeats) if repeats > 0 else num_samples
+            self.per_replica = math.ceil(self.epoch_len / num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -227,11 +242,16 @@ class ResumableSampler(Sampler):
         self.start = max(0, int(start))
 
     def _indices(self) -> List[int]:
+        if self.repeat_aug is not None:
+            self.repeat_aug.set_epoch(self.seed + self.epoch)
+            return list(self.repeat_aug)
+        n = self.dataset_len
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            indices = torch.randperm(self.dataset_len, generator=g).tolist()
+            passes = [torch.randperm(n, generator=g) for _ in range(math.ceil(self.epoch_len / n))]
+            indices = torch.cat(passes)[:self.epoch_len].tolist()
         else:
-            indices = list(range(self.dataset_len))
+            indices = [i % n for i in range(self.epoch_len)]
         total = self.per_replica * self.num_replicas
         indices += indices[:total - len(indices)]  # pad (wrap around) so that every process gets as many
         return indices[self.rank:total:self.num_replicas]
@@ -284,13 +304,16 @@ class EpochSeed:
         transform: the per-image transform to call.
         seed: the run's ``--seed``.
         rank: this process.
+        seed_numpy: re-seed numpy too (``--worker-seeding all``); False leaves numpy's stream to torch's own
+            worker seeding (``part``, timm's partial seeding).
     """
 
-    def __init__(self, transform: Callable, seed: int, rank: int = 0):
+    def __init__(self, transform: Callable, seed: int, rank: int = 0, seed_numpy: bool = True):
         import multiprocessing
         self.transform = transform
         self.seed = seed
         self.rank = rank
+        self.seed_numpy = seed_numpy
         self._epoch = multiprocessing.Value('i', 0, lock=False)
         self._seeded_for = -1  # per worker (each holds its own copy of this attribute)
 
@@ -303,7 +326,8 @@ class EpochSeed:
             self._seeded_for = self._epoch.value
             s = epoch_worker_seed(self.seed, self._seeded_for, self.rank, info.id)
             random.seed(s)
-            np.random.seed(s)
+            if self.seed_numpy:
+                np.random.seed(s)
             torch.manual_seed(s)
         return self.transform(img)
 
@@ -311,7 +335,8 @@ class EpochSeed:
 # --- timm's dataset factory: tar files, webdataset shards, Hugging Face datasets ----------------------------
 
 # The package each --dataset prefix needs (imported on use: the image folder path needs neither).
-_PREFIX_PACKAGES = {'wds': 'webdataset', 'hfds': 'datasets'}
+_PREFIX_PACKAGES = {'wds': 'webdataset', 'hfds': 'datasets', 'torch': 'torchvision', 'tfds': 'tensorflow_datasets'}
+_PIP_NAMES = {'tensorflow_datasets': 'tensorflow-datasets'}
 
 
 def split_tar(data_dir: str, split: str) -> Optional[str]:
@@ -332,10 +357,12 @@ def split_tar(data_dir: str, split: str) -> Optional[str]:
 
 
 def build_timm_dataset(name: str, root: str, split: str, *, is_training: bool, class_map: str = '',
-                       batch_size: int = 1, seed: int = 42, num_workers: int = 0):
+                       batch_size: int = 1, seed: int = 42, num_workers: int = 0, download: bool = False,
+                       repeats: float = 0.):
     """A dataset from timm's ``create_dataset``: ``name`` '' with ``root`` a .tar file (image tar),
     ``wds/NAME`` (webdataset shards in ``root``, an ``IterableDataset`` that splits its shards over processes
-    and workers itself) or ``hfds/NAME`` (a Hugging Face dataset, ``root`` its cache folder).
+    and workers itself), ``hfds/NAME`` (a Hugging Face dataset, ``root`` its cache folder), ``torch/NAME`` (a
+    torchvision dataset in ``root``) or ``tfds/NAME`` (TensorFlow datasets).
 
     Args:
         name: ``--dataset``.
@@ -346,6 +373,8 @@ def build_timm_dataset(name: str, root: str, split: str, *, is_training: bool, c
         batch_size: per process; a streamed epoch is a whole number of batches per worker.
         seed: shard shuffling seed, the same on every process (wds).
         num_workers: loader workers per process (a streamed epoch's length depends on it).
+        download: let torch/ and tfds/ datasets download into ``root`` (``--dataset-download``).
+        repeats: a streamed training epoch reads the shards this many times (``--epoch-repeats``).
     """
     from timm.data import create_dataset
     prefix = name.partition('/')[0].lower() if '/' in name else ''
@@ -353,20 +382,28 @@ def build_timm_dataset(name: str, root: str, split: str, *, is_training: bool, c
     if package is not None:
         import importlib.util
         if importlib.util.find_spec(package) is None:
-            raise DataError(f'--dataset {name} needs the {package} package: pip install {package}')
+            raise DataError(f'--dataset {name} needs the {package} package: pip install '
+                            f'{_PIP_NAMES.get(package, package)}')
     if class_map and not os.path.isfile(class_map):
         raise DataError(f'--class-map {class_map} does not exist')
-    if prefix != 'hfds' and root and not os.path.exists(root):
-        raise DataError(f'data directory {root} does not exist')
+    downloads = download and prefix in ('torch', 'tfds')
+    if prefix != 'hfds' and root and not os.path.exists(root) and not downloads:
+        hint = '; pass --dataset-download to fetch it there' if prefix in ('torch', 'tfds') else ''
+        raise DataError(f'data directory {root} does not exist{hint}')
     what = f'--dataset {name}' if name else root
+    extra = dict(download=True) if downloads else {}
+    if repeats and is_training:
+        extra['repeats'] = repeats
     try:
         ds = create_dataset(name, root=root or None, split=split, is_training=is_training,
-                            class_map=class_map or None, batch_size=batch_size, seed=seed)
-    except (RuntimeError, ValueError, KeyError, FileNotFoundError, AssertionError) as e:
-        # timm and its readers raise these for a missing split, shard list or info file
+                            class_map=class_map or None, batch_size=batch_size, seed=seed, **extra)
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError, AssertionError, OSError) as e:
+        # timm and its readers raise these for a missing split, shard list or info file; torchvision's datasets
+        # a RuntimeError for missing files, an OSError (URLError) for a failed download
         detail = ' '.join(str(e).split())[:300]
-        raise DataError(f'{what}: cannot read split {split!r} from {root or "the Hugging Face cache"} ({detail})') \
-            from None
+        hint = '; pass --dataset-download to fetch it' if prefix in ('torch', 'tfds') and not downloads else ''
+        raise DataError(f'{what}: cannot read split {split!r} from {root or "the Hugging Face cache"} '
+                        f'({detail}){hint}') from None
     if isinstance(ds, IterableDataset):
         ds.set_loader_cfg(num_workers=num_workers)
     if len(ds) == 0:

@@ -47,13 +47,16 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f'environment variable {name}={value!r} is not an integer (set by torchrun)') from None
 
 
-def init_distributed(device: Optional[str] = None, local_rank: Optional[int] = None) -> DistInfo:
+def init_distributed(device: Optional[str] = None, local_rank: Optional[int] = None,
+                     init_method: str = 'env://') -> DistInfo:
     """Join the torchrun process group when WORLD_SIZE > 1 and pick this process's device.
 
     Args:
         device: 'cuda', 'cpu', 'cuda:N' or None (CUDA when available).
         local_rank: ``--local-rank`` as ``python -m torch.distributed.launch`` passes it; used only when the
             LOCAL_RANK environment variable is not set.
+        init_method: ``--dist_url``: where the processes meet (env:// reads MASTER_ADDR / MASTER_PORT, as
+            torchrun sets them; tcp://HOST:PORT or file:///PATH otherwise).
     """
     from .cli import UsageError
     world_size = _env_int('WORLD_SIZE', 1)
@@ -74,7 +77,12 @@ def init_distributed(device: Optional[str] = None, local_rank: Optional[int] = N
     if world_size > 1 and not dist.is_initialized():
         backend = 'nccl' if dev.type == 'cuda' else 'gloo'
         kwargs = {'device_id': dev} if dev.type == 'cuda' else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        if init_method and init_method != 'env://':
+            kwargs['init_method'] = init_method
+        try:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        except ValueError as e:  # a malformed URL or a missing MASTER_ADDR
+            raise UsageError(f'--dist_url {init_method}: {e}') from None
         _logger.info('Process group: %s, rank %d of %d, device %s', backend, rank, world_size, dev)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 

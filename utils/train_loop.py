@@ -1,14 +1,15 @@
 """The training run behind train.py: epochs, evaluation, outputs, preemption and resume.
 
 The loop is timm's recipe (timm data transforms, Mixup/CutMix, soft-target CE, optimizer and scheduler
-factories, ModelEmaV3) written lean, with what long ImageNet runs need on top: resume that reproduces the
-uninterrupted run (RNG states of every process, sampler position within the epoch), atomic checkpoints,
-a preemption handler (SIGTERM / SIGUSR1) and a guard against non-finite losses.
+factories, the original's model EMA) written lean, with what long ImageNet runs need on top: resume that
+reproduces the uninterrupted run (RNG states of every process, sampler position within the epoch), atomic
+checkpoints, a preemption handler (SIGTERM / SIGUSR1) and a guard against non-finite losses.
 
 The pieces live beside this file: ``train_setup`` builds (data, model, optimizer, loaders, loss, schedule),
 ``train_step`` holds the parts of a step, ``checkpoint`` the training state and its restoration.
 """
 import argparse
+import contextlib
 import csv
 import io
 import itertools
@@ -31,7 +32,7 @@ from .config import args_to_yaml, build_train_parser, check_train_args
 from .distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier, cleanup, distribute_bn_stats, init_distributed,
 )
-from .evaluate import evaluate
+from .evaluate import MirrorTTA, evaluate
 from .measure.dtypes import parse_dtype
 from . import train_setup as setup
 from .train_step import (
@@ -57,14 +58,17 @@ class Trainer:
         info: process placement from :func:`init_distributed`.
     """
 
-    def __init__(self, args: argparse.Namespace, info: DistInfo):
+    def __init__(self, args: argparse.Namespace, info: DistInfo, notes: Optional[List[str]] = None):
         self.args = args
         self.info = info
         self.device = info.device
+        self.notes = list(notes or [])  # lines for the log once it is set up (options taken otherwise, no effect)
+        self.experiment = args.experiment  # the W&B project (resolve_output folds it into --output)
         self.preemption = Preemption()
         self.resume = ResumePoint()
         self.global_step = 0  # optimizer updates done (skipped non-finite updates included)
         self.summary: List[Dict[str, Optional[float]]] = []
+        self.wandb = None
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -85,18 +89,26 @@ class Trainer:
         self.scheduler, self.num_epochs = setup.build_scheduler(args, self.optimizer, self.loaders.updates_per_epoch)
         setup.resolve_output(args, info)
         setup.setup_logging(info, os.path.join(args.output, 'log.txt'))
+        if info.is_main:
+            for line in self.notes:
+                _logger.info(line)
         if args.resume:
             self.resume = restore_training_state(
-                args.resume, args, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                ema=self.ema, scaler=self.scaler, world_size=info.world_size,
-                batches_per_epoch=self.loaders.batches_per_epoch, updates_per_epoch=self.loaders.updates_per_epoch)
+                args.resume, args, model=self.model, optimizer=None if args.no_resume_opt else self.optimizer,
+                scheduler=self.scheduler, ema=self.ema, scaler=None if args.no_resume_opt else self.scaler,
+                world_size=info.world_size, batches_per_epoch=self.loaders.batches_per_epoch,
+                updates_per_epoch=self.loaders.updates_per_epoch)
             self.global_step = self.resume.global_step
             self.summary = self.resume.summary
+        if args.start_epoch is not None:
+            self._start_at(args.start_epoch)
         if info.is_main:
             saved = {k: v for k, v in to_plain(vars(args)).items() if k != 'config'}
             atomic_write_text(args_to_yaml(saved), os.path.join(args.output, 'args.yaml'))
+            if args.log_wandb:
+                self.wandb = _start_wandb(self.experiment, saved, args.output)
         self.saver = CheckpointSaver(args.output, args.checkpoint_hist, self.resume.best_k, ema=self.ema is not None,
-                                     best_k_ema=self.resume.best_k_ema)
+                                     best_k_ema=self.resume.best_k_ema, decreasing=args.eval_metric == 'loss')
         self.guard = NonFiniteGuard(info, self.loaders.batches_per_epoch, args.output,
                                     tolerate=self.scaler is not None or args.skip_nonfinite, limit=args.nonfinite_limit)
         self.guard.skipped = self.resume.nonfinite_skipped
@@ -108,6 +120,17 @@ class Trainer:
                 self.scheduler.step_update(num_updates=self.global_step)
         setup.prepare_kernel_cache(args, info, self.model, self.data_config, self.amp_dtype if args.amp else None)
         self.train_model, self.eval_model, self.ddp_model = setup.wrap_model(args, info, self.model)
+
+    def _start_at(self, epoch: int) -> None:
+        """``--start-epoch``: continue (or start) at the beginning of ``epoch`` (0-based), whatever a resumed
+        checkpoint says, with the schedule and the update count of that epoch (as the original)."""
+        if (epoch, 0) != (self.resume.epoch, self.resume.step):
+            _logger.info('--start-epoch %d: training starts at epoch %d%s', epoch, epoch + 1,
+                         f' (the checkpoint had {self.resume.epoch} done)' if self.args.resume else '')
+        self.resume.epoch, self.resume.step = epoch, 0
+        self.resume.epoch_stats = self.resume.rank_bn = None
+        self.global_step = epoch * self.loaders.updates_per_epoch
+        self.summary = [r for r in self.summary if int(r['epoch']) <= epoch]
 
     def _restore_rng(self) -> None:
         """RNG states last: everything built before (model init, EMA copy) drew random numbers in the original
@@ -186,7 +209,9 @@ class Trainer:
             optimizer_step(self.optimizer, self.model.parameters, self.scaler, self.args.clip_grad,
                            self.args.clip_mode)
             if self.ema is not None:
-                self.ema.update(self.model, step=self.global_step + 1)
+                # The set decay from the first update (the original's ModelEmaV2); the step only drives
+                # --model-ema-warmup.
+                self.ema.update(self.model, step=self.global_step + 1 if self.args.model_ema_warmup else None)
         self.global_step += 1
         if self.args.sched_on_updates:
             self.scheduler.step_update(num_updates=self.global_step)
@@ -215,14 +240,17 @@ class Trainer:
         log = ProgressLog(args.log_interval, args.batch_size * accum * info.world_size, self.device)
         preempt_every = 1 if not info.distributed else max(1, min(args.log_interval, 10))
         has_aux = False
+        # --debug-loss: autograd's anomaly mode over forward and backward names the op that made a NaN / inf
+        anomaly = (lambda: torch.autograd.detect_anomaly(check_nan=True)) if args.debug_loss else contextlib.nullcontext
         t_data = time.time()
         for i, (x, y) in enumerate(batches, start=start):
             log.add_data_time(time.time() - t_data)
             x, y = self.prepare_train(x, y)  # normalise, mix, erase
             group_size, need_update = accumulation_group(i, n, accum)
             no_sync = self.ddp_model.no_sync if self.ddp_model is not None and not need_update else None
-            group.append(forward_backward(self.train_model, x, y, self._loss, group_size, self.scaler, self._amp,
-                                          no_sync))
+            with anomaly():
+                group.append(forward_backward(self.train_model, x, y, self._loss, group_size, self.scaler,
+                                              self._amp, no_sync))
             if not need_update:
                 t_data = time.time()
                 continue
@@ -241,6 +269,8 @@ class Trainer:
                     mean = float(stats[0] / stats[2].clamp(min=1))
                     _logger.info(log.line(epoch, self.num_epochs, update_idx, self.loaders.updates_per_epoch, mean,
                                           self.optimizer.param_groups[0]['lr']))
+                    if args.save_images:
+                        self._save_batch_images(x, update_idx)
                 log.reset()
             if self._preempt_requested(update_idx, last, preempt_every):
                 self.guard.check()
@@ -259,8 +289,17 @@ class Trainer:
             'train_loss_aux': s[1] / max(1.0, s[2]) if has_aux or s[1] else None,
         }
 
+    def _save_batch_images(self, x: torch.Tensor, update_idx: int) -> None:
+        """``--save-images``: the batch as the model got it (normalised, mixed, erased), rescaled for viewing."""
+        import torchvision
+        path = os.path.join(self.args.output, f'train-batch-{update_idx}.jpg')
+        torchvision.utils.save_image(x.detach().float().cpu(), path, padding=0, normalize=True)
+
     def score(self, model: nn.Module) -> Dict[str, float]:
-        """Loss, top-1 and top-5 (%) over the validation set, summed over processes (each image once)."""
+        """Loss, top-1 and top-5 (%) over the validation set, summed over processes (each image once); with
+        ``--tta 2`` of the logits averaged with those of the mirrored images."""
+        if self.args.tta == 2:
+            model = MirrorTTA(model)
         return evaluate(model, self.loaders.val, self.device, amp=self.amp_dtype if self.args.amp else None,
                         prepare=self.prepare_eval, info=self.info)
 
@@ -300,7 +339,13 @@ class Trainer:
             _logger.warning('could not draw curves.png: %s', e)
 
     def _bn_modules(self) -> Dict[str, nn.Module]:
-        return {'model': self.model, **({'ema': self.ema.module} if self.ema is not None else {})}
+        return {'model': self.model, **({'ema': self.ema.module} if self._ema_on_device else {})}
+
+    @property
+    def _ema_on_device(self) -> bool:
+        """An EMA that lives beside the model (not --model-ema-force-cpu): evaluated, its BatchNorm
+        statistics distributed."""
+        return self.ema is not None and not self.args.model_ema_force_cpu
 
     def _rank_bn(self) -> Optional[List[Dict[str, Dict[str, torch.Tensor]]]]:
         """Every rank's BatchNorm running statistics (mid-epoch they differ per rank, and ``--dist-bn``
@@ -371,47 +416,69 @@ class Trainer:
         finally:
             self.preemption.restore()
             self.loaders.close()
+            if self.wandb is not None:
+                self.wandb.finish()
 
     def _distribute_bn(self) -> None:
         """``--dist-bn`` after each epoch, before evaluation and saving, for the model and its EMA (as the
         original's train.py)."""
-        distribute_bn_stats([self.model, self.ema.module if self.ema is not None else None], self.info,
+        distribute_bn_stats([self.model, self.ema.module if self._ema_on_device else None], self.info,
                             self.args.dist_bn)
 
-    def _epoch_row(self, epoch: int, stats: Dict[str, float]) -> Dict[str, Optional[float]]:
-        """Evaluate the model (and the EMA) after ``epoch``: the summary row."""
-        ev = self.score(self.eval_model)
+    def _evaluates(self, epoch: int, first: bool) -> bool:
+        """Whether the model is evaluated after ``epoch`` (0-based): the original's ``--val-freq`` /
+        ``--val-start-epoch`` rule, and always after the first epoch of a resumed run."""
+        args = self.args
+        return epoch % args.val_freq == 0 or epoch > args.val_start_epoch or (first and bool(args.resume))
+
+    def _epoch_row(self, epoch: int, stats: Dict[str, float], evaluate_now: bool = True) -> Dict[str, Optional[float]]:
+        """Evaluate the model (and the EMA) after ``epoch``: the summary row (evaluation columns None when
+        the epoch is not evaluated)."""
         row: Dict[str, Optional[float]] = {
             'epoch': epoch + 1, 'train_loss': stats['train_loss'], 'train_loss_aux': stats['train_loss_aux'],
-            'eval_loss': ev['loss'], 'eval_top1': ev['top1'], 'eval_top5': ev['top5'],
+            'eval_loss': None, 'eval_top1': None, 'eval_top5': None,
         }
         if self.ema is not None:
+            row.update(eval_ema_loss=None, eval_ema_top1=None, eval_ema_top5=None)
+        if not evaluate_now:
+            return row
+        ev = self.score(self.eval_model)
+        row.update(eval_loss=ev['loss'], eval_top1=ev['top1'], eval_top5=ev['top5'])
+        if self._ema_on_device:
             ev_ema = self.score(self.ema.module)
             row.update(eval_ema_loss=ev_ema['loss'], eval_ema_top1=ev_ema['top1'], eval_ema_top5=ev_ema['top5'])
         return row
+
+    def _metrics(self, row: Dict[str, Optional[float]]):
+        """``(metric, metric_ema)`` that rank the best checkpoints (None: not ranked; a non-finite loss never
+        ranks): ``--eval-metric`` of the model and of the EMA (``ema_top1``: the EMA's top-1 for both)."""
+        name = 'top1' if self.args.eval_metric == 'ema_top1' else self.args.eval_metric
+
+        def value(prefix: str) -> Optional[float]:
+            loss = row.get(f'{prefix}loss')
+            return row[f'{prefix}{name}'] if loss is not None and math.isfinite(loss) else None
+
+        metric, metric_ema = value('eval_'), value('eval_ema_') if self.ema is not None else None
+        return (metric_ema if self.args.eval_metric == 'ema_top1' else metric), metric_ema
 
     def _loop(self) -> int:
         args, info = self.args, self.info
         if self.resume.epoch >= self.num_epochs:
             _logger.info('Nothing to do: %d of %d epochs already done', self.resume.epoch, self.num_epochs)
             return 0
+        first_epoch = self.resume.epoch
         for epoch in range(self.resume.epoch, self.num_epochs):
             stats = self.train_one_epoch(epoch)
             if stats is None:
                 return 0  # preempted; recovery checkpoint written
             self._distribute_bn()
             lr = float(np.mean([g['lr'] for g in self.optimizer.param_groups]))
-            row = self._epoch_row(epoch, stats)
+            row = self._epoch_row(epoch, stats, self._evaluates(epoch, epoch == first_epoch))
             row.update(lr=lr, epoch_time=stats['epoch_time'])
             if self.guard.tolerate:
                 row['nonfinite_skipped'] = float(self.guard.skipped)
             self.summary.append(row)
-            metric_ema = None
-            if self.ema is not None and math.isfinite(row['eval_ema_loss']):  # diverged weights never rank
-                metric_ema = row['eval_ema_top1']
-            metric = row['eval_top1'] if math.isfinite(row['eval_loss']) else None
-            if args.eval_metric == 'ema_top1':
-                metric = metric_ema
+            metric, metric_ema = self._metrics(row)
 
             # Step the schedule before saving so that the checkpoint holds the next epoch's lr.
             self.scheduler.step(epoch + 1, metric)
@@ -420,37 +487,61 @@ class Trainer:
                 self.saver.save_epoch(state, epoch + 1, metric, metric_ema)
                 self.saver.drop_recovery()  # last.pth is newer now
                 self._write_summary()
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in row.items() if v is not None}, step=epoch + 1)
             barrier(info)
-            ema_msg = f'  ema top1 {row["eval_ema_top1"]:.2f}' if self.ema is not None else ''
-            aux_msg = f' (aux {row["train_loss_aux"]:.4f})' if row['train_loss_aux'] is not None else ''
-            mem_msg = (f'  peak mem {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB'
-                       if self.device.type == 'cuda' else '')
-            _logger.info('Epoch %d/%d: train loss %.4f%s  eval loss %.4f  top1 %.2f  top5 %.2f%s  %.1fs%s',
-                         epoch + 1, self.num_epochs, row['train_loss'], aux_msg, row['eval_loss'], row['eval_top1'],
-                         row['eval_top5'], ema_msg, row['epoch_time'], mem_msg)
+            _logger.info(_epoch_line(row, self.num_epochs, self.device))
             if epoch + 1 < self.num_epochs and any_true(self.preemption.requested, info):
                 _logger.info('Preempted after epoch %d: continue with --resume %s', epoch + 1, self.saver.last_path)
                 return 0
         if self.saver.best is not None:
-            _logger.info('Done. Best %s %.2f at epoch %d (%s)', args.eval_metric, self.saver.best[0],
+            _logger.info('Done. Best %s %.4g at epoch %d (%s)', args.eval_metric, self.saver.best[0],
                          self.saver.best[1], self.saver.best_path)
         if self.saver.best_ema is not None:
-            _logger.info('Best EMA top1 %.2f at epoch %d (%s)', self.saver.best_ema[0], self.saver.best_ema[1],
+            _logger.info('Best EMA %s %.4g at epoch %d (%s)', 'top1' if args.eval_metric == 'ema_top1' else
+                         args.eval_metric, self.saver.best_ema[0], self.saver.best_ema[1],
                          self.saver.ranking_ema.best_path)
         if self.guard.tolerate:
             _logger.info('Skipped %d optimizer steps with a non-finite loss', self.guard.skipped)
         return 0
 
 
+def _epoch_line(row: Dict[str, Optional[float]], num_epochs: int, device: torch.device) -> str:
+    """The log line of an epoch's row (without evaluation columns when the epoch was not evaluated)."""
+    aux = f' (aux {row["train_loss_aux"]:.4f})' if row['train_loss_aux'] is not None else ''
+    ev = ('  not evaluated (--val-freq)' if row['eval_loss'] is None else
+          f'  eval loss {row["eval_loss"]:.4f}  top1 {row["eval_top1"]:.2f}  top5 {row["eval_top5"]:.2f}')
+    ema = f'  ema top1 {row["eval_ema_top1"]:.2f}' if row.get('eval_ema_top1') is not None else ''
+    mem = (f'  peak mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB'
+           if device.type == 'cuda' else '')
+    return (f'Epoch {int(row["epoch"])}/{num_epochs}: train loss {row["train_loss"]:.4f}{aux}{ev}{ema}  '
+            f'{row["epoch_time"]:.1f}s{mem}')
+
+
+def _start_wandb(project: str, config: Dict[str, Any], output: str):
+    """``--log-wandb``: a Weights & Biases run (None, with one warning, when the package is missing)."""
+    try:
+        import wandb
+    except ImportError:
+        _logger.warning('--log-wandb: the wandb package is not installed (pip install wandb); metrics are not sent '
+                        'to Weights & Biases (summary.csv has them)')
+        return None
+    wandb.init(project=project or None, config=config, dir=output)
+    return wandb
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """train.py: parse options (config file < command line), train, return the exit code."""
     parser = build_train_parser()
     args = parse_args_with_config(parser, argv)
-    check_train_args(args)
-    info = init_distributed(args.device, args.local_rank)
+    notes = check_train_args(args)
+    info = init_distributed(args.device, args.local_rank, init_method=args.dist_url)
+    limit = setup.apply_gpu_limit(args.gpu_limit, info.device)
+    if limit:
+        notes.append(limit)
     try:
         apply_na2d_backend(args.na2d_backend, info.device)  # a bad value stops here, before any data is read
-        return Trainer(args, info).run()
+        return Trainer(args, info, notes).run()
     except NonFiniteLoss as e:
         _logger.error('error: %s', e)
         return EXIT_NONFINITE

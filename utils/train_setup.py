@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from .checkpoint import LAST_FILE
@@ -30,7 +31,8 @@ from .train_step import worker_init
 
 __all__ = [
     'setup_logging', 'remove_log_handlers', 'seed_all',
-    'resolve_output', 'build_datasets', 'resolve_batch', 'resolve_lr', 'build_model', 'build_ema', 'build_scaler',
+    'resolve_output', 'build_datasets', 'resolve_batch', 'resolve_lr', 'build_model', 'ModelEma', 'build_ema',
+    'build_scaler', 'apply_gpu_limit',
     'build_optimizer', 'wrap_model', 'triton_cache_dir', 'triton_cache_problem', 'compile_model_kernels',
     'prepare_kernel_cache', 'Loaders', 'build_loaders', 'build_device_augment', 'build_loss', 'build_scheduler',
 ]
@@ -72,7 +74,11 @@ def seed_all(seed: int) -> None:
 
 def resolve_output(args: argparse.Namespace, info: DistInfo) -> None:
     """Settle ``args.resume`` and ``args.output`` and prepare the folder (rank 0 creates it; a new run clears
-    the stale files of one that never saved a checkpoint). Refuses a folder holding another run."""
+    the stale files of one that never saved a checkpoint). Refuses a folder holding another run.
+    ``--experiment NAME`` puts the run in ``OUTPUT/NAME`` (OUTPUT: ``--output``, else ``output/train``)."""
+    if args.experiment:
+        args.output = os.path.join(args.output or os.path.join('output', 'train'), args.experiment)
+        args.experiment = ''  # settled: args.yaml and a resumed run read the run directory from --output
     if args.resume == 'auto':
         if not args.output:
             raise UsageError('--resume auto needs --output (the run directory to continue)')
@@ -109,9 +115,11 @@ def resolve_output(args: argparse.Namespace, info: DistInfo) -> None:
 
 def _build_timm_datasets(args: argparse.Namespace):
     """Training and validation sets of ``--dataset`` wds/hfds, or of tar files (timm's dataset factory)."""
-    common = dict(class_map=args.class_map, batch_size=args.batch_size, seed=args.seed, num_workers=args.workers)
+    common = dict(class_map=args.class_map, batch_size=args.batch_size, seed=args.seed, num_workers=args.workers,
+                  download=args.dataset_download)
     sources = [split_tar(args.data_dir, s) or args.data_dir for s in (args.train_split, args.val_split)]
-    train_set = build_timm_dataset(args.dataset, sources[0], args.train_split, is_training=True, **common)
+    train_set = build_timm_dataset(args.dataset, sources[0], args.train_split, is_training=True,
+                                   repeats=args.epoch_repeats, **common)
     val_set = build_timm_dataset(args.dataset, sources[1], args.val_split, is_training=False, **common)
     where = args.dataset or sources[0]
     classes = dataset_classes(train_set)
@@ -188,30 +196,52 @@ def resolve_batch(args: argparse.Namespace, info: DistInfo, train_set: ImageFold
 
 
 def build_model(args: argparse.Namespace, info: DistInfo) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model on ``info.device`` (fine-tuning weights loaded, SyncBN converted) and timm's data config."""
+    """The model on ``info.device`` (published or fine-tuning weights loaded, split or synchronised BatchNorm)
+    and timm's data config."""
     import models
     from timm.data import resolve_data_config
-    extra = {}
+    extra: Dict[str, Any] = {}
     if args.drop is not None:
         extra['drop_rate'] = args.drop
     if args.model.startswith('overlock') and 'use_ds' not in parse_kwargs(args.model_kwargs):
         # the recipe's deep supervision: the auxiliary head's logits in training mode, loss main + R x aux
         extra['use_ds'] = True
+    if args.input_size is not None and args.in_chans is None:
+        extra['in_chans'] = args.input_size[0]
+    if args.pretrained:
+        extra['pretrained'] = True
+        if args.pretrained_path:
+            if not os.path.isfile(args.pretrained_path):
+                raise UsageError(f'--pretrained-path {args.pretrained_path} does not exist')
+            extra['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
     model = create_model_from_args(args, **extra)
+    if args.pretrained:
+        _logger.info('Starting from the published weights of %s%s', args.model,
+                     f' ({args.pretrained_path})' if args.pretrained_path else '')
     if args.finetune:
         models.load_checkpoint(model, args.finetune, use_ema=args.finetune_ema, strict=True)
         _logger.info('Fine-tuning from %s', args.finetune)
     data_config = resolve_data_config(
-        dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
-             mean=args.mean, std=args.std), model=model)
+        dict(img_size=args.img_size, input_size=args.input_size, crop_pct=args.crop_pct,
+             interpolation=args.interpolation, mean=args.mean, std=args.std), model=model)
     min_size = models.MIN_INPUT_SIZE if args.model.startswith('overlock') else 1
     if min(data_config['input_size'][1:]) < min_size:
-        raise UsageError(f'--img-size {args.img_size}: {args.model} needs at least {min_size} pixels')
+        flag = (f'--input-size {" ".join(map(str, args.input_size))}' if args.input_size else
+                f'--img-size {args.img_size}')
+        raise UsageError(f'{flag}: {args.model} needs at least {min_size} pixels')
+    if args.split_bn:
+        from timm.layers import convert_splitbn_model
+        model = convert_splitbn_model(model, max(args.aug_splits, 2))
     model.to(info.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.sync_bn:
         if info.distributed and info.device.type == 'cuda':
+            if args.split_bn:
+                raise UsageError('--split-bn and --sync-bn: SyncBatchNorm would replace the split BatchNorm layers; '
+                                 'add --no-sync-bn')
+            if args.torchscript:
+                raise UsageError('--torchscript and --sync-bn: SyncBatchNorm does not script; add --no-sync-bn')
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif info.distributed and info.is_main:
             _logger.warning('--sync-bn ignored: SyncBatchNorm needs CUDA (add --no-sync-bn to silence this)')
@@ -221,12 +251,37 @@ def build_model(args: argparse.Namespace, info: DistInfo) -> Tuple[nn.Module, Di
     return model, data_config
 
 
-def build_ema(args: argparse.Namespace, model: nn.Module):
-    """timm's ``ModelEmaV3`` of ``model`` with ``--model-ema``, else None."""
+class ModelEma(ModelEmaV3):
+    """timm's ``ModelEmaV3`` whose update is, to the last bit, that of ``ModelEmaV2`` (the original's EMA):
+    ``ema = decay * ema + (1 - decay) * model`` on every state_dict entry, applied with the set decay from the
+    first update (``update(model)``; timm's V3 ``update(model, step=1)`` would use decay 0 there), integer
+    buffers included (rounded as V2 rounds them). With ``step`` and ``use_warmup`` it follows V3's decay
+    warm-up. Float tensors on the EMA's device go through foreach kernels; the arithmetic is V2's, not a lerp
+    (whose rounding differs), so that EMA weights match the original's within float rounding of the model's.
+    """
+
+    @torch.no_grad()
+    def apply_update_(self, model: nn.Module, decay: float) -> None:
+        ema_values, model_values = [], []
+        for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if ema_v.is_floating_point() and model_v.device == ema_v.device and model_v.dtype == ema_v.dtype:
+                ema_values.append(ema_v)
+                model_values.append(model_v)
+            else:  # integer buffers, or an EMA kept elsewhere (--model-ema-force-cpu): one tensor at a time
+                model_v = model_v.to(device=ema_v.device)
+                ema_v.copy_(decay * ema_v + (1. - decay) * model_v)
+        if ema_values:
+            scaled = torch._foreach_mul(model_values, 1. - decay)
+            torch._foreach_mul_(ema_values, decay)
+            torch._foreach_add_(ema_values, scaled)
+
+
+def build_ema(args: argparse.Namespace, model: nn.Module) -> Optional[ModelEma]:
+    """The EMA of ``model`` with ``--model-ema`` (on the CPU with ``--model-ema-force-cpu``), else None."""
     if not args.model_ema:
         return None
-    from timm.utils import ModelEmaV3
-    return ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+    return ModelEma(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                    device=torch.device('cpu') if args.model_ema_force_cpu else None)
 
 
 def build_scaler(args: argparse.Namespace, device: torch.device) -> Optional[torch.amp.GradScaler]:
@@ -324,23 +379,66 @@ def prepare_kernel_cache(args: argparse.Namespace, info: DistInfo, model: nn.Mod
 
 
 def wrap_model(args: argparse.Namespace, info: DistInfo, model: nn.Module):
-    """``(train_model, eval_model, ddp_model)``: DistributedDataParallel with several processes (else None),
-    ``torch.compile`` with ``--compile``."""
+    """``(train_model, eval_model, ddp_model)``: the TorchScript form with ``--torchscript``,
+    DistributedDataParallel with several processes (else None; ``--no-ddp-bb``: buffers not broadcast),
+    ``torch.compile`` with ``--compile``. The scripted module shares the eager model's parameters and buffers,
+    so the optimizer, the EMA and the checkpoints keep working on ``model``."""
     import warnings
     train_model = eval_model = model
     ddp_model = None
+    if args.torchscript:
+        try:
+            eval_model = torch.jit.script(model)
+            # OverLoCK's forward returns one type when scripted (the logits): the recipe's auxiliary loss
+            # needs both heads, which a dict-returning training forward gives.
+            train_model = torch.jit.script(BothHeads(model)) if getattr(model, 'aux_head', None) is not None \
+                else eval_model
+        except Exception as e:  # noqa: BLE001 -- TorchScript raises many types; one line is what helps
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f'--torchscript: {args.model} does not script with these options ({first[:200]}); '
+                             f'drop --torchscript') from None
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel
         ids = [info.device.index] if info.device.type == 'cuda' else None
         # Depthwise conv grads come back with other strides on size-1 dims only (same memory layout);
         # DDP's warning about it says nothing actionable.
         warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-        ddp_model = DistributedDataParallel(model, device_ids=ids)
+        extra = {}
+        if args.no_ddp_bb:
+            # Not even at start-up, as the original's DDP did (torch's newer forward_sync_buffers=False still
+            # syncs them there); torch marks the argument deprecated, which says nothing to act on here.
+            warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
+            extra['broadcast_buffers'] = False
+        ddp_model = DistributedDataParallel(train_model, device_ids=ids, **extra)
         train_model = ddp_model
     if args.compile:
         train_model = torch.compile(train_model)
         eval_model = torch.compile(model)
     return train_model, eval_model, ddp_model
+
+
+class BothHeads(nn.Module):
+    """The training forward of an OverLoCK built with ``use_ds=True`` in a form TorchScript types: always
+    ``{'main': logits, 'aux': aux_logits}`` (the model's own forward returns only the logits when scripted)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        base, ctx = self.model.forward_base(x)
+        return {'main': self.model.forward_head(self.model.forward_focus(base, ctx)),
+                'aux': self.model.forward_aux(ctx)}
+
+
+def apply_gpu_limit(limit: float, device: torch.device) -> Optional[str]:
+    """``--gpu-limit``: cap this process's share of the GPU's memory; returns a line for the log."""
+    if limit >= 1:
+        return None
+    if device.type != 'cuda':
+        return f'--gpu-limit {limit:g} has no effect on the {device.type.upper()}'
+    torch.cuda.set_per_process_memory_fraction(limit, device)
+    return f'--gpu-limit: this process may use {limit:.0%} of {torch.cuda.get_device_name(device)}\'s memory'
 
 
 @dataclass
@@ -381,23 +479,37 @@ def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: ImageFold
                   val_set: ImageFolderDataset, data_config: Dict[str, Any]) -> Loaders:
     """Set the datasets' transforms and build the loaders (resumable sharded sampler for training).
 
-    Workers hand over uint8 batches (timm's ``fast_collate``); normalisation, mixing and random erasing
-    happen on the device (:func:`build_device_augment`)."""
+    As the original's prefetcher pipeline, workers hand over uint8 batches (timm's ``fast_collate``);
+    normalisation, mixing and random erasing happen on the device (:func:`build_device_augment`). With
+    ``--no-prefetcher`` the workers normalise and erase each image and the device only mixes. With
+    ``--aug-splits N`` each image comes as a clean copy and N-1 augmented ones (timm's ``AugMixDataset``), the
+    batch ordered split by split."""
+    from timm.data import AugMixDataset
     from timm.data.loader import fast_collate
-    from .augment import build_eval_transform, build_train_transform, train_transform_kwargs
+    from .augment import build_eval_transform, build_train_transform, split_collate, train_transform_kwargs
     cfg = data_config
-    train_set.transform = build_train_transform(cfg['input_size'], mean=cfg['mean'], std=cfg['std'],
-                                                use_prefetcher=True, **train_transform_kwargs(args))
+    prefetch = not args.no_prefetcher
+    in_workers = {} if prefetch else dict(re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+                                          re_num_splits=erase_splits(args))
+    transform = build_train_transform(cfg['input_size'], mean=cfg['mean'], std=cfg['std'], use_prefetcher=prefetch,
+                                      separate=args.aug_splits > 0, **train_transform_kwargs(args, cfg), **in_workers)
     val_set.transform = build_eval_transform(
         cfg['input_size'], interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
-        crop_pct=cfg['crop_pct'], use_prefetcher=True)
-    epoch_seed = EpochSeed(train_set.transform, args.seed, info.rank)
-    train_set.transform = epoch_seed
+        crop_pct=cfg['crop_pct'], use_prefetcher=prefetch)
+    first = transform[0] if args.aug_splits else transform
+    # Every epoch re-seeds each worker before its first image (the clean split's transform comes first).
+    epoch_seed = EpochSeed(first, args.seed, info.rank, seed_numpy=args.worker_seeding == 'all')
+    train_data = train_set
+    if args.aug_splits:
+        train_set.transform = (epoch_seed, *transform[1:])
+        train_data = AugMixDataset(train_set, num_splits=args.aug_splits)
+    else:
+        train_set.transform = epoch_seed
     generator = torch.Generator()
     persistent = args.workers > 0 and args.persistent_workers
+    collate = fast_collate if prefetch else split_collate
     common = dict(num_workers=args.workers, pin_memory=args.pin_mem and info.device.type == 'cuda',
-                  worker_init_fn=worker_init, generator=generator, collate_fn=fast_collate,
-                  persistent_workers=persistent)
+                  worker_init_fn=worker_init, generator=generator, persistent_workers=persistent)
     val_batch = args.validation_batch_size or args.batch_size
     if is_streamed(train_set):
         # The shard reader splits shards over processes and workers and sizes the epoch in whole batches.
@@ -405,53 +517,86 @@ def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: ImageFold
             ds.reader.batch_size = batch
             ds.set_loader_cfg(num_workers=args.workers)
         sampler = None
-        train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, drop_last=True, **common)
+        train = torch.utils.data.DataLoader(train_data, batch_size=args.batch_size, drop_last=True,
+                                            collate_fn=collate, **common)
         batches = len(train_set) // args.batch_size
     else:
-        sampler = ResumableSampler(len(train_set), info.world_size, info.rank, True, args.seed)
-        train = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                                            drop_last=True, **common)
+        sampler = ResumableSampler(len(train_set), info.world_size, info.rank, True, args.seed,
+                                   repeats=args.epoch_repeats, aug_repeats=args.aug_repeats)
+        train = torch.utils.data.DataLoader(train_data, batch_size=args.batch_size, sampler=sampler,
+                                            drop_last=True, collate_fn=collate, **common)
         batches = sampler.per_replica // args.batch_size
+        if batches < 1:
+            raise DataError(f'{train_set.root}: {sampler.per_replica} images per process and epoch, fewer than one '
+                            f'batch of {args.batch_size}; lower -b')
     val_sampler = None if is_streamed(val_set) else EvalShardSampler(len(val_set), info.world_size, info.rank)
-    val = torch.utils.data.DataLoader(val_set, batch_size=val_batch, sampler=val_sampler, **common)
+    val = torch.utils.data.DataLoader(val_set, batch_size=val_batch, sampler=val_sampler,
+                                      collate_fn=fast_collate if prefetch else None, **common)
     return Loaders(train, val, sampler, generator, batches, math.ceil(batches / args.grad_accum_steps),
                    epoch_seed=epoch_seed, persistent=persistent)
+
+
+def erase_splits(args: argparse.Namespace) -> int:
+    """timm's ``re_num_splits``: with ``--resplit`` random erasing leaves the first (clean) split alone."""
+    return (args.aug_splits or 2) if args.resplit else 0
 
 
 def build_device_augment(args: argparse.Namespace, data_config: Dict[str, Any], device: torch.device,
                          mixup=None):
     """``(train, eval)`` batch steps on the device: normalise; for training also Mixup/CutMix and then random
-    erasing of the mixed batch (``--reprob``), as timm's prefetcher did in the original runs."""
+    erasing of the mixed batch (``--reprob``), as timm's prefetcher did in the original runs. With
+    ``--no-prefetcher`` the workers did both normalisation and erasing: only the mixing is left. ``--no-aug``
+    turns erasing off, as in the original."""
     from .augment import DeviceAugment
     mean, std = data_config['mean'], data_config['std']
-    train = DeviceAugment(mean, std, device, mixup=mixup, re_prob=args.reprob, re_mode=args.remode,
-                          re_count=args.recount, channels_last=args.channels_last)
-    return train, DeviceAugment(mean, std, device, channels_last=args.channels_last)
+    prefetch = not args.no_prefetcher
+    train = DeviceAugment(mean, std, device, mixup=mixup, re_prob=args.reprob if prefetch and not args.no_aug else 0.,
+                          re_mode=args.remode, re_count=args.recount, re_num_splits=erase_splits(args),
+                          channels_last=args.channels_last, normalize=prefetch)
+    return train, DeviceAugment(mean, std, device, channels_last=args.channels_last, normalize=prefetch)
 
 
 def build_loss(args: argparse.Namespace):
-    """``(mixup, criterion)``: timm's Mixup/CutMix (None when off) and the matching training loss."""
+    """``(mixup, criterion)``: timm's Mixup/CutMix (None when off) and the training loss, chosen as the original
+    chooses it: JSD + cross-entropy over the ``--aug-splits``; with mixing, soft-target cross-entropy (or BCE);
+    else label-smoothed cross-entropy (or BCE), or plain cross-entropy."""
     from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    mixup = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         mixup = Mixup(
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
             prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
             label_smoothing=args.smoothing, num_classes=args.num_classes)
-        return mixup, SoftTargetCrossEntropy()  # mixup's targets are soft (and smoothed)
+    if args.jsd_loss:
+        return mixup, JsdCrossEntropy(num_splits=args.aug_splits, smoothing=args.smoothing)
+    if mixup is not None:  # mixup's targets are soft (and smoothed)
+        if args.bce_loss:
+            return mixup, BinaryCrossEntropy(smoothing=0., target_threshold=args.bce_target_thresh)
+        return mixup, SoftTargetCrossEntropy()
+    if args.bce_loss:
+        return None, BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh)
     if args.smoothing > 0:
         return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     return None, nn.CrossEntropyLoss()
 
 
 def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
-    """``(scheduler, num_epochs)`` from timm's ``create_scheduler_v2``; num_epochs includes the cool-down."""
+    """``(scheduler, num_epochs)`` from timm's ``create_scheduler_v2``; num_epochs includes the cool-down. The
+    original's noise, cycle, k-decay and plateau options as its timm passed them (the noise seeded by --seed)."""
     from timm.scheduler import create_scheduler_v2
+    noise = args.lr_noise
+    if noise is not None and len(noise) == 1:
+        noise = noise[0]
     try:
         scheduler, num_epochs = create_scheduler_v2(
             optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
             cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate, min_lr=args.min_lr,
             warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix,
+            patience_epochs=args.patience_epochs, noise=noise, noise_pct=args.lr_noise_pct,
+            noise_std=args.lr_noise_std, noise_seed=args.seed, cycle_mul=args.lr_cycle_mul,
+            cycle_decay=args.lr_cycle_decay, cycle_limit=args.lr_cycle_limit, k_decay=args.lr_k_decay,
+            plateau_mode='min' if args.eval_metric == 'loss' else 'max',
             step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
     except (AssertionError, ValueError) as e:
         raise UsageError(f'--sched {args.sched}: {e}') from None

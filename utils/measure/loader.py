@@ -41,7 +41,9 @@ def recipe_augmentation(config: str = BASE_CONFIG) -> Dict[str, Any]:
     from utils.cli import parse_args_with_config
     from utils.config import build_train_parser
     args = parse_args_with_config(build_train_parser(), ['-c', config])
-    return dict(train_transform_kwargs(args), re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    model_cfg = {'interpolation': 'bicubic'}  # OverLoCK's (used only when the config turns augmentation off)
+    return dict(train_transform_kwargs(args, model_cfg), re_prob=args.reprob, re_mode=args.remode,
+                re_count=args.recount)
 
 
 def photo_sources() -> List[str]:
