@@ -37,6 +37,7 @@ AUX_CLASSIFIER = 'aux_head.2'
 CLASSIFIER_KEYS = (CLASSIFIER, AUX_CLASSIFIER)
 FIRST_CONV = 'patch_embed1.0'  # the stem's first conv: adapted to the model's input channels on load
 _AUX_PREFIX = 'aux_head.'  # the auxiliary head: absent from models built with use_ds=False
+_SPLIT_BN = '.aux_bn.'  # timm's SplitBatchNorm2d keeps the other splits' BatchNorms under this name
 _PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile wrappers
 
 
@@ -129,7 +130,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     """Adapt a state_dict to ``model``: merge training-form weights for a deploy model, adapt the first conv
     to the model's input channels (timm's ``adapt_input_conv``: grayscale sums the RGB filters, more channels
     repeat them), drop classifiers whose class count differs (they keep their fresh init: fine-tuning), drop
-    an unused auxiliary head."""
+    an unused auxiliary head and the extra statistics of split BatchNorm training."""
     state_dict = extract_state_dict(state_dict, use_ema=None)
     model_sd = model.state_dict()
     conv = FIRST_CONV + '.weight'
@@ -167,6 +168,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     if not any(k.startswith(_AUX_PREFIX) for k in model_sd):
         for k in [k for k in state_dict if k.startswith(_AUX_PREFIX)]:
             del state_dict[k]  # built with use_ds=False: the auxiliary head is not needed
+    split = [k for k in state_dict if _SPLIT_BN in k and k not in model_sd]
+    if split:
+        # Trained with --split-bn (timm's SplitBatchNorm2d): the augmented splits' statistics; a split layer
+        # evaluates with its main statistics, which are the plain BatchNorm keys.
+        _logger.info('Dropping %d split-BatchNorm keys of the augmentation splits (%s ...): the main statistics '
+                     'are used, as the split model evaluates', len(split), split[0])
+        for k in split:
+            del state_dict[k]
     return state_dict
 
 

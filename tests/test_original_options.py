@@ -772,6 +772,12 @@ def test_augmix_splits_jsd_and_split_bn_train_and_resume_exactly(small, tmp_path
         assert code == 0, err
         assert state_dicts_equal(load(ref / 'last.pth'), load(part / 'last.pth')) is None
         assert any('aux_bn' in k for k in load(ref / 'last.pth')['state_dict'])
+    # a split-BatchNorm checkpoint evaluates as the plain model with the main statistics
+    split = timm.create_model('overlock_xt', **TINY_KWARGS, num_classes=2)
+    import models
+    models.load_checkpoint(split, str(ref / 'model_best.pth'), strict=True)
+    saved = load(ref / 'model_best.pth')['state_dict']
+    assert all(torch.equal(v, saved[k]) for k, v in split.state_dict().items())
 
 
 @pytest.mark.slow
