@@ -298,6 +298,9 @@ class TfPreprocessing:
         self.std = torch.tensor(cfg['std']).view(-1, 1, 1)
 
     def __call__(self, image_bytes: bytes) -> torch.Tensor:
+        if not image_bytes.startswith(b'\xff\xd8'):
+            raise DataError('--tf-preprocessing decodes JPEG files only (TensorFlow\'s JPEG decoder, as for '
+                            'ImageNet); drop the option for other image files')
         img = torch.from_numpy(self.tf(image_bytes)).float().div_(255)
         return img.sub_(self.mean).div_(self.std)
 
