@@ -2,8 +2,9 @@
 
 Modules: ``overlock`` (the network, its variants and timm registration), ``contmix`` (the Focus-Net's ContMix
 block), ``layers`` (shared layers, the DilatedReparamBlock), ``weights`` (loading weight files), ``ops`` (the
-neighbourhood-aggregation op and its backends). Imports go one way, without cycles:
-overlock -> contmix, weights, layers; contmix -> layers, ops; weights -> layers.
+neighbourhood-aggregation op and its backends), ``dense`` (the release's dense backbones and UPerNet; imported
+on use). Imports go one way, without cycles: dense -> overlock, weights, layers; overlock -> contmix, weights,
+layers; contmix -> layers, ops; weights -> layers.
 """
 from .weights import (
     CLASSIFIER_KEYS, CheckpointError, checkpoint_filter_fn, extract_state_dict, guess_variant, is_deploy_state_dict,

@@ -22,10 +22,12 @@ from torch import nn
 
 from .layers import LayerNorm2d, LayerScale
 from .overlock import OverLoCK, check_input, variant_args, variant_short
+from .weights import CheckpointError, checkpoint_filter_fn, extract_state_dict, read_checkpoint_file
 
 __all__ = [
     'OverLoCKBackbone', 'create_backbone', 'ConvModule', 'UPerHead', 'FCNHead', 'UPerNet', 'SEGMENTERS',
-    'create_segmenter', 'ADE20K_CLASSES', 'SEG_RELEASE_URL',
+    'create_segmenter', 'ADE20K_CLASSES', 'SEG_RELEASE_URL', 'checkpoint_task', 'load_dense_checkpoint',
+    'load_backbone_weights',
 ]
 
 # The released ADE20K UPerNet files (the release names the variants tiny / small / base there).
@@ -229,7 +231,8 @@ SEGMENTERS: Dict[str, Dict[str, Any]] = {
 
 def create_segmenter(name: str, num_classes: int = 150, reparam: bool = False, **kwargs: Any) -> UPerNet:
     """A UPerNet of ``SEGMENTERS`` (``upernet_overlock_t`` ...), randomly initialised; ``kwargs`` override the
-    backbone's constructor arguments (e.g. ``drop_path_rate``, or a small ``depth`` for tests).
+    backbone's constructor arguments (e.g. ``drop_path_rate``, or a small ``depth`` for experiments), and
+    ``channels`` / ``aux_channels`` the heads' widths (512 / 256 as released).
 
     Args:
         name: ``upernet_overlock_{t,s,b}``.
@@ -240,13 +243,82 @@ def create_segmenter(name: str, num_classes: int = 150, reparam: bool = False, *
         raise ValueError(f'unknown segmenter {name!r}; known: {", ".join(SEGMENTERS)}')
     cfg = dict(SEGMENTERS[name])
     variant = cfg.pop('variant') + ('_reparam' if reparam else '')
+    heads = {k: kwargs.pop(k) for k in ('channels', 'aux_channels') if k in kwargs}
     cfg.update(kwargs)
-    return UPerNet(create_backbone(variant, **cfg), num_classes=num_classes)
+    return UPerNet(create_backbone(variant, **cfg), num_classes=num_classes, **heads)
 
 
 def release_url(name: str) -> str:
     """The released ADE20K file of a segmenter name."""
     return SEG_RELEASE_URL.format(_SEG_FILE_NAMES[variant_short(SEGMENTERS[name]['variant'])])
+
+
+# --- weight files ----------------------------------------------------------------------------------------------
+
+# What the top-level names of a weight file's keys say it holds.
+_TASK_KEYS = (('segmentation', ('decode_head.',)), ('detection', ('rpn_head.', 'roi_head.', 'neck.')),
+              ('classification', ('head.', 'blocks1.', 'patch_embed1.')))
+
+
+def checkpoint_task(state_dict: Dict[str, torch.Tensor]) -> str:
+    """'segmentation', 'detection', 'classification' or 'unknown', from a state_dict's keys."""
+    for task, prefixes in _TASK_KEYS:
+        if any(k.startswith(prefixes) for k in state_dict):
+            return task
+    return 'unknown'
+
+
+def load_dense_checkpoint(model: nn.Module, path: str, task: str) -> Dict[str, Any]:
+    """Load a dense model's weights strictly: a released mmcv file (``meta``, ``state_dict``, maybe
+    ``optimizer``; read with ``weights_only=True``) or one of ours. A training-form file loads into a deploy-form
+    backbone (merged on the fly). Returns the file's ``meta`` (empty for ours).
+
+    Args:
+        model: a :class:`UPerNet` (``task='segmentation'``) or a detector.
+        path: the file.
+        task: what the file must hold; a file of another task is refused in one line.
+    """
+    checkpoint = read_checkpoint_file(path)
+    state_dict = extract_state_dict(checkpoint, use_ema=False, source=f'checkpoint {path}')
+    found = checkpoint_task(state_dict)
+    if found != task:
+        hint = {'classification': ' (ImageNet weights start a fine-tuning run: --pretrained-path)'}.get(found, '')
+        raise CheckpointError(f'checkpoint {path} holds a {found} model, not a {task} one{hint}')
+    state_dict = checkpoint_filter_fn(state_dict, model)  # merges training-form weights for a deploy model
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f'{k} {list(v.shape)} vs {list(own[k].shape)}' for k, v in state_dict.items()
+              if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f'{len(x)} {what} ({", ".join(x[:3])}{", ..." if len(x) > 3 else ""})'
+                 for what, x in (('missing keys', missing), ('unexpected keys', unexpected),
+                                 ('shape mismatches', shapes)) if x]
+        raise CheckpointError(f'checkpoint {path} does not fit this {task} model: {"; ".join(parts)}; build the '
+                              f'model of the file\'s variant and class count')
+    model.load_state_dict(state_dict)
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def load_backbone_weights(backbone: OverLoCKBackbone, path: str) -> None:
+    """Start a dense backbone from ImageNet classification weights (the release's ``overlock_*_in1k_224.pth``):
+    the file's ``state_dict`` (not its EMA, as mmcv's loader chose for the released models), the trunk loaded
+    strictly, the classifier heads left out, the LayerNorms of the outputs (and ``h_proj``) left at their
+    initialisation."""
+    checkpoint = read_checkpoint_file(path)
+    state_dict = extract_state_dict(checkpoint, use_ema=False, source=f'checkpoint {path}')
+    if checkpoint_task(state_dict) != 'classification':
+        raise CheckpointError(f'checkpoint {path} holds a {checkpoint_task(state_dict)} model, not ImageNet '
+                              f'classification weights')
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(('head.', 'aux_head.'))}
+    state_dict = checkpoint_filter_fn(state_dict, backbone)
+    missing, unexpected = backbone.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.startswith(('extra_norm.', 'h_proj.'))]
+    if missing or unexpected:
+        raise CheckpointError(f'checkpoint {path} does not fit this backbone: {len(missing)} missing, '
+                              f'{len(unexpected)} unexpected keys ({", ".join((missing + unexpected)[:3])}); '
+                              f'use the weights of the same variant')
 
 
 # ADE20K's 150 classes, in the order of the released models' outputs (mmseg's ADE20KDataset).

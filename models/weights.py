@@ -41,6 +41,15 @@ _SPLIT_BN = '.aux_bn.'  # timm's SplitBatchNorm2d keeps the other splits' BatchN
 _PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile wrappers
 
 
+def _numpy_scalar_globals() -> list:
+    import numpy as np
+    core = getattr(np, '_core', None) or np.core
+    return [core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in ('float64', 'float32', 'int64', 'int32')]
+
+
+_NUMPY_SCALARS = _numpy_scalar_globals()
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why and what to do."""
 
@@ -53,11 +62,16 @@ def read_checkpoint_file(path: str) -> Any:
     if os.path.isdir(path):
         raise CheckpointError(f'checkpoint {path} is a directory; pass the .pth file inside it')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        # numpy scalars and dtypes: mmcv's checkpoints (the released dense models) keep evaluation scores in
+        # their 'meta'; nothing else beyond plain data is allowed.
+        with torch.serialization.safe_globals(_NUMPY_SCALARS):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        import re
+        found = re.search(r'(?:Unsupported global|Unsupported operand)[^\n]*?(GLOBAL )?([\w.]+)', str(e))
+        what = f'it holds {found.group(2)}' if found else (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
-            f'checkpoint {path} cannot be loaded safely (weights_only=True refused it: {first}); '
+            f'checkpoint {path} cannot be loaded safely (torch.load with weights_only=True refused it: {what}); '
             f're-save it as a plain state_dict of tensors') from e
     except Exception as e:  # torch.load raises many types on damaged files (RuntimeError, EOFError, KeyError...)
         raise CheckpointError(

@@ -161,3 +161,53 @@ def state_dicts_equal(a: dict, b: dict, keys=('state_dict', 'state_dict_ema')) -
             if not torch.equal(tensor, b[key][name]):
                 return f'{key}.{name} differs (max abs diff {(tensor.float() - b[key][name].float()).abs().max()})'
     return None
+
+
+def make_ade20k_folder(root: Path, n_train: int = 4, n_val: int = 2, classes: int = 150, size=(96, 72)) -> Path:
+    """An ADE20K-layout folder (``images/{training,validation}/*.jpg``, ``annotations/.../*.png``) of crops of
+    real photographs (scikit-learn's samples) with blocky annotations of raw ids 0..``classes`` (0: 'other')."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    photos = load_sample_images().images
+    rng = np.random.default_rng(0)
+    w, h = size
+    k = 0
+    for split, n in (('training', n_train), ('validation', n_val)):
+        (root / 'images' / split).mkdir(parents=True, exist_ok=True)
+        (root / 'annotations' / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            photo = photos[k % len(photos)]
+            y, x = rng.integers(0, photo.shape[0] - h), rng.integers(0, photo.shape[1] - w)
+            Image.fromarray(photo[y:y + h, x:x + w]).save(root / 'images' / split / f'ADE_{split}_{i:08d}.jpg',
+                                                          quality=92)
+            blocks = rng.integers(0, classes + 1, (h // 12 + 1, w // 12 + 1))
+            label = np.kron(blocks, np.ones((12, 12), dtype=blocks.dtype))[:h, :w].astype(np.uint8)
+            Image.fromarray(label).save(root / 'annotations' / split / f'ADE_{split}_{i:08d}.png')
+            k += 1
+    return root
+
+
+def reference_fill(shapes: Dict[str, Sequence[int]]) -> Dict[str, torch.Tensor]:
+    """The deterministic float64 weights the dense reference data was computed with (tests/data's
+    golden_dense_t.pt; the rules of its README): keys in sorted order, one generator seeded 0."""
+    import math
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for key in sorted(shapes):
+        shape = tuple(shapes[key])
+        if key.endswith('num_batches_tracked'):
+            continue
+        if key.endswith('running_var'):
+            value = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
+        elif key.endswith('running_mean'):
+            value = (torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5) * 0.2
+        elif len(shape) == 1 and key.endswith('weight'):
+            value = 1 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        elif len(shape) == 1:
+            value = 0.05 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        elif len(shape) in (2, 4) and key.endswith('weight'):
+            value = torch.randn(shape, generator=gen, dtype=torch.float64) / math.sqrt(math.prod(shape[1:]))
+        else:
+            value = 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        out[key] = value
+    return out

@@ -320,7 +320,7 @@ class EpochSeed:
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = epoch
 
-    def __call__(self, img):
+    def __call__(self, *inputs):
         info = torch.utils.data.get_worker_info()
         if info is not None and self._seeded_for != self._epoch.value:
             self._seeded_for = self._epoch.value
@@ -329,7 +329,7 @@ class EpochSeed:
             if self.seed_numpy:
                 np.random.seed(s)
             torch.manual_seed(s)
-        return self.transform(img)
+        return self.transform(*inputs)
 
 
 # --- timm's dataset factory: tar files, webdataset shards, Hugging Face datasets ----------------------------
