@@ -401,3 +401,41 @@ def test_fine_tuning_resumes_exactly_after_a_preemption(ade, tmp_path, monkeypat
     assert (tmp_path / 'part' / 'eval.csv').read_text().startswith('iter,mIoU')
     code, out, err = _train(root, tmp_path / 'part', '--max-iters', '4')
     assert code == 2 and 'holds another run' in err
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_two_processes_with_torchrun(ade, tmp_path):
+    """torchrun with 2 CPU processes (gloo, DDP): the run trains, evaluates each process's shard of the
+    validation images and sums the counts; the sharded evaluation equals a single-process one."""
+    import subprocess
+    import sys
+    from tests.helpers import REPO, free_port, load, subprocess_env
+    root, _ = ade
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
+           '-m', 'scripts.segment', 'train', '--data-dir', str(root), '--output', str(out), '--model-kwargs',
+           *TINY_CLI, '-j', '0', '--crop-size', '64', '--device', 'cpu', '-b', '2', '--max-iters', '2',
+           '--eval-interval', '2', '--ckpt-interval', '2', '--log-interval', '1']
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '2 process(es) x batch 2' in proc.stderr and 'Iter 2: mIoU' in proc.stderr
+    state = load(out / 'last.pth')
+    assert state['iter'] == 2 and len(state['rng']) == 2
+    sharded = float(proc.stderr.split('Iter 2: mIoU ')[1].split()[0])
+    model = _tiny_segmenter()
+    model.load_state_dict(state['state_dict'])
+    from utils.seg_train import evaluate_segmentation
+    from utils.segmentation import ADE20KFolder
+    single = evaluate_segmentation(model, ADE20KFolder(str(root), 'validation'), torch.device('cpu'), 150,
+                                   workers=0).summary()['mIoU']
+    assert sharded == pytest.approx(single, abs=0.006)  # the log prints 2 decimals
+
+
+def test_training_refuses_what_cannot_work_in_one_line(ade, tmp_path):
+    root, ckpt = ade
+    for flags, expect in ((['-b', '1'], 'needs at least 2 images per batch'),
+                          (['--resume', str(tmp_path / 'none.pth')], 'does not exist'),
+                          (['--finetune', str(ckpt), '--pretrained-path', str(ckpt)], 'pass only one'),
+                          (['--pretrained-path', str(ckpt)], 'holds a segmentation model, not ImageNet')):
+        code, out, err = _train(root, tmp_path / 'r', '--max-iters', '1', *flags)
+        assert code == 2 and err.strip().splitlines()[-1].startswith('error: ') and expect in err, (flags, err)

@@ -121,8 +121,12 @@ class SegFineTune:
     def __init__(self, args: argparse.Namespace, info: DistInfo, model: nn.Module):
         self.args, self.info, self.device = args, info, info.device
         self.model = model.to(self.device)
-        if info.distributed and self.device.type == 'cuda':
+        sync_bn = info.distributed and self.device.type == 'cuda'
+        if sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if args.batch_size * (info.world_size if sync_bn else 1) < 2:
+            raise UsageError(f'-b {args.batch_size}: the pyramid pooling\'s BatchNorm (on a 1x1 map) needs at least 2 '
+                             f'images per batch (SyncBatchNorm on several GPUs counts all of them); use -b 2')
         self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.lr,
                                            betas=(0.9, 0.999))
         self.scaler = torch.amp.GradScaler(self.device.type) if args.amp and args.amp_dtype == 'float16' else None
