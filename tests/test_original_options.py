@@ -182,8 +182,8 @@ def _mixed(t: Trainer):
 
 
 def _transforms(t: Trainer) -> str:
-    ds = t.loaders.train.dataset
-    return repr(getattr(ds, 'dataset', ds).transform.transform) + repr(getattr(ds, 'augmentation', '')) + \
+    ds = t.loaders.train.dataset.dataset  # inside the per-sample seeding wrapper
+    return repr(getattr(ds, 'dataset', ds).transform) + repr(getattr(ds, 'augmentation', '')) + \
         repr(getattr(ds, 'normalize', ''))
 
 
@@ -212,9 +212,10 @@ def _loader(t: Trainer):
     tr, va = t.loaders.train, t.loaders.val
     sampler = t.loaders.sampler
     sampler.set_epoch(0)
+    data = tr.dataset.dataset  # inside the per-sample seeding wrapper
     return (tr.batch_size, va.batch_size, tr.num_workers, tr.persistent_workers, tr.collate_fn.__name__,
-            type(tr.dataset).__name__, getattr(tr.dataset, 'num_splits', 0), t.loaders.batches_per_epoch,
-            list(sampler), t.loaders.epoch_seed.seed_numpy)
+            type(data).__name__, getattr(data, 'num_splits', 0), t.loaders.batches_per_epoch,
+            [i for i, _ in sampler], tr.dataset.seed_numpy)
 
 
 def _data(t: Trainer):
@@ -966,27 +967,25 @@ def test_validate_other_original_options(imagenet_like, tmp_path, monkeypatch, c
 
 
 def test_worker_seeding_part_leaves_numpy_to_torchs_worker_seeding():
-    from utils.data import EpochSeed, epoch_worker_seed
+    from utils.data import SeededSamples
 
     class Draws(torch.utils.data.Dataset):
-        def __init__(self, transform):
-            self.transform = transform
-
         def __len__(self):
             return 2
 
         def __getitem__(self, i):
-            return self.transform(i)
+            return float(np.random.rand())
 
     def draws(seed_numpy: bool) -> List[float]:
-        seeded = EpochSeed(lambda _: float(np.random.rand()), seed=1, seed_numpy=seed_numpy)
-        loader = torch.utils.data.DataLoader(Draws(seeded), batch_size=None, num_workers=1,
-                                             generator=torch.Generator().manual_seed(5))
+        loader = torch.utils.data.DataLoader(SeededSamples(Draws(), seed_numpy), batch_size=None, num_workers=1,
+                                             sampler=[(0, 11), (1, 12)], generator=torch.Generator().manual_seed(5))
         return [float(v) for v in loader]
 
-    np.random.seed(epoch_worker_seed(1, 0, 0, 0))
-    expected = [float(np.random.rand()) for _ in range(2)]
-    assert draws(True) == expected  # all: numpy re-seeded from (seed, epoch, rank, worker)
+    expected = []
+    for seed in (11, 12):
+        np.random.seed(seed)
+        expected.append(float(np.random.rand()))
+    assert draws(True) == expected  # all: numpy seeded with each sample's seed
     assert draws(False) != expected and draws(False) == draws(False)  # part: torch's seeding, still reproducible
 
 

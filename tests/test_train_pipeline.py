@@ -28,8 +28,8 @@ def test_workers_hand_over_uint8_batches_without_normalising_or_erasing(data_dir
     loaders, _ = _loaders(args)
     x, y = next(iter(loaders.train))
     assert x.dtype == torch.uint8 and x.shape == (4, 3, 32, 32) and y.dtype == torch.int64
-    epoch_seed = loaders.train.dataset.transform  # re-seeds worker streams per epoch, then calls timm's transform
-    names = [type(t).__name__ for t in epoch_seed.transform.transforms]
+    transform = loaders.train.dataset.dataset.transform  # timm's, inside the per-sample seeding wrapper
+    names = [type(t).__name__ for t in transform.transforms]
     assert 'Normalize' not in names and 'RandomErasing' not in names, names
     xv, _ = next(iter(loaders.val))
     assert xv.dtype == torch.uint8

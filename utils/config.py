@@ -13,6 +13,7 @@ import yaml
 
 from .checkpoint import BEST_EMA_FILE, BEST_FILE, EMA_FOLDER, LAST_FILE, RECOVERY_FILE, is_epoch_file
 from .cli import UsageError, add_model_args, add_na2d_backend_arg
+from .distributed import DEFAULT_DIST_TIMEOUT
 
 __all__ = ['build_train_parser', 'check_train_args', 'args_to_yaml', 'RUN_FILES', 'STALE_FILES', 'run_files_in',
            'NO_EFFECT_OPTIONS', 'no_effect_options_set']
@@ -274,6 +275,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     group.add_argument('--dist_url', '--dist-url', dest='dist_url', default='env://', metavar='URL',
                        help='process group init method (env:// reads MASTER_ADDR/PORT as torchrun sets them; '
                             'tcp://HOST:PORT or file:///PATH)')
+    group.add_argument('--dist-timeout', default=DEFAULT_DIST_TIMEOUT, type=float, metavar='S',
+                       help='seconds a collective (or forming the process group) may wait for a peer before failing')
+    group.add_argument('--stop-timeout', default=20.0, type=float, metavar='S',
+                       help='after SIGTERM, the seconds the save-and-exit may take; past them the stacks are dumped '
+                            'and the process exits (a dead peer blocks the save; below torchrun\'s 30 s grace)')
     group.add_argument('--no-ddp-bb', action='store_true', default=False,
                        help='DistributedDataParallel without broadcasting buffers from rank 0 every forward')
     group.add_argument('--gpu-limit', default=1.0, type=float, metavar='F',
@@ -371,6 +377,8 @@ def check_train_args(args: argparse.Namespace) -> List[str]:
         _fail('--recovery-interval', f'must be >= 0, got {args.recovery_interval}')
     if args.nonfinite_limit < 0:
         _fail('--nonfinite-limit', f'must be >= 0, got {args.nonfinite_limit}')
+    if args.dist_timeout <= 0 or args.stop_timeout <= 0:
+        _fail('--dist-timeout/--stop-timeout', 'must be > 0 seconds')
     if args.val_freq < 1:
         _fail('--val-freq', f'must be >= 1, got {args.val_freq}')
     if args.tta > 2:

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset, IterableDataset, Sampler
 
 __all__ = [
     'DataError', 'IMG_EXTENSIONS', 'resolve_split', 'build_image_folder', 'ImageFolderDataset',
-    'check_same_classes', 'ResumableSampler', 'EvalShardSampler', 'seed_worker', 'EpochSeed',
+    'check_same_classes', 'ResumableSampler', 'EvalShardSampler', 'seed_worker', 'EpochSeed', 'sample_seed',
+    'SeededSamples',
     'split_tar', 'build_timm_dataset', 'dataset_classes', 'is_streamed', 'samples_per_rank',
 ]
 
@@ -213,10 +214,12 @@ class ResumableSampler(Sampler):
         aug_repeats: ``--aug-repeats``: timm's ``RepeatAugSampler`` (each image ``aug_repeats`` times, the
             copies on different processes; as many images per process as one pass over the data gives, rounded
             down to 256s), seeded with ``seed + epoch``.
+        sample_seeds: yield ``(index, seed)`` pairs for :class:`SeededSamples`: each sample's augmentation seeded
+            by its place in the epoch.
     """
 
     def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-                 repeats: float = 0., aug_repeats: int = 0):
+                 repeats: float = 0., aug_repeats: int = 0, sample_seeds: bool = False):
         self.dataset_len = num_samples
         self.num_replicas = num_replicas
         self.rank = rank
@@ -224,6 +227,7 @@ class ResumableSampler(Sampler):
         self.seed = seed
         self.epoch = 0
         self.start = 0
+        self.sample_seeds = sample_seeds
         self.repeat_aug = None
         if aug_repeats:
             from timm.data.distributed_sampler import RepeatAugSampler
@@ -256,10 +260,13 @@ class ResumableSampler(Sampler):
         indices += indices[:total - len(indices)]  # pad (wrap around) so that every process gets as many
         return indices[self.rank:total:self.num_replicas]
 
-    def __iter__(self) -> Iterator[int]:
-        indices = self._indices()[self.start:]
-        self.start = 0  # only the first iteration after a resume is partial
-        return iter(indices)
+    def __iter__(self) -> Iterator:
+        start, self.start = self.start, 0  # only the first iteration after a resume is partial
+        indices = self._indices()
+        if not self.sample_seeds:
+            return iter(indices[start:])
+        return iter([(index, sample_seed(self.seed, self.epoch, self.rank, position))
+                     for position, index in enumerate(indices) if position >= start])
 
     def __len__(self) -> int:
         return self.per_replica - self.start
@@ -286,6 +293,54 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """The seed of one sample's augmentation: the run's seed, the epoch, the process and the sample's place in
+    the process's epoch."""
+    return (seed * 1000003 + epoch * 1000033 + rank * 7919 + position * 104729 + 1) % 2 ** 31
+
+
+class SeededSamples(Dataset):
+    """Items ``(index, seed)`` of a :class:`ResumableSampler` with ``sample_seeds``: python's, numpy's and
+    torch's random streams are seeded with the sample's seed before ``dataset[index]``, so that a sample's
+    augmentation depends on its place in the epoch only — not on the loader worker that reads it, the number of
+    workers (none included) or what was read before. A run resumed mid-epoch therefore augments its remaining
+    samples as the uninterrupted run did. In the main process (``-j 0``) the streams are put back afterwards:
+    they also serve the batch steps (mixing, erasing) and are part of the checkpoint.
+
+    Args:
+        dataset: the map-style dataset.
+        seed_numpy: seed numpy too (``--worker-seeding all``); False leaves numpy's stream to torch's own
+            worker seeding (timm's "part").
+    """
+
+    def __init__(self, dataset: Dataset, seed_numpy: bool = True):
+        self.dataset = dataset
+        self.seed_numpy = seed_numpy
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        if self.seed_numpy:
+            np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def __getitem__(self, item):
+        index, seed = item
+        if torch.utils.data.get_worker_info() is not None:
+            self._seed(seed)
+            return self.dataset[index]
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            self._seed(seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
 def epoch_worker_seed(seed: int, epoch: int, rank: int, worker_id: int) -> int:
     """The seed of one loader worker's random streams for one epoch."""
     return (seed * 1000003 + epoch * 1009 + rank * 101 + worker_id) % 2 ** 31
@@ -294,7 +349,8 @@ def epoch_worker_seed(seed: int, epoch: int, rank: int, worker_id: int) -> int:
 class EpochSeed:
     """Re-seeds each loader worker's python / numpy / torch random streams at the start of every epoch, from
     ``(seed, epoch, rank, worker)``: persistent workers (kept across epochs) then draw the same augmentation
-    as workers started afresh each epoch, and a run resumed at an epoch boundary repeats it exactly.
+    as workers started afresh each epoch, and a run resumed at an epoch boundary repeats it exactly. For
+    streamed datasets, which have no sampler (map-style ones seed every sample: :class:`SeededSamples`).
 
     Wraps the dataset's transform; the epoch lives in shared memory, so the main process's
     :meth:`set_epoch` reaches workers that were started earlier. Without worker processes it does nothing

@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import atomic_save, get_rng_state, set_rng_state, to_plain
 from .cli import UsageError
-from .data import EpochSeed, EvalShardSampler, ResumableSampler
+from .data import EvalShardSampler, ResumableSampler, SeededSamples
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier
 from .fileio import atomic_write_text
 from .segmentation import IGNORE_INDEX, ADE20KFolder, IoUAccumulator, TrainTransform, whole_inference
@@ -134,15 +134,14 @@ class SegFineTune:
         self.train_set = ADE20KFolder(args.data_dir, args.train_split,
                                       transform=TrainTransform(crop_size=(args.crop_size, args.crop_size)))
         self.val_set = ADE20KFolder(args.data_dir, args.val_split) if args.eval_interval else None
-        self.epoch_seed = EpochSeed(self.train_set.transform, args.seed, info.rank)
-        self.train_set.transform = self.epoch_seed
-        self.sampler = ResumableSampler(len(self.train_set), info.world_size, info.rank, True, args.seed)
+        self.sampler = ResumableSampler(len(self.train_set), info.world_size, info.rank, True, args.seed,
+                                        sample_seeds=True)
         if self.sampler.per_replica < args.batch_size:
             raise UsageError(f'--data-dir {args.data_dir}: {len(self.train_set)} training images, fewer than one '
                              f'batch of {args.batch_size} per process; lower -b')
         self.generator = torch.Generator()
         self.loader = torch.utils.data.DataLoader(
-            self.train_set, batch_size=args.batch_size, sampler=self.sampler, num_workers=args.workers,
+            SeededSamples(self.train_set), batch_size=args.batch_size, sampler=self.sampler, num_workers=args.workers,
             drop_last=True, worker_init_fn=worker_init, generator=self.generator,
             pin_memory=self.device.type == 'cuda', persistent_workers=False)
         self.batches_per_epoch = self.sampler.per_replica // args.batch_size
@@ -263,7 +262,6 @@ class SegFineTune:
         while self.iter < a.max_iters:
             self.sampler.set_epoch(self.epoch)
             self.sampler.set_start(self.step * a.batch_size)
-            self.epoch_seed.set_epoch(self.epoch)
             self.generator.manual_seed(a.seed * 1000003 + self.epoch * 1009 + info.rank)
             batches = iter(self.loader)
             try:

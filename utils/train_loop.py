@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import os
+import signal
 import time
 from typing import Any, Dict, List, Optional
 
@@ -31,13 +32,14 @@ from .cli import apply_na2d_backend, parse_args_with_config
 from .config import args_to_yaml, build_train_parser, check_train_args
 from .distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier, cleanup, distribute_bn_stats, init_distributed,
+    launched_by_torchrun,
 )
 from .evaluate import MirrorTTA, evaluate
 from .measure.dtypes import parse_dtype
 from . import train_setup as setup
 from .train_step import (
     NonFiniteGuard, NonFiniteLoss, Preemption, ProgressLog, accumulation_group, autocast, close_loader,
-    compute_loss, forward_backward, optimizer_step,
+    compute_loss, die_with_parent, forward_backward, optimizer_step,
 )
 
 __all__ = ['main', 'Trainer', 'NonFiniteLoss', 'EXIT_NONFINITE', 'SUMMARY_COLUMNS']
@@ -64,7 +66,7 @@ class Trainer:
         self.device = info.device
         self.notes = list(notes or [])  # lines for the log once it is set up (options taken otherwise, no effect)
         self.experiment = args.experiment  # the W&B project (resolve_output folds it into --output)
-        self.preemption = Preemption()
+        self.preemption = Preemption(args.stop_timeout)
         self.resume = ResumePoint()
         self.global_step = 0  # optimizer updates done (skipped non-finite updates included)
         self.summary: List[Dict[str, Optional[float]]] = []
@@ -535,7 +537,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_train_parser()
     args = parse_args_with_config(parser, argv)
     notes = check_train_args(args)
-    info = init_distributed(args.device, args.local_rank, init_method=args.dist_url)
+    if launched_by_torchrun():
+        die_with_parent(signal.SIGTERM)  # a launcher killed outright leaves no orphaned run behind
+    info = init_distributed(args.device, args.local_rank, init_method=args.dist_url, timeout=args.dist_timeout)
     limit = setup.apply_gpu_limit(args.gpu_limit, info.device)
     if limit:
         notes.append(limit)

@@ -23,7 +23,7 @@ from .checkpoint import LAST_FILE
 from .cli import UsageError, create_model_from_args, parse_kwargs
 from .config import STALE_FILES, run_files_in
 from .data import (
-    DataError, EpochSeed, EvalShardSampler, ImageFolderDataset, ResumableSampler, build_image_folder,
+    DataError, EpochSeed, EvalShardSampler, ImageFolderDataset, ResumableSampler, SeededSamples, build_image_folder,
     build_timm_dataset, check_same_classes, dataset_classes, is_streamed, resolve_split, samples_per_rank, split_tar,
 )
 from .distributed import DistInfo, all_gather_objects, barrier
@@ -450,7 +450,7 @@ class Loaders:
     generator: torch.Generator  # re-seeded every epoch: worker seeds follow (seed, epoch, rank)
     batches_per_epoch: int
     updates_per_epoch: int
-    epoch_seed: Optional[EpochSeed] = None  # re-seeds the workers' augmentation every epoch
+    epoch_seed: Optional[EpochSeed] = None  # a streamed dataset: re-seeds the workers' augmentation every epoch
     persistent: bool = False  # workers kept across epochs
 
     @property
@@ -496,15 +496,16 @@ def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: ImageFold
     val_set.transform = build_eval_transform(
         cfg['input_size'], interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
         crop_pct=cfg['crop_pct'], use_prefetcher=prefetch)
-    first = transform[0] if args.aug_splits else transform
-    # Every epoch re-seeds each worker before its first image (the clean split's transform comes first).
-    epoch_seed = EpochSeed(first, args.seed, info.rank, seed_numpy=args.worker_seeding == 'all')
+    seed_numpy = args.worker_seeding == 'all'
+    epoch_seed = None
+    if is_streamed(train_set):  # no sampler: every epoch re-seeds each worker before its first image
+        first = transform[0] if args.aug_splits else transform
+        epoch_seed = EpochSeed(first, args.seed, info.rank, seed_numpy=seed_numpy)
+        transform = (epoch_seed, *transform[1:]) if args.aug_splits else epoch_seed
     train_data = train_set
+    train_set.transform = transform
     if args.aug_splits:
-        train_set.transform = (epoch_seed, *transform[1:])
         train_data = AugMixDataset(train_set, num_splits=args.aug_splits)
-    else:
-        train_set.transform = epoch_seed
     generator = torch.Generator()
     persistent = args.workers > 0 and args.persistent_workers
     collate = fast_collate if prefetch else split_collate
@@ -521,10 +522,11 @@ def build_loaders(args: argparse.Namespace, info: DistInfo, train_set: ImageFold
                                             collate_fn=collate, **common)
         batches = len(train_set) // args.batch_size
     else:
+        # Each sample's augmentation is seeded by its place in the epoch (exact mid-epoch resume with workers).
         sampler = ResumableSampler(len(train_set), info.world_size, info.rank, True, args.seed,
-                                   repeats=args.epoch_repeats, aug_repeats=args.aug_repeats)
-        train = torch.utils.data.DataLoader(train_data, batch_size=args.batch_size, sampler=sampler,
-                                            drop_last=True, collate_fn=collate, **common)
+                                   repeats=args.epoch_repeats, aug_repeats=args.aug_repeats, sample_seeds=True)
+        train = torch.utils.data.DataLoader(SeededSamples(train_data, seed_numpy), batch_size=args.batch_size,
+                                            sampler=sampler, drop_last=True, collate_fn=collate, **common)
         batches = sampler.per_replica // args.batch_size
         if batches < 1:
             raise DataError(f'{train_set.root}: {sampler.per_replica} images per process and epoch, fewer than one '

@@ -18,7 +18,7 @@ from .data import seed_worker
 from .distributed import DistInfo, any_true
 
 __all__ = [
-    'NonFiniteLoss', 'Preemption', 'worker_init', 'close_loader', 'autocast', 'compute_loss', 'accumulation_group',
+    'NonFiniteLoss', 'Preemption', 'worker_init', 'die_with_parent', 'close_loader', 'autocast', 'compute_loss', 'accumulation_group',
     'forward_backward', 'optimizer_step', 'NonFiniteGuard', 'ProgressLog', 'fmt_eta',
 ]
 
@@ -30,16 +30,33 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop saves a recovery checkpoint at the next step boundary."""
+    """SIGTERM / SIGUSR1 set a flag; the loop saves a recovery checkpoint at the next step boundary.
+
+    SIGTERM also arms a deadline (``stop_timeout`` seconds): a launcher sends it when a peer has died (torchrun,
+    before it restarts the workers) or when the allocation ends, and then kills the process after a grace period
+    (torchrun: 30 s). When the save cannot finish in time — a dead peer blocks its collectives — the stacks of
+    every thread are written to stderr and the process exits with code 1, so that a restart starts promptly.
+    SIGUSR1, an early notice, has no deadline.
+
+    Args:
+        stop_timeout: seconds after SIGTERM (None: no deadline).
+    """
 
     SIGNALS = tuple(s for s in (getattr(signal, 'SIGTERM', None), getattr(signal, 'SIGUSR1', None)) if s is not None)
 
-    def __init__(self):
+    def __init__(self, stop_timeout: Optional[float] = None):
         self.signum: Optional[int] = None
+        self.stop_timeout = stop_timeout
         self._previous: Dict[int, Any] = {}
+        self._armed = False
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum  # only set a flag: logging or saving inside a signal handler is not safe
+        self.signum = signum  # only set a flag (and arm the deadline): logging or saving here is not safe
+        if signum == getattr(signal, 'SIGTERM', None) and self.stop_timeout and not self._armed:
+            import faulthandler
+            import sys
+            faulthandler.dump_traceback_later(self.stop_timeout, exit=True, file=sys.stderr)
+            self._armed = True
 
     def install(self) -> None:
         for s in self.SIGNALS:
@@ -52,6 +69,10 @@ class Preemption:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
+        if self._armed:
+            import faulthandler
+            faulthandler.cancel_dump_traceback_later()
+            self._armed = False
 
     @property
     def requested(self) -> bool:
@@ -63,13 +84,32 @@ class Preemption:
         return names.get(self.signum, str(self.signum))
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Linux: have the kernel send ``sig`` to this process when its parent dies. Loader workers take SIGKILL (a
+    hard-killed trainer leaves none behind, holding its sockets and memory); a trainer started by torchrun takes
+    SIGTERM (a launcher that died leaves no orphaned run: it saves and stops). Elsewhere nothing; returns
+    whether it is set."""
+    import sys
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        return libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def worker_init(worker_id: int) -> None:
-    """DataLoader worker init: seed python/numpy, ignore the preemption signals."""
+    """DataLoader worker init: seed python/numpy, ignore the preemption signals, die with the parent."""
     seed_worker(worker_id)
     # Preemption signals are for the main process, which stops the loader cleanly; a worker killed by them
     # would make the next batch fail before the recovery checkpoint is written.
     for s in Preemption.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    if die_with_parent() and os.getppid() == 1:  # the trainer died before the request took effect
+        os._exit(0)
 
 
 def close_loader(batches) -> None:
