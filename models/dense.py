@@ -13,7 +13,6 @@ UPerNet (``UPerHead`` with a pyramid pooling module, and ``FCNHead`` as the auxi
 written in plain PyTorch with mmseg's structure, names and initialisation. The detection models build on the
 same backbone (``models/detection.py``).
 """
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch

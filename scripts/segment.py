@@ -141,7 +141,6 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
     from utils.evaluate import markdown_table
     from utils.segmentation import ADE20KFolder
     from utils.seg_train import evaluate_segmentation

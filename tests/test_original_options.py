@@ -372,8 +372,7 @@ PROBED_BY_TESTS = {
     '--no-sync-bn': 'test_sync_bn_and_ddp_options_reach_the_wrappers',
     '--no-ddp-bb': 'test_sync_bn_and_ddp_options_reach_the_wrappers',
     '--dist-bn': 'test_train_scale.py::test_dist_bn_makes_statistics_equal_over_two_processes',
-    '--recovery-interval':
-        'test_train_scale.py::test_hard_kill_of_a_worker_resumes_from_the_recovery_checkpoint_exactly',
+    '--recovery-interval': 'test_restarts.py::test_hard_kill_then_the_same_command_resumes_exactly',
     '--checkpoint-hist': 'test_checkpoint_hist_and_eval_metric_loss',
     '--local-rank': 'test_train_original.py::test_local_rank_reaches_the_device_choice',
     '--dist_url': 'test_dist_url_forms_the_process_group',
@@ -612,7 +611,8 @@ def test_dist_url_forms_the_process_group(tmp_path):
     script = ('import os, sys, torch, torch.distributed as dist\n'
               'from utils.distributed import init_distributed\n'
               'info = init_distributed("cpu", init_method=sys.argv[1])\n'
-              't = torch.tensor([float(info.rank + 1)]); dist.all_reduce(t); print("sum", int(t.item()))\n')
+              't = torch.tensor([float(info.rank + 1)]); dist.all_reduce(t); print("sum", int(t.item()))\n'
+              'dist.destroy_process_group()\n')
     import subprocess
     from tests.helpers import REPO, subprocess_env
     for url in (f'tcp://127.0.0.1:{free_port()}', f'file://{tmp_path}/rendezvous'):
@@ -759,20 +759,22 @@ def test_combinations_that_cannot_work_are_refused_in_one_line(flags, expect):
 @pytest.mark.slow
 def test_augmix_splits_jsd_and_split_bn_train_and_resume_exactly(small, tmp_path):
     """AugMix as the original ran it (timm's AugMixDataset, JSD loss, split BatchNorm, erasing of the augmented
-    splits only) on the prefetcher and the float path; a run resumed after epoch 1 ends with the same weights."""
+    splits only, repeated augmentation): a run resumed after epoch 1 ends with the same weights; the float path
+    (--no-prefetcher, splits collated in the same order) trains too."""
     from tests.helpers import state_dicts_equal
     flags = ['--aug-splits', '3', '--jsd-loss', '--split-bn', '--aa', 'augmix-m3-w2-d1', '--reprob', '0.5',
              '--resplit', '--epochs', '2', '--model-ema', '--aug-repeats', '2']
-    for extra in ([], ['--no-prefetcher']):
-        ref, part = tmp_path / f'ref{len(extra)}', tmp_path / f'part{len(extra)}'
-        code, err = _run(small, ref, *flags, *extra)
-        assert code == 0, err
-        code, err = _run(small, part, *flags, *extra, '--epochs', '1')
-        assert code == 0, err
-        code, err = _run(small, part, *flags, *extra, '--resume', str(part / 'last.pth'))
-        assert code == 0, err
-        assert state_dicts_equal(load(ref / 'last.pth'), load(part / 'last.pth')) is None
-        assert any('aux_bn' in k for k in load(ref / 'last.pth')['state_dict'])
+    ref, part = tmp_path / 'ref', tmp_path / 'part'
+    code, err = _run(small, ref, *flags)
+    assert code == 0, err
+    code, err = _run(small, part, *flags, '--epochs', '1')
+    assert code == 0, err
+    code, err = _run(small, part, *flags, '--resume', str(part / 'last.pth'))
+    assert code == 0, err
+    assert state_dicts_equal(load(ref / 'last.pth'), load(part / 'last.pth')) is None
+    assert any('aux_bn' in k for k in load(ref / 'last.pth')['state_dict'])
+    code, err = _run(small, tmp_path / 'float', *flags, '--epochs', '1', '--no-prefetcher')
+    assert code == 0 and '(aux ' in err, err
     # a split-BatchNorm checkpoint evaluates as the plain model with the main statistics
     split = timm.create_model('overlock_xt', **TINY_KWARGS, num_classes=2)
     import models

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 
@@ -136,10 +136,10 @@ def test_loader_workers_die_with_a_killed_parent():
 
 # --- end to end ----------------------------------------------------------------------------------------------
 
-def _torchrun(argv: List[str], log: Path, rendezvous: str) -> List[subprocess.Popen]:
+def _torchrun(argv: List[str], log: Path, rendezvous: str, restarts: int = 3) -> List[subprocess.Popen]:
     """The launch: one torchrun with 2 workers (static or standalone rendezvous), or two torchruns of one worker
     each, as two nodes meeting in a c10d rendezvous."""
-    base = [sys.executable, '-m', 'torch.distributed.run', '--max-restarts', '3']
+    base = [sys.executable, '-m', 'torch.distributed.run', '--max-restarts', str(restarts)]
     if rendezvous == 'two-nodes':
         endpoint = f'127.0.0.1:{free_port()}'
         cmds = [base + ['--nnodes', '2', '--nproc_per_node', '1', '--rdzv-backend', 'c10d', '--rdzv-endpoint',
@@ -160,38 +160,74 @@ def _processes_of(out: Path) -> List[str]:
     return [p for p in found if int(p) != os.getpid()]
 
 
-_REFERENCES: Dict[str, Path] = {}
+@pytest.fixture(scope='module')
+def reference_run(data_dir, tmp_path_factory) -> Path:
+    """One uninterrupted run that serves every case: its weights do not depend on -j."""
+    ref = tmp_path_factory.mktemp('ref')
+    [proc] = _torchrun(_restart_argv(data_dir, '0') + ['--output', str(ref)], ref / 'launch.log', 'static')
+    assert proc.wait(timeout=300) == 0, (ref / 'launch.log').read_text()[-3000:]
+    return ref
+
+
+def _restart_argv(data_dir: Path, workers: str) -> List[str]:
+    from tests.test_train import RESUME_ARGS
+    return RESUME_ARGS + ['--data-dir', str(data_dir), '-j', workers, '--epochs', '2', '--recovery-interval', '2',
+                          '--resume', 'auto']
+
+
+def _kill_after_recovery(procs: List[subprocess.Popen], log: Path) -> float:
+    """SIGKILL one worker of the last launcher once a recovery checkpoint is written mid-epoch; the time."""
+    deadline = time.time() + 240
+    while 'Recovery checkpoint: epoch 1, batch 2 of 3' not in log.read_text() and \
+            all(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.02)
+    workers = subprocess.run(['pgrep', '-P', str(procs[-1].pid)], capture_output=True, text=True).stdout.split()
+    assert workers, log.read_text()[-3000:]
+    os.kill(int(workers[-1]), signal.SIGKILL)  # as the OOM killer would
+    return time.time()
+
+
+def _same_run(ref: Path, out: Path) -> None:
+    a, b = load(ref / 'last.pth'), load(out / 'last.pth')
+    assert state_dicts_equal(a, b) is None, state_dicts_equal(a, b)
+    assert a['global_step'] == b['global_step']
+    assert [r['train_loss'] for r in read_summary(out / 'summary.csv')] == \
+        [r['train_loss'] for r in read_summary(ref / 'summary.csv')]
+
+
+@pytest.mark.slow
+def test_hard_kill_then_the_same_command_resumes_exactly(reference_run, data_dir, tmp_path):
+    """Without restarts (the launcher gives up): SIGKILL of one worker mid-epoch leaves recovery.pth; the same
+    command again continues from it to the weights of the uninterrupted run."""
+    argv = _restart_argv(data_dir, '2') + ['--output', str(tmp_path / 'run')]
+    procs = _torchrun(argv, tmp_path / 'first.log', 'static', restarts=0)
+    try:
+        _kill_after_recovery(procs, tmp_path / 'first.log')
+        code = procs[0].wait(timeout=120)
+    finally:
+        if procs[0].poll() is None:
+            procs[0].kill()
+    assert code != 0
+    recovery = load(tmp_path / 'run' / 'recovery.pth')
+    assert (recovery['epoch'], recovery['step_in_epoch']) >= (0, 2)
+    [proc] = _torchrun(argv, tmp_path / 'rerun.log', 'static', restarts=0)  # the same command
+    assert proc.wait(timeout=300) == 0, (tmp_path / 'rerun.log').read_text()[-3000:]
+    assert f'Resumed {tmp_path / "run" / "recovery.pth"}' in (tmp_path / 'rerun.log').read_text()
+    _same_run(reference_run, tmp_path / 'run')
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('rendezvous, workers', [('static', '0'), ('standalone', '2'), ('two-nodes', '2')])
-def test_torchrun_restarts_a_killed_run_by_itself_exactly(rendezvous, workers, data_dir, tmp_path_factory):
+def test_torchrun_restarts_a_killed_run_by_itself_exactly(rendezvous, workers, reference_run, data_dir, tmp_path):
     """torchrun --max-restarts 3, 2 CPU processes (gloo), one worker SIGKILLed after a recovery checkpoint:
     torchrun restarts the workers, they resume from recovery.pth, torchrun exits 0 with the weights of an
     uninterrupted run; within 30 s of the kill the run is back; no process is left. ``two-nodes``: two torchruns
     of one worker each in a c10d rendezvous, the second one's worker killed (its agent counts a restart, the
     other's does not)."""
-    from tests.test_train import RESUME_ARGS
-    argv = RESUME_ARGS + ['--data-dir', str(data_dir), '-j', workers, '--epochs', '2', '--recovery-interval', '2',
-                          '--resume', 'auto']
-    if 'ref' not in _REFERENCES:  # one uninterrupted run serves every case: the weights do not depend on -j
-        ref = tmp_path_factory.mktemp('ref')
-        [proc] = _torchrun(argv + ['--output', str(ref)], ref / 'launch.log', 'static')
-        assert proc.wait(timeout=300) == 0, (ref / 'launch.log').read_text()[-3000:]
-        _REFERENCES['ref'] = ref
-    tmp = tmp_path_factory.mktemp(f'{rendezvous}{workers}')
-    out, log = tmp / 'run', tmp / 'launch.log'
-    procs = _torchrun(argv + ['--output', str(out)], log, rendezvous)
+    out, log = tmp_path / 'run', tmp_path / 'launch.log'
+    procs = _torchrun(_restart_argv(data_dir, workers) + ['--output', str(out)], log, rendezvous)
     try:
-        deadline = time.time() + 240
-        while 'Recovery checkpoint: epoch 1, batch 2 of 3' not in log.read_text() and \
-                all(p.poll() is None for p in procs) and time.time() < deadline:
-            time.sleep(0.02)
-        workers_pids = subprocess.run(['pgrep', '-P', str(procs[-1].pid)], capture_output=True,
-                                      text=True).stdout.split()
-        assert workers_pids, log.read_text()[-3000:]
-        os.kill(int(workers_pids[-1]), signal.SIGKILL)  # as the OOM killer would
-        killed = time.time()
+        killed = _kill_after_recovery(procs, log)
         while 'Resumed' not in log.read_text() and time.time() < killed + 120:
             time.sleep(0.05)
         back = time.time() - killed
@@ -203,10 +239,7 @@ def test_torchrun_restarts_a_killed_run_by_itself_exactly(rendezvous, workers, d
     text = log.read_text()
     assert codes == [0] * len(procs), text[-3000:]
     assert f'Resumed {out / "recovery.pth"}' in text and back < 30, (back, text[-2000:])
-    a, b = load(_REFERENCES['ref'] / 'last.pth'), load(out / 'last.pth')
-    assert state_dicts_equal(a, b) is None, state_dicts_equal(a, b)
-    assert [r['train_loss'] for r in read_summary(out / 'summary.csv')] == \
-        [r['train_loss'] for r in read_summary(_REFERENCES['ref'] / 'summary.csv')]
+    _same_run(reference_run, out)
     deadline = time.time() + 5
     while _processes_of(out) and time.time() < deadline:
         time.sleep(0.1)

@@ -247,7 +247,6 @@ class SegFineTune:
         return False
 
     def run(self) -> int:
-        a, info = self.args, self.info
         self.model.train()
         self.preemption.install()
         try:
