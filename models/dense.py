@@ -228,6 +228,20 @@ SEGMENTERS: Dict[str, Dict[str, Any]] = {
 }
 
 
+def model_table_args(table: Dict[str, Dict[str, Any]], name: str, reparam: bool, kwargs: Dict[str, Any],
+                     head_keys: Sequence[str]) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    """A dense model's entry of its table: the backbone's variant (``_reparam`` for the deploy form), the
+    backbone's arguments (the table's, overridden by ``kwargs``) and the heads' (``head_keys`` taken out of
+    ``kwargs``)."""
+    if name not in table:
+        raise ValueError(f'unknown model {name!r}; known: {", ".join(table)}')
+    cfg = dict(table[name])
+    variant = cfg.pop('variant') + ('_reparam' if reparam else '')
+    heads = {k: kwargs.pop(k) for k in head_keys if k in kwargs}
+    cfg.update(kwargs)
+    return variant, cfg, heads
+
+
 def create_segmenter(name: str, num_classes: int = 150, reparam: bool = False, **kwargs: Any) -> UPerNet:
     """A UPerNet of ``SEGMENTERS`` (``upernet_overlock_t`` ...), randomly initialised; ``kwargs`` override the
     backbone's constructor arguments (e.g. ``drop_path_rate``, or a small ``depth`` for experiments), and
@@ -238,12 +252,7 @@ def create_segmenter(name: str, num_classes: int = 150, reparam: bool = False, *
         num_classes: classes of both heads.
         reparam: build the backbone in deploy form.
     """
-    if name not in SEGMENTERS:
-        raise ValueError(f'unknown segmenter {name!r}; known: {", ".join(SEGMENTERS)}')
-    cfg = dict(SEGMENTERS[name])
-    variant = cfg.pop('variant') + ('_reparam' if reparam else '')
-    heads = {k: kwargs.pop(k) for k in ('channels', 'aux_channels') if k in kwargs}
-    cfg.update(kwargs)
+    variant, cfg, heads = model_table_args(SEGMENTERS, name, reparam, kwargs, ('channels', 'aux_channels'))
     return UPerNet(create_backbone(variant, **cfg), num_classes=num_classes, **heads)
 
 
@@ -255,7 +264,8 @@ def release_url(name: str) -> str:
 # --- weight files ----------------------------------------------------------------------------------------------
 
 # What the top-level names of a weight file's keys say it holds.
-_TASK_KEYS = (('segmentation', ('decode_head.',)), ('detection', ('rpn_head.', 'roi_head.', 'neck.')),
+_TASK_KEYS = (('segmentation', ('decode_head.',)),
+              ('detection', ('rpn_head.', 'roi_head.', 'neck.', 'rpn.', 'roi_heads.')),
               ('classification', ('head.', 'blocks1.', 'patch_embed1.')))
 
 
@@ -269,11 +279,13 @@ def checkpoint_task(state_dict: Dict[str, torch.Tensor]) -> str:
 
 def load_dense_checkpoint(model: nn.Module, path: str, task: str) -> Dict[str, Any]:
     """Load a dense model's weights strictly: a released mmcv file (``meta``, ``state_dict``, maybe
-    ``optimizer``; read with ``weights_only=True``) or one of ours. A training-form file loads into a deploy-form
-    backbone (merged on the fly). Returns the file's ``meta`` (empty for ours).
+    ``optimizer``; read with ``weights_only=True``; a released detector's keys converted to torchvision's layout)
+    or one of ours. A training-form file loads into a deploy-form backbone (merged on the fly). Returns the
+    file's ``meta`` (empty for ours).
 
     Args:
-        model: a :class:`UPerNet` (``task='segmentation'``) or a detector.
+        model: a :class:`UPerNet` (``task='segmentation'``) or a :class:`~models.detection.MaskRCNN`
+            (``'detection'``).
         path: the file.
         task: what the file must hold; a file of another task is refused in one line.
     """
@@ -283,6 +295,13 @@ def load_dense_checkpoint(model: nn.Module, path: str, task: str) -> Dict[str, A
     if found != task:
         hint = {'classification': ' (ImageNet weights start a fine-tuning run: --pretrained-path)'}.get(found, '')
         raise CheckpointError(f'checkpoint {path} holds a {found} model, not a {task} one{hint}')
+    if task == 'detection':
+        from .detection import convert_mmdet_state_dict, is_mmdet_state_dict
+        if is_mmdet_state_dict(state_dict):
+            try:
+                state_dict = convert_mmdet_state_dict(state_dict)
+            except CheckpointError as e:
+                raise CheckpointError(f'checkpoint {path}: {e}') from None
     state_dict = checkpoint_filter_fn(state_dict, model)  # merges training-form weights for a deploy model
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]

@@ -10,7 +10,7 @@ images, evaluate it on an ADE20K-layout folder, or fine-tune one with the origin
         --model upernet_overlock_t --pretrained-path overlock_t_in1k_224.pth --output runs/upernet_t
 
 Checkpoints are the release's mmcv files (read with ``weights_only=True``) or ours. The test pipeline, the
-metric and the training recipe are the original's mmseg 0.30 ones (docs/segmentation.md).
+metric and the training recipe are the original's mmseg 0.30 ones (docs/dense.md).
 """
 if __name__ == '__main__' and not __package__:
     raise SystemExit('run from the repository root as: python -m scripts.segment [--help]')
@@ -22,25 +22,18 @@ from typing import List, Optional  # noqa: E402
 
 import torch  # noqa: E402
 
-from utils.cli import UsageError, add_na2d_backend_arg, apply_na2d_backend, run_cli  # noqa: E402
+from utils.cli import apply_na2d_backend, run_cli  # noqa: E402
+from utils.dense_cli import add_model_args, add_train_args, build_model, check_positive, train_main  # noqa: E402
 
 _logger = logging.getLogger('segment')
 
 
 def _model_args(p: argparse.ArgumentParser, weights_required: bool) -> None:
     from models.dense import SEGMENTERS
-    p.add_argument('--model', default='upernet_overlock_t', choices=sorted(SEGMENTERS),
-                   help='the segmenter (UPerNet on OverLoCK-T/S/B)')
-    p.add_argument('--checkpoint', required=weights_required, default=None, metavar='FILE',
-                   help='the released ADE20K file (upernet_overlock_{tiny,small,base}_ade20k.pth) or one of ours')
-    p.add_argument('--num-classes', type=int, default=150, metavar='N', help='classes (ADE20K: 150)')
-    p.add_argument('--reparam', action='store_true', help='evaluate the deploy form (merged branches)')
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='backbone constructor arguments (e.g. a smaller depth for experiments); channels= and '
-                        'aux_channels= set the heads\' widths')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--amp', action='store_true', help='mixed precision (bfloat16)')
-    add_na2d_backend_arg(p)
+    add_model_args(p, SEGMENTERS, 'upernet_overlock_t', weights_required,
+                   'the released ADE20K file (upernet_overlock_{tiny,small,base}_ade20k.pth) or one of ours', 150,
+                   'classes (ADE20K: 150)', 'backbone constructor arguments (e.g. a smaller depth for experiments); '
+                   'channels= and aux_channels= set the heads\' widths')
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -62,53 +55,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     _model_args(p, weights_required=True)
 
     p = sub.add_parser('train', help='fine-tune with the original recipe (torchrun for several GPUs)')
-    p.add_argument('--data-dir', required=True, metavar='DIR', help='ADE20K-layout folder')
-    p.add_argument('--train-split', default='training', metavar='NAME')
-    p.add_argument('--val-split', default='validation', metavar='NAME')
-    p.add_argument('--output', required=True, metavar='DIR', help='run directory')
-    p.add_argument('--pretrained-path', default='', metavar='FILE',
-                   help='ImageNet weights of the backbone (overlock_*_in1k_224.pth), as the released models began')
-    p.add_argument('--finetune', default='', metavar='FILE', help='start from a whole segmenter\'s weights instead')
-    p.add_argument('--resume', default='', metavar='FILE', help='continue a run (its last.pth; "auto": OUTPUT/last.pth)')
-    p.add_argument('-b', '--batch-size', type=int, default=2, metavar='N', help='images per process (recipe: 2 x 8)')
+    add_train_args(p, 'training', 'validation', batch_size=2, lr=6e-5, weight_decay=0.01,
+                   eval_help='evaluate every N iterations (0: never)', eval_default=8000,
+                   ckpt_help='write last.pth every N iterations', ckpt_default=8000, layout='ADE20K-layout')
     p.add_argument('--max-iters', type=int, default=160000, metavar='N')
     p.add_argument('--warmup-iters', type=int, default=1500, metavar='N')
-    p.add_argument('--lr', type=float, default=6e-5)
-    p.add_argument('--weight-decay', type=float, default=0.01)
     p.add_argument('--aux-loss-weight', type=float, default=0.4)
     p.add_argument('--crop-size', type=int, default=512, metavar='N', help='training crop (recipe: 512)')
-    p.add_argument('--drop-path', type=float, default=None, metavar='P', help='default: the recipe\'s per variant')
-    p.add_argument('-j', '--workers', type=int, default=4)
-    p.add_argument('--eval-interval', type=int, default=8000, metavar='N', help='evaluate every N iterations (0: never)')
-    p.add_argument('--ckpt-interval', type=int, default=8000, metavar='N', help='write last.pth every N iterations')
-    p.add_argument('--log-interval', type=int, default=50, metavar='N')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'))
-    p.add_argument('--local-rank', '--local_rank', dest='local_rank', type=int, default=None, help=argparse.SUPPRESS)
     _model_args(p, weights_required=False)
     args = parser.parse_args(argv)
-    for name in ('batch_size', 'max_iters', 'log_interval', 'ckpt_interval', 'num_classes'):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-            raise UsageError(f'--{name.replace("_", "-")} must be >= 1')
+    check_positive(args, 'batch_size', 'max_iters', 'log_interval', 'ckpt_interval', 'num_classes')
     return args
 
 
 def _build(args: argparse.Namespace, load: bool = True):
-    from models.dense import create_segmenter, load_dense_checkpoint
-    from utils.cli import parse_kwargs
-    kwargs = parse_kwargs(args.model_kwargs)
-    if getattr(args, 'drop_path', None) is not None:
-        kwargs['drop_path_rate'] = args.drop_path
-    try:
-        model = create_segmenter(args.model, num_classes=args.num_classes, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f'--model {args.model} with {kwargs}: {e}') from None
-    if load and args.checkpoint:
-        meta = load_dense_checkpoint(model, args.checkpoint, 'segmentation')
-        _logger.info('Loaded %s%s', args.checkpoint, f' (iteration {meta["iter"]})' if 'iter' in meta else '')
-    if args.reparam:
-        model.reparameterize()
-    return model
+    from models.dense import create_segmenter
+    return build_model(args, create_segmenter, 'segmentation', load)
 
 
 def _class_names(n: int) -> List[str]:
@@ -168,44 +130,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from models.dense import load_backbone_weights, load_dense_checkpoint
-    from utils.distributed import cleanup, init_distributed
-    from utils.seg_train import LAST, SegFineTune
-    from utils.train_setup import remove_log_handlers, seed_all, setup_logging
-    if args.finetune and args.pretrained_path:
-        raise UsageError('--finetune and --pretrained-path both give the starting weights; pass only one')
-    if args.resume == 'auto':
-        last = os.path.join(args.output, LAST)
-        args.resume = last if os.path.isfile(last) else ''
-    if args.resume and not os.path.isfile(args.resume):
-        raise UsageError(f'--resume {args.resume} does not exist')
-    if not args.resume and os.path.isfile(os.path.join(args.output, LAST)):
-        raise UsageError(f'--output {args.output} holds another run; pass --resume auto to continue it, or another '
-                         f'--output')
-    info = init_distributed(args.device, args.local_rank)
-    try:
-        seed_all(args.seed + info.rank)
-        if info.is_main:
-            os.makedirs(args.output, exist_ok=True)
-        setup_logging(info, os.path.join(args.output, 'log.txt') if info.is_main else None)
-        apply_na2d_backend(args.na2d_backend, info.device)
-        model = _build(args, load=False)
-        if args.pretrained_path:
-            load_backbone_weights(model.backbone, args.pretrained_path)
-        elif args.finetune:
-            load_dense_checkpoint(model, args.finetune, 'segmentation')
-        elif not args.resume:
-            _logger.warning('No --pretrained-path: the backbone starts from random weights (the recipe starts '
-                            'from the ImageNet weights)')
-        run = SegFineTune(args, info, model)
-        if args.resume:
-            run.restore(args.resume)
-        _logger.info('Output %s | %d process(es) x batch %d | %d iterations', args.output, info.world_size,
-                     args.batch_size, args.max_iters)
-        return run.run()
-    finally:
-        cleanup()
-        remove_log_handlers()
+    from models.dense import create_segmenter
+    from utils.seg_train import SegFineTune
+    return train_main(args, create_segmenter, 'segmentation', SegFineTune,
+                      lambda run: f'{run.max_iters} iterations')
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -187,6 +187,64 @@ def make_ade20k_folder(root: Path, n_train: int = 4, n_val: int = 2, classes: in
     return root
 
 
+def make_coco_folder(root: Path, n_train: int = 4, n_val: int = 2, size=(128, 96)) -> Path:
+    """A COCO-layout folder (``annotations/instances_{train,val}.json``, ``{train,val}/*.jpg``) of crops of real
+    photographs (scikit-learn's samples), every other one upright, with 1-3 objects each of 3 categories (ids 1, 3,
+    7): polygons, an uncompressed RLE, and a crowd region that training leaves out."""
+    import json
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+    from sklearn.datasets import load_sample_images
+    photos = load_sample_images().images
+    rng = np.random.default_rng(0)
+    cats = [{'id': 1, 'name': 'roof'}, {'id': 3, 'name': 'petal'}, {'id': 7, 'name': 'sky'}]
+    k, ann_id = 0, 1
+    for split, n in (('train', n_train), ('val', n_val)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i in range(n):
+            w, h = size if i % 2 == 0 else size[::-1]
+            photo = photos[k % len(photos)]
+            y, x = rng.integers(0, photo.shape[0] - h), rng.integers(0, photo.shape[1] - w)
+            name = f'{split}_{i:06d}.jpg'
+            Image.fromarray(photo[y:y + h, x:x + w]).save(root / split / name, quality=92)
+            images.append({'id': 100 + k, 'file_name': name, 'width': w, 'height': h})
+            for j in range(int(rng.integers(1, 4))):
+                x0, y0 = float(rng.uniform(0, w * 0.6)), float(rng.uniform(0, h * 0.6))
+                x1, y1 = float(rng.uniform(x0 + 12, w)), float(rng.uniform(y0 + 12, h))
+                poly = [x0, y0, x1, y0 + 0.3 * (y1 - y0), 0.6 * (x0 + x1), y1, x0, 0.8 * (y1 - y0) + y0]
+                ann = {'id': ann_id, 'image_id': 100 + k, 'category_id': cats[(i + j) % 3]['id'], 'iscrowd': 0}
+                if j == 1:  # an uncompressed RLE
+                    m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([poly], h, w)))
+                    ys, xs = np.nonzero(m)
+                    rle = mask_utils.encode(np.asfortranarray(m))
+                    counts, run, value = [], 0, 0
+                    for v in m.ravel(order='F'):
+                        if v != value:
+                            counts.append(run)
+                            run, value = 0, v
+                        run += 1
+                    counts.append(run)
+                    ann['segmentation'] = {'size': [h, w], 'counts': counts}
+                    ann['area'] = float(mask_utils.area(rle))
+                    ann['bbox'] = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+                                   float(ys.max() - ys.min() + 1)]
+                else:
+                    rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))
+                    ann['segmentation'] = [poly]
+                    ann['area'] = float(mask_utils.area(rle))
+                    ann['bbox'] = [float(v) for v in mask_utils.toBbox(rle)]
+                if j == 2:
+                    ann['iscrowd'] = 1
+                anns.append(ann)
+                ann_id += 1
+            k += 1
+        (root / 'annotations').mkdir(exist_ok=True)
+        (root / 'annotations' / f'instances_{split}.json').write_text(
+            json.dumps({'images': images, 'annotations': anns, 'categories': cats}))
+    return root
+
+
 def reference_fill(shapes: Dict[str, Sequence[int]]) -> Dict[str, torch.Tensor]:
     """The deterministic float64 weights the dense reference data was computed with (tests/data's
     golden_dense_t.pt; the rules of its README): keys in sorted order, one generator seeded 0."""

@@ -216,10 +216,15 @@ class ResumableSampler(Sampler):
             down to 256s), seeded with ``seed + epoch``.
         sample_seeds: yield ``(index, seed)`` pairs for :class:`SeededSamples`: each sample's augmentation seeded
             by its place in the epoch.
+        groups: a group id per sample (e.g. mmdet's aspect-ratio flags): every run of ``batch_size`` indices a
+            process yields is of one group. Each epoch, each group is permuted and cut into batches (the last
+            filled up from the group's start), the batches are shuffled and dealt to the processes in turn.
+        batch_size: the batch of ``groups``.
     """
 
     def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-                 repeats: float = 0., aug_repeats: int = 0, sample_seeds: bool = False):
+                 repeats: float = 0., aug_repeats: int = 0, sample_seeds: bool = False,
+                 groups: Optional[Sequence[int]] = None, batch_size: int = 1):
         self.dataset_len = num_samples
         self.num_replicas = num_replicas
         self.rank = rank
@@ -229,7 +234,16 @@ class ResumableSampler(Sampler):
         self.start = 0
         self.sample_seeds = sample_seeds
         self.repeat_aug = None
-        if aug_repeats:
+        self.groups = None
+        if groups is not None:
+            if len(groups) != num_samples:
+                raise ValueError(f'{len(groups)} group ids for {num_samples} samples')
+            self.batch_size = batch_size
+            self.groups = [[i for i, g in enumerate(groups) if g == gid] for gid in sorted(set(groups))]
+            batches = sum(math.ceil(len(m) / batch_size) for m in self.groups)
+            self.per_replica = math.ceil(batches / num_replicas) * batch_size
+            self.epoch_len = self.per_replica * num_replicas
+        elif aug_repeats:
             from timm.data.distributed_sampler import RepeatAugSampler
             self.repeat_aug = RepeatAugSampler(range(num_samples), num_replicas=num_replicas, rank=rank,
                                                shuffle=shuffle, num_repeats=aug_repeats)
@@ -245,7 +259,25 @@ class ResumableSampler(Sampler):
     def set_start(self, start: int) -> None:
         self.start = max(0, int(start))
 
+    def _grouped_indices(self) -> List[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        b = self.batch_size
+        batches = []
+        for members in self.groups:
+            order = [members[j] for j in torch.randperm(len(members), generator=g)] if self.shuffle else list(members)
+            while len(order) % b:
+                order += order[:b - len(order) % b]
+            batches += [order[k:k + b] for k in range(0, len(order), b)]
+        if self.shuffle:
+            batches = [batches[j] for j in torch.randperm(len(batches), generator=g)]
+        total = self.per_replica // b * self.num_replicas
+        while len(batches) < total:  # wrap around, so that every process gets as many
+            batches += batches[:total - len(batches)]
+        return [i for batch in batches[self.rank:total:self.num_replicas] for i in batch]
+
     def _indices(self) -> List[int]:
+        if self.groups is not None:
+            return self._grouped_indices()
         if self.repeat_aug is not None:
             self.repeat_aug.set_epoch(self.seed + self.epoch)
             return list(self.repeat_aug)

@@ -21,7 +21,7 @@ from .data import DataError
 
 __all__ = [
     'IMG_NORM', 'TEST_SCALE', 'CROP_SIZE', 'IGNORE_INDEX', 'read_image', 'read_label', 'reduce_zero_label',
-    'rescale_size', 'inference_transform', 'TrainTransform', 'SegSample', 'ADE20KFolder', 'find_images',
+    'rescale_size', 'normalize', 'inference_transform', 'TrainTransform', 'SegSample', 'ADE20KFolder', 'find_images',
     'whole_inference', 'IoUAccumulator', 'palette', 'draw_prediction',
 ]
 
@@ -88,7 +88,7 @@ def rescale_size(w: int, h: int, scale: Tuple[int, int]) -> Tuple[int, int]:
     return int(w * float(factor) + 0.5), int(h * float(factor) + 0.5)
 
 
-def _normalize(img: np.ndarray) -> np.ndarray:
+def normalize(img: np.ndarray) -> np.ndarray:
     """mmcv's ``imnormalize`` (BGR uint8 -> RGB float32, the 0-255 scale's mean and std): the constants rounded to
     float32 (mmseg stores them so), the arithmetic in float64, the result rounded to float32. (mmcv does this
     with OpenCV's ``subtract`` / ``multiply``, whose rounding changed in OpenCV 5; numpy gives mmcv's values of
@@ -108,7 +108,7 @@ def inference_transform(img: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]
     rh, rw = resized.shape[:2]
     multiple = (math.ceil(rw / SIZE_DIVISOR) * SIZE_DIVISOR, math.ceil(rh / SIZE_DIVISOR) * SIZE_DIVISOR)
     resized = cv2.resize(resized, multiple, interpolation=cv2.INTER_CUBIC)
-    return torch.from_numpy(_normalize(resized).transpose(2, 0, 1).copy()), (h, w)
+    return torch.from_numpy(normalize(resized).transpose(2, 0, 1).copy()), (h, w)
 
 
 class TrainTransform:
@@ -193,7 +193,7 @@ class TrainTransform:
         if np.random.rand() < self.flip_prob:
             img, label = img[:, ::-1], label[:, ::-1]
         img = self._photometric(np.ascontiguousarray(img))
-        img = _normalize(img)
+        img = normalize(img)
         out = np.zeros((*self.crop_size, 3), dtype=np.float32)  # pad bottom / right
         out[:img.shape[0], :img.shape[1]] = img
         target = np.full(self.crop_size, IGNORE_INDEX, dtype=np.int64)
