@@ -279,9 +279,9 @@ def checkpoint_task(state_dict: Dict[str, torch.Tensor]) -> str:
 
 def load_dense_checkpoint(model: nn.Module, path: str, task: str) -> Dict[str, Any]:
     """Load a dense model's weights strictly: a released mmcv file (``meta``, ``state_dict``, maybe
-    ``optimizer``; read with ``weights_only=True``; a released detector's keys converted to torchvision's layout)
-    or one of ours. A training-form file loads into a deploy-form backbone (merged on the fly). Returns the
-    file's ``meta`` (empty for ours).
+    ``optimizer``; read with ``weights_only=True``; converted by the model's ``adapt_state_dict`` where it has
+    one, as the detector converts mmdet's layout) or one of ours. A training-form file loads into a deploy-form
+    backbone (merged on the fly). Returns the file's ``meta`` (empty for ours).
 
     Args:
         model: a :class:`UPerNet` (``task='segmentation'``) or a :class:`~models.detection.MaskRCNN`
@@ -295,13 +295,12 @@ def load_dense_checkpoint(model: nn.Module, path: str, task: str) -> Dict[str, A
     if found != task:
         hint = {'classification': ' (ImageNet weights start a fine-tuning run: --pretrained-path)'}.get(found, '')
         raise CheckpointError(f'checkpoint {path} holds a {found} model, not a {task} one{hint}')
-    if task == 'detection':
-        from .detection import convert_mmdet_state_dict, is_mmdet_state_dict
-        if is_mmdet_state_dict(state_dict):
-            try:
-                state_dict = convert_mmdet_state_dict(state_dict)
-            except CheckpointError as e:
-                raise CheckpointError(f'checkpoint {path}: {e}') from None
+    adapt = getattr(model, 'adapt_state_dict', None)  # e.g. the detector's conversion of mmdet's layout
+    if adapt is not None:
+        try:
+            state_dict = adapt(state_dict)
+        except CheckpointError as e:
+            raise CheckpointError(f'checkpoint {path}: {e}') from None
     state_dict = checkpoint_filter_fn(state_dict, model)  # merges training-form weights for a deploy model
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]

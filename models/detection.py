@@ -87,9 +87,9 @@ class FPNBackbone(nn.Module):
 
 
 class NominalStrideAnchors(AnchorGenerator):
-    """mmdet's anchors: base anchors centred on 0 and not rounded, shifted by each level's nominal stride
-    (torchvision's generator rounds them and infers the stride from the padded size, which gives 61 instead of
-    64 for a pooled map of 13 cells from an 800-pixel side)."""
+    """mmdet's anchors: base anchors centred on 0, computed in float32 and not rounded, shifted by each level's
+    nominal stride (torchvision's generator rounds them and infers the stride from the padded size, which gives 61
+    instead of 64 for a pooled map of 13 cells from an 800-pixel side)."""
 
     def __init__(self, sizes: Sequence[int] = ANCHOR_SIZES, ratios: Sequence[float] = ANCHOR_RATIOS,
                  strides: Sequence[int] = STRIDES):
@@ -109,15 +109,15 @@ class NominalStrideAnchors(AnchorGenerator):
         if len(feature_maps) != len(self.strides):
             raise ValueError(f'{len(feature_maps)} feature maps for {len(self.strides)} anchor strides')
         dtype, device = feature_maps[0].dtype, feature_maps[0].device
-        self.set_cell_anchors(dtype, device)
+        self.set_cell_anchors(torch.float32, device)  # base anchors in float32 whatever the features', as mmdet
         levels = []
         for stride, base, fmap in zip(self.strides, self.cell_anchors, feature_maps):
             h, w = fmap.shape[-2:]
-            ys = torch.arange(h, dtype=torch.int32, device=device).to(dtype) * stride
-            xs = torch.arange(w, dtype=torch.int32, device=device).to(dtype) * stride
+            ys = torch.arange(h, device=device).to(dtype) * stride
+            xs = torch.arange(w, device=device).to(dtype) * stride
             y, x = torch.meshgrid(ys, xs, indexing='ij')
             shifts = torch.stack([x.reshape(-1), y.reshape(-1)] * 2, dim=1)
-            levels.append((shifts[:, None, :] + base[None, :, :]).reshape(-1, 4))
+            levels.append((shifts[:, None, :] + base.to(dtype)[None, :, :]).reshape(-1, 4))
         anchors = torch.cat(levels)
         return [anchors for _ in image_list.image_sizes]
 
@@ -350,6 +350,11 @@ class MaskRCNN(nn.Module):
             probs = lg[torch.arange(lg.shape[0], device=lg.device), r['labels']].sigmoid()
             r['masks'] = paste_masks(probs, rois / scale, tuple(meta.original_size), self.mask_threshold)
         return results
+
+    @staticmethod
+    def adapt_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A weight file's state_dict in this model's layout: a released (mmdet) one converted, ours as it is."""
+        return convert_mmdet_state_dict(state_dict) if is_mmdet_state_dict(state_dict) else state_dict
 
     @torch.no_grad()
     def reparameterize(self) -> 'MaskRCNN':

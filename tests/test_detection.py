@@ -5,8 +5,15 @@ the training recipe and the command lines.
 Reference data (tests/data): ``dense_manifest.json`` (the released detectors' keys) and ``golden_dense_t.pt``
 (OverLoCK-T: detection backbone, FPN, RPN and RoI heads on stored inputs), computed with the original's
 detection/ code through mmdet 2.28.2 in float64 with the weight fill of ``tests.helpers.reference_fill``.
+``maskrcnn_mmdet228_reference.pt`` was computed with mmdet 2.28.2 and mmcv 1.7.2 (OpenCV 4.10; mmcv's compiled
+NMS and RoIAlign restated in PyTorch step by step, equal to torchvision's on every case without tied scores):
+the released T config's detector at tiny backbone widths in float64 (the same fill, the box classifier scaled
+by 0.6 so that a random detector finds a few dozen objects) — its FPN, RPN outputs, anchors and proposals on a
+random input, and ``simple_test`` on two photographs (detections and masks at the original size); and the COCO
+test and training pipelines (seeded) on three photographs with drawn polygons.
 """
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +295,125 @@ def _photo(w: int = 128, h: int = 96) -> np.ndarray:
     return np.ascontiguousarray(load_sample_images().images[0][:h, :w, ::-1])
 
 
+# --- against mmdet 2.28 itself ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def mmdet_reference():
+    return torch.load(DATA / 'maskrcnn_mmdet228_reference.pt', weights_only=True)
+
+
+def _reference_detector(ref) -> MaskRCNN:
+    """The reference's detector: the tiny backbone, the released heads, the reference's weights converted."""
+    tiny = {k: v for k, v in ref['config']['backbone'].items() if k in TINY_KWARGS}
+    model = create_detector('maskrcnn_overlock_t', drop_path_rate=0.0, **tiny).double().eval()
+    fill = reference_fill(dict(ref['state_dict_keys']))
+    for key in ('roi_head.bbox_head.fc_cls.weight', 'roi_head.bbox_head.fc_cls.bias'):
+        fill[key] = fill[key] * ref['config']['cls_scale']
+    missing, unexpected = model.load_state_dict(convert_mmdet_state_dict(fill), strict=False)
+    assert not unexpected and all(k.endswith('num_batches_tracked') for k in missing)
+    return model
+
+
+def _crc(a) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).tobytes())
+
+
+def test_tiny_detector_fpn_rpn_anchors_and_proposals_equal_mmdets(mmdet_reference):
+    """A random 96x128 input: FPN's five maps, RPN's scores and deltas, the anchors, and the 556 proposals that
+    survive the top-1000 per level, the zero-size filter and NMS per level — boxes and scores in mmdet's order."""
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+    ref = mmdet_reference['tiny']
+    model = _reference_detector(mmdet_reference)
+    x = ref['input']
+    with torch.no_grad():
+        features = model.backbone(x)
+        for ours, theirs, total in zip(features.values(), ref['neck'], ref['neck_sum']):
+            _close(ours, theirs, 1e-6)  # stored rounded to float32
+            assert float(ours.sum()) == pytest.approx(total, rel=1e-9, abs=1e-9)
+        maps = list(features.values())
+        scores, deltas = model.rpn.head(maps)
+        for ours, theirs in zip(scores + deltas, ref['rpn_cls'] + ref['rpn_reg']):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+        images = ImageList(x, [(96, 128)])
+        anchors = model.rpn.anchor_generator(images, maps)
+        start = 0
+        for m, first6 in zip(maps, ref['anchors_first6_per_level']):
+            assert torch.equal(anchors[0][start:start + 6], first6)
+            start += 3 * m.shape[-2] * m.shape[-1]
+        objectness, regression = concat_box_prediction_layers(scores, deltas)
+        proposals = model.rpn.box_coder.decode(regression, anchors).view(1, -1, 4)
+        boxes, kept = model.rpn.filter_proposals(proposals, objectness, images.image_sizes,
+                                                 [s.shape[1] * s.shape[2] * s.shape[3] for s in scores])
+    torch.testing.assert_close(torch.cat([boxes[0], kept[0][:, None]], dim=1), ref['proposals'], rtol=1e-10,
+                               atol=1e-10)
+
+
+def _decode_image(ref, name) -> np.ndarray:
+    import cv2
+    return cv2.imdecode(ref['images'][name].numpy(), cv2.IMREAD_COLOR)
+
+
+@pytest.mark.slow
+def test_tiny_detector_detects_and_segments_as_mmdet(mmdet_reference):
+    """A photograph through the test pipeline (mmdet's input bit for bit) and the whole test path: the same
+    detections (114 before the cap of 100) with the same boxes in the original image, scores and classes, and
+    the same masks pixel for pixel. (The reference also holds the other photograph, 50 detections; it passes
+    the same way and is left out for time.)"""
+    name = 'flower'
+    ref = mmdet_reference['tiny']['e2e'][name]
+    model = _reference_detector(mmdet_reference)
+    x, meta = inference_transform(_decode_image(mmdet_reference, name))
+    assert _crc(x.numpy()) == ref['input_crc32'] and list(meta.scale_factor) == ref['img_meta']['scale_factor']
+    with torch.no_grad():
+        out = model(x[None].double(), [meta])[0]
+    theirs = ref['dets']
+    assert out['boxes'].shape[0] == theirs.shape[0] == ref['n_dets']
+    # mmdet lists detections class by class; order both by (class, -score)
+    order = sorted(range(theirs.shape[0]), key=lambda i: (int(theirs[i, 5]), -float(theirs[i, 4])))
+    ours = sorted(range(theirs.shape[0]), key=lambda i: (int(out['labels'][i]) - 1, -float(out['scores'][i])))
+    torch.testing.assert_close(out['labels'][ours] - 1, theirs[order, 5].long())
+    torch.testing.assert_close(out['scores'][ours], theirs[order, 4], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out['boxes'][ours], theirs[order, :4], rtol=1e-9, atol=1e-9)
+    h, w = ref['img_meta']['ori_shape'][:2]
+    for i, j in zip(ours, order):
+        rec = ref['masks'][j]
+        mask = out['masks'][i].numpy()
+        assert int(mask.sum()) == rec['area'] and _crc(mask.astype(np.uint8)) == rec['crc32']
+
+
+def test_test_pipeline_gives_mmdets_input_bit_for_bit(mmdet_reference):
+    for name, rec in mmdet_reference['pipelines']['test'].items():
+        x, meta = inference_transform(_decode_image(mmdet_reference, name))
+        assert list(x.shape) == rec['shape'] and _crc(x.numpy()) == rec['crc32'], name
+        assert list(meta.image_size) == rec['img_meta']['img_shape'][:2]
+        assert list(meta.original_size) == rec['img_meta']['ori_shape'][:2]
+        assert list(meta.scale_factor) == rec['img_meta']['scale_factor']
+
+
+def test_training_pipeline_gives_mmdets_samples_bit_for_bit(mmdet_reference):
+    """Seeded runs of the 1x training pipeline on polygon annotations: the same flip draw, image, boxes and
+    bitmap masks (after resize, flip and padding), and numpy's stream where mmdet leaves it."""
+    from utils.detection import _ann_to_mask
+    pipelines = mmdet_reference['pipelines']
+    transform = TrainTransform()
+    for name, ann in pipelines['annotations'].items():
+        masks = np.stack([_ann_to_mask(p, ann['height'], ann['width']) for p in ann['polygons']])
+        assert [_crc(m) for m in masks] == ann['poly2mask_crc32']
+    for rec in pipelines['train']:
+        ann = pipelines['annotations'][rec['image']]
+        masks = np.stack([_ann_to_mask(p, ann['height'], ann['width']) for p in ann['polygons']])
+        np.random.seed(rec['seed'])
+        x, target, size = transform(_decode_image(mmdet_reference, rec['image']),
+                                    np.array(ann['bboxes'], dtype=np.float32), np.array(ann['labels']) + 1, masks)
+        assert np.random.random_sample() == rec['next_random']
+        assert list(x.shape) == rec['img_shape'] and _crc(x.numpy()) == rec['img_crc32'], (rec['image'], rec['seed'])
+        assert torch.equal(target['boxes'], rec['gt_bboxes']) and torch.equal(target['labels'] - 1, rec['gt_labels'])
+        assert list(target['masks'].shape) == rec['gt_masks_shape'] and _crc(target['masks'].numpy()) == \
+            rec['gt_masks_crc32']
+        assert list(size) == rec['img_meta']['img_shape'][:2]
+
+
 # --- pipelines and metric --------------------------------------------------------------------------------------
 
 def test_test_pipeline_sizes_and_meta():
@@ -533,3 +659,29 @@ def test_training_refuses_what_cannot_work_in_one_line(coco, tmp_path):
                           (['--pretrained-path', str(ckpt)], 'holds a detection model, not ImageNet')):
         code, out, err = _train(root, tmp_path / 'r', '--epochs', '1', *flags)
         assert code == 2 and err.strip().splitlines()[-1].startswith('error: ') and expect in err, (flags, err)
+
+
+@pytest.mark.slow
+def test_training_on_two_processes_with_torchrun(coco, tmp_path):
+    """torchrun with 2 CPU processes (gloo, DDP): each takes one aspect group's batch per epoch, the evaluation
+    shards the validation images and gathers the detections; its AP equals a single-process evaluation."""
+    import subprocess
+    import sys
+    from tests.helpers import REPO, free_port, load, subprocess_env
+    from utils.det_train import evaluate_detection
+    root, _ = coco
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
+           '-m', 'scripts.detect', 'train', '--data-dir', str(root), '--train-split', 'train', '--val-split', 'val',
+           '--output', str(out), '--num-classes', '3', '--model-kwargs', *TINY_CLI, *SCALE, '-j', '0',
+           '--device', 'cpu', '--epochs', '2', '--log-interval', '1']
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '2 process(es) x batch 2 | 2 epochs of 1 iterations' in proc.stderr and 'Iter 2: bbox_mAP' in proc.stderr
+    state = load(out / 'last.pth')
+    assert state['iter'] == 2 and len(state['rng']) == 2
+    model = _tiny()
+    model.load_state_dict(state['state_dict'])
+    single = evaluate_detection(model, COCOFolder(str(root), 'val', scale=(160, 96)), torch.device('cpu'), workers=0)
+    assert state['history'][-1]['bbox_mAP'] == pytest.approx(100 * single['bbox']['mAP'], abs=1e-9)
+    assert state['history'][-1]['segm_mAP'] == pytest.approx(100 * single['segm']['mAP'], abs=1e-9)

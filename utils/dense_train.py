@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint import atomic_save, get_rng_state, set_rng_state, to_plain
 from .cli import UsageError
 from .data import ResumableSampler, SeededSamples
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, any_true, barrier, distribute_bn_stats
 from .fileio import atomic_write_text
 from .train_step import Preemption, autocast, close_loader, fmt_eta, worker_init
 
@@ -242,6 +242,9 @@ class DenseTrainer:
         return 0
 
     def _evaluate_and_rank(self) -> None:
+        # Each process's BatchNorm statistics have moved with its own last batch; evaluate everywhere with rank
+        # 0's (the ones saved), as mmcv's distributed evaluation hook does.
+        distribute_bn_stats([self.model], self.info, 'broadcast')
         metrics = self.evaluate()
         self.model.train()
         self.history.append({'iter': self.iter, **metrics})
