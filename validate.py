@@ -28,6 +28,7 @@ from utils.evaluate import (
     apply_test_pool, read_valid_labels, real_labels_scorer, rounded,
 )
 from utils.measure.dtypes import dtype_name, parse_dtype
+from utils.runtime import RUNTIMES, prepare
 
 _logger = logging.getLogger('validate')
 TABLE_COLUMNS = ['model', 'checkpoint', 'top1', 'top5', 'loss', 'images_per_sec', 'img_size', 'crop_pct', 'reparam',
@@ -104,7 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--log-freq', type=int, default=None, metavar='N',
                    help='a log line every N batches instead of the progress bar')
-    p.add_argument('--threads', type=int, default=0, help='ONNX Runtime intra-op threads (0: its default)')
+    p.add_argument('--runtime', default=None, choices=RUNTIMES,
+                   help='run the inference form (OverLoCK fused; float32) on this runtime instead of the model as '
+                        'built; with --onnx: onnxruntime (the default there) or openvino')
+    p.add_argument('--threads', type=int, default=0,
+                   help='ONNX Runtime / OpenVINO intra-op threads (0: their default)')
     p.add_argument('--no-prefetcher', action='store_true', help='accepted for the original\'s command lines; no '
                                                                 'effect')
     p.add_argument('--pin-mem', action='store_true', help='accepted for the original\'s command lines; no effect')
@@ -116,6 +121,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f'--log-freq must be >= 1, got {args.log_freq}')
     if args.num_gpu < 1:
         raise UsageError(f'--num-gpu must be >= 1, got {args.num_gpu}')
+    if args.runtime:
+        clash = [flag for flag, on in (('--amp', args.amp), ('--torchscript', args.torchscript),
+                                       ('--num-gpu', args.num_gpu > 1)) if on]
+        if clash:
+            raise UsageError(f'--runtime {args.runtime} runs the float32 inference form; it does not combine with '
+                             f'{" ".join(clash)} (leave --runtime out to evaluate the model as built)')
+        if args.onnx and args.runtime not in ('onnxruntime', 'openvino'):
+            raise UsageError(f'--runtime {args.runtime} with --onnx: an exported file runs on onnxruntime or '
+                             f'openvino')
     if args.input_size is not None and min(args.input_size) < 1:
         raise UsageError(f'--input-size needs 3 numbers >= 1 (channels height width), got '
                          f'{" ".join(map(str, args.input_size))}')
@@ -216,7 +230,7 @@ def _raw_bytes(img) -> bytes:
 def _validate_onnx(args: argparse.Namespace) -> int:
     """Evaluate exported files in ONNX Runtime (CPU, float32) with the preprocessing stored at export."""
     import timm.data
-    from utils.export import OnnxRuntimeModel
+    from utils.export import OnnxRuntimeModel, OpenVinoModel
 
     if args.batch_size < 1:
         raise UsageError('--batch-size must be >= 1')
@@ -231,7 +245,7 @@ def _validate_onnx(args: argparse.Namespace) -> int:
     device = torch.device('cpu')
     results = []
     for path in args.onnx:
-        model = OnnxRuntimeModel(path, threads=args.threads)
+        model = (OpenVinoModel if args.runtime == 'openvino' else OnnxRuntimeModel)(path, threads=args.threads)
         meta = model.metadata
         arch = meta.get('architecture', path)
         if args.img_size and tuple(meta['input_size'][1:]) != (args.img_size, args.img_size):
@@ -246,7 +260,8 @@ def _validate_onnx(args: argparse.Namespace) -> int:
                              f'{model.num_classes} outputs')
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                              num_workers=args.workers, persistent_workers=False)
-        _logger.info('%s (%s, ONNX Runtime): %d images, input %s, crop_pct %s, %s', arch, path, len(dataset),
+        _logger.info('%s (%s, %s): %d images, input %s, crop_pct %s, %s', arch, path, args.runtime or 'onnxruntime',
+                     len(dataset),
                      cfg['input_size'][1:], cfg['crop_pct'], cfg['interpolation'])
         metrics = rounded(evaluate(model, loader, device, progress=not args.no_progress, desc=arch))
         if getattr(dataset, 'num_skipped', 0):
@@ -322,6 +337,9 @@ def main(argv=None) -> int:
                 model = torch.jit.script(model)
             except Exception as e:  # noqa: BLE001 -- TorchScript raises many types; one line is what helps
                 raise UsageError(f'--torchscript: {arch} does not script ({one_line(e)[:200]})') from None
+        if args.runtime:
+            model, seconds = prepare(model, args.runtime, cfg['input_size'], threads=args.threads)
+            _logger.info('%s: inference form on %s (prepared in %.1f s)', arch, args.runtime, seconds)
         if args.num_gpu > 1 and device.type == 'cuda' and torch.cuda.device_count() >= args.num_gpu:
             model = torch.nn.DataParallel(model, device_ids=list(range(args.num_gpu)))
 

@@ -8,12 +8,16 @@ aggregation op at the models' own shapes; the training input pipeline's images/s
         --channels-last --batch-size 256 --reparam --out docs/bench_infer.md
     python -m scripts.benchmark --mode na2d --models overlock_xt --baseline --threads 2  # the op, every backend
     python -m scripts.benchmark --mode loader --workers 2          # input pipeline vs timm's create_loader
+    python -m scripts.benchmark --mode deploy --models overlock_xt overlock_t convnext_tiny --threads 2 \\
+        --original ../OverLoCK                                     # CPU deploy: every runtime, batch 1 and 8
 
 Inference times eval-mode forward passes (deploy form of OverLoCK with --reparam); training times a whole
 step (forward, loss main + 0.4 x aux, backward, AdamW step; bf16/fp16 via autocast, fp16 with a GradScaler).
 The na2d mode times forward and backward of each backend at every distinct ContMix call of the models (read
 off the models themselves) and sums them per network forward. The loader mode builds a folder of JPEG
 photographs (or reads --data-dir) and times our dataset and timm's loader with the recipe's augmentation.
+The deploy mode times the models' inference forms (OverLoCK fused) on the CPU in PyTorch eager, torch.compile,
+ONNX Runtime and OpenVINO side by side, with ratios to a reference model and to the original release's code.
 """
 if __name__ == '__main__' and not __package__:
     raise SystemExit('run from the repository root as: python -m scripts.benchmark [--help]')
@@ -31,7 +35,7 @@ from utils.cli import (  # noqa: E402
 from utils.evaluate import markdown_table  # noqa: E402
 from utils.measure.dtypes import dtype_name, parse_dtype  # noqa: E402
 
-MODES = ('infer', 'train', 'na2d', 'loader')
+MODES = ('infer', 'train', 'na2d', 'loader', 'deploy')
 PIPELINES = ('ours_float32', 'ours_uint8', 'ours_uint8_draft', 'timm')  # see utils.measure.loader.bench_loaders
 
 
@@ -62,6 +66,15 @@ def parse_args(argv=None):
     op.add_argument('--baseline', action='store_true', help='also time the naive K*K loop through autograd')
     op.add_argument('--no-backward', action='store_true', help='time the forward only')
     op.add_argument('--min-time', type=float, default=0.2, help='seconds per timed sample on the CPU')
+    dp = p.add_argument_group('--mode deploy (CPU, float32, OverLoCK in its fused inference form)')
+    dp.add_argument('--runtimes', nargs='+', default=None, metavar='NAME',
+                    help='eager, compile, onnxruntime, openvino (default: every one installed)')
+    dp.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8], metavar='B')
+    dp.add_argument('--reference', default='convnext_tiny', metavar='NAME',
+                    help='divide each row by this model\'s images/s on the same runtime and batch (when in --models)')
+    dp.add_argument('--original', default='', metavar='DIR',
+                    help='a checkout of the original release: time its model code too (eager; needs einops)')
+    dp.add_argument('--profile', action='store_true', help='also print the eager profile\'s top entries per model')
     ld = p.add_argument_group('--mode loader')
     ld.add_argument('--data-dir', default='', help='class-folder root of JPEGs (default: build one from the '
                                                    'photographs installed packages ship)')
@@ -71,7 +84,7 @@ def parse_args(argv=None):
     ld.add_argument('--photo-size', type=int, nargs=2, default=[500, 375], metavar=('W', 'H'))
     ld.add_argument('--batches', type=int, default=8,
                     help='timed batches per round (after 1 + 2 x workers untimed ones; keep both within an epoch)')
-    ld.add_argument('--rounds', type=int, default=3, help='alternating rounds; the best is kept')
+    ld.add_argument('--rounds', type=int, default=3, help='alternating rounds; the best is kept (also --mode deploy)')
     ld.add_argument('--pipelines', nargs='+', default=list(PIPELINES), choices=PIPELINES)
     return p.parse_args(argv)
 
@@ -147,6 +160,38 @@ def run_na2d(args):
     return header, rows, cols, totals
 
 
+def run_deploy(args):
+    """Time the models on the deploy runtimes side by side; returns (header, rows, columns, profiles)."""
+    from utils.measure.deploy import DEPLOY_COLUMNS, available_runtimes, bench_deploy, profile_top
+    from utils.runtime import RUNTIMES
+    _check_models(args)
+    if args.device != 'cpu':
+        sys.exit(f'benchmark.py: --mode deploy runs on the CPU, got --device {args.device}')
+    have = available_runtimes()
+    runtimes = args.runtimes or have
+    for name in runtimes:
+        if name not in RUNTIMES or name not in have:
+            sys.exit(f'benchmark.py: --runtimes {name}: choose from {", ".join(have)} (installed here)'
+                     + ('' if name in RUNTIMES else f'; known: {", ".join(RUNTIMES)}'))
+    if min(args.batch_sizes) < 1:
+        sys.exit('benchmark.py: --batch-sizes must be >= 1')
+    if args.original and not os.path.isdir(args.original):
+        sys.exit(f'benchmark.py: --original {args.original} is not a folder (give a checkout of the release)')
+    rows = bench_deploy(args.models, runtimes, args.batch_sizes, args.img_size, torch.get_num_threads(),
+                        rounds=args.rounds, iters=args.iters, original=args.original or None,
+                        reference=args.reference if args.reference in args.models else None,
+                        model_kwargs=parse_kwargs(args.model_kwargs))
+    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
+               '') if os.path.exists('/proc/cpuinfo') else ''
+    header = (f'mode=deploy cpu="{cpu}" threads={torch.get_num_threads()} img={args.img_size} float32 '
+              f'torch={torch.__version__} runtimes={",".join(runtimes)}; best of {args.rounds} interleaved rounds of '
+              f'{args.iters} calls; vs_reference: {args.reference} on the same runtime and batch')
+    profiles = [f'eager profile of {name}, batch {max(args.batch_sizes)}:\n\n'
+                + profile_top(name, max(args.batch_sizes), args.img_size)
+                for name in args.models if args.profile and name.startswith('overlock')]
+    return header, rows, DEPLOY_COLUMNS, profiles
+
+
 def run_loader(args):
     """Time the input pipelines; returns (header, rows, columns)."""
     from utils.data import DataError
@@ -205,6 +250,9 @@ def main(argv=None):
                  f'summed over its calls, ms:\n\n' + markdown_table(totals, ['model', 'backend', 'fwd_ms', 'bwd_ms']))
     elif args.mode == 'loader':
         header, rows, cols = run_loader(args)
+    elif args.mode == 'deploy':
+        header, rows, cols, profiles = run_deploy(args)
+        extra = ''.join(f'\n\n{p}' for p in profiles)
     else:
         header, rows, cols = run(args)
     table = markdown_table(rows, cols) + extra

@@ -93,15 +93,14 @@ def test_tiny_segmenter_and_detection_backbone_equal_the_original():
 
 
 @pytest.mark.slow
-def test_overlock_t_segmenter_and_detection_backbone_equal_the_original():
+def test_overlock_t_segmenter_equals_the_original():
     """float64, the reference's weights and input: every map and head within float32 rounding of the stored
-    float32 values (the reference was computed in float64)."""
+    float32 values (the reference was computed in float64). The detection backbone's maps are checked in
+    tests/test_detection.py."""
     ref = _reference_t()
     x = ref['input'].double()
     seg = create_segmenter('upernet_overlock_t').double().eval()
     seg.load_state_dict(reference_fill(_shapes('seg_t')), strict=False)  # num_batches_tracked not filled
-    det = create_backbone('overlock_t', detection=True).double().eval()
-    det.load_state_dict({k[len('backbone.'):]: v for k, v in reference_fill(_shapes('det_t', 'backbone.')).items()})
     with torch.no_grad():
         maps = seg.backbone(x)
         for ours, theirs in zip(maps, ref['seg/backbone']):
@@ -109,8 +108,6 @@ def test_overlock_t_segmenter_and_detection_backbone_equal_the_original():
         _close(seg.decode_head(maps), ref['seg/decode_head'])
         _close(seg.auxiliary_head(maps[2]), ref['seg/auxiliary_head'])
         _close(seg(x)[:, :, ::8, ::8], ref['seg/logits_every_8th_pixel'])
-        for ours, theirs in zip(det(x), ref['det/backbone']):
-            _close(ours, theirs)
 
 
 def test_the_backbone_feeds_the_normalised_stage_2_map_on():

@@ -26,7 +26,8 @@ from .measure.timing import time_ms
 
 __all__ = [
     'MIN_OPSET', 'DEFAULT_OPSET', 'PARITY_TOLERANCE', 'supported_opsets', 'check_opset', 'require', 'deploy_copy',
-    'onnx_metadata', 'export_onnx', 'read_metadata', 'load_session', 'OnnxRuntimeModel', 'max_relative_error',
+    'onnx_metadata', 'export_onnx', 'read_metadata', 'load_session', 'OnnxRuntimeModel', 'OpenVinoModel',
+    'max_relative_error',
     'export_and_check', 'benchmark_onnx', 'input_size_arg',
 ]
 
@@ -42,12 +43,14 @@ _INSTALL = 'pip install onnx onnxruntime onnxscript (see requirements.txt)'
 
 
 def require(name: str):
-    """Import an optional package (``onnx``, ``onnxruntime``, ``onnxscript``, ``onnxslim``) or fail in one line."""
+    """Import an optional package (``onnx``, ``onnxruntime``, ``onnxscript``, ``onnxslim``, ``openvino``) or fail in
+    one line."""
     try:
         return importlib.import_module(name)
     except ImportError as e:
+        install = 'pip install openvino (optional: not in requirements.txt)' if name == 'openvino' else _INSTALL
         raise UsageError(f'{name} is needed for ONNX export / evaluation but cannot be imported ({e}); '
-                         f'{_INSTALL}') from None
+                         f'{install}') from None
 
 
 def supported_opsets() -> range:
@@ -238,6 +241,31 @@ class OnnxRuntimeModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().cpu().float().contiguous().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+class OpenVinoModel(nn.Module):
+    """An exported file compiled by OpenVINO for the CPU, behind the ``nn.Module`` call interface (float32 in and
+    out). ``precision`` is OpenVINO's inference precision hint: 'f32' (the default here; OpenVINO's own default
+    computes in bf16 on CPUs that have it) or 'bf16' / 'f16'."""
+
+    def __init__(self, path: str, threads: int = 0, precision: str = 'f32'):
+        super().__init__()
+        ov = require('openvino')
+        _read_model(path)  # a readable file, or a one-line error
+        config = {'INFERENCE_PRECISION_HINT': precision}
+        if threads > 0:
+            config['INFERENCE_NUM_THREADS'] = threads
+        try:
+            self.compiled = ov.Core().compile_model(path, 'CPU', config)
+        except Exception as e:  # OpenVINO raises its own exception types
+            raise UsageError(f'OpenVINO cannot compile {path} ({e})') from None
+        self.path = path
+        self.metadata = read_metadata(path)
+        self.num_classes = self.metadata.get('num_classes')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.compiled(x.detach().cpu().float().contiguous().numpy())[0]
         return torch.from_numpy(out).to(x.device)
 
 
