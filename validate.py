@@ -106,8 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--log-freq', type=int, default=None, metavar='N',
                    help='a log line every N batches instead of the progress bar')
     p.add_argument('--runtime', default=None, choices=RUNTIMES,
-                   help='run the inference form (OverLoCK fused; float32) on this runtime instead of the model as '
-                        'built; with --onnx: onnxruntime (the default there) or openvino')
+                   help='run the inference form (float32; OverLoCK fused, on openvino its deploy form) on this '
+                        'runtime instead of the model as built; with --onnx: onnxruntime (the default) or openvino')
     p.add_argument('--threads', type=int, default=0,
                    help='ONNX Runtime / OpenVINO intra-op threads (0: their default)')
     p.add_argument('--no-prefetcher', action='store_true', help='accepted for the original\'s command lines; no '
@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f'--num-gpu must be >= 1, got {args.num_gpu}')
     if args.runtime:
         clash = [flag for flag, on in (('--amp', args.amp), ('--torchscript', args.torchscript),
-                                       ('--num-gpu', args.num_gpu > 1)) if on]
+                                       ('--num-gpu', args.num_gpu > 1), ('--test-pool', args.test_pool)) if on]
         if clash:
             raise UsageError(f'--runtime {args.runtime} runs the float32 inference form; it does not combine with '
                              f'{" ".join(clash)} (leave --runtime out to evaluate the model as built)')

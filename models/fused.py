@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contmix import DynamicConvBlock, fit_window, pool_to
-from .layers import GRN, LayerNorm2d, LayerScale, ResDWConv, SEModule
-from .ops import na2d_softmax_av
+from .contmix import _NUM_REGIONS, DynamicConvBlock, fit_window, pool_to
+from .layers import GRN, LayerNorm2d, LayerScale, ResDWConv, SEModule, fuse_conv_bn
+from .ops import contmix_softmax_av, na2d_softmax_av
 from .overlock import OverLoCK, RepConvBlock, check_input
 
 __all__ = ['FusedOverLoCK', 'fuse']
@@ -50,10 +50,9 @@ def _conv_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[Tensor, Ten
     """(weight, bias) of ``bn(conv(x))`` as one convolution, in float64."""
     weight = conv.weight.double()
     bias = conv.bias.double() if conv.bias is not None else weight.new_zeros(weight.shape[0])
-    if bn is not None:
-        scale, shift = _bn_affine(bn)
-        weight, bias = weight * scale.view(-1, 1, 1, 1), bias * scale + shift
-    return weight, bias
+    if bn is None:
+        return weight, bias
+    return fuse_conv_bn(weight, bias, copy.deepcopy(bn).double())
 
 
 def _with_identity(weight: Tensor) -> Tensor:
@@ -123,7 +122,10 @@ def _linear(x: Tensor, weight_t: Tensor, start: Tensor, scale: Optional[Tensor] 
 
 def _grn_scale(x: Tensor, gamma: Tensor) -> Tensor:
     """GRN's per-sample, per-channel factor ``gamma * N(x) + 1`` [B, C] of an NHWC tensor."""
-    gx = x.square().sum(dim=(1, 2)).sqrt()  # a plain reduction: vector_norm over non-inner axes is slower
+    if x.dtype in (torch.float16, torch.bfloat16):  # squares summed in float32: a 56x56 map overflows float16
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), dtype=torch.float32).to(x.dtype)
+    else:  # a plain reduction: vector_norm over the non-inner axes is slower
+        gx = x.square().sum(dim=(1, 2)).sqrt()
     return gamma * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)) + 1
 
 
@@ -208,8 +210,8 @@ class _RepConvBlock(_Folded):
 
 
 class _ContMixBlock(_Folded):
-    """:class:`~models.contmix.DynamicConvBlock`, fused; ContMix itself is the model's op (``na2d_softmax_av``),
-    reading its values from the channels-last features in place."""
+    """:class:`~models.contmix.DynamicConvBlock`, fused; ContMix itself is the model's op (``models.ops``),
+    on the CPU reading its values from the channels-last features in place."""
 
     def __init__(self, block: DynamicConvBlock):
         super().__init__()
@@ -246,8 +248,8 @@ class _ContMixBlock(_Folded):
         w, b = _conv_bn(block.weight_key[1], block.weight_key[2])
         self._put('k_weight', w.flatten(1), like)
         self._put('k_bias', b, like)
-        self._put('proj_weight', block.weight_proj.weight.double().flatten(1), like)
-        self._put('proj_bias', block.weight_proj.bias.double(), like)
+        self._put('logit_weight', block.weight_proj.weight.double().flatten(1), like)
+        self._put('logit_bias', block.weight_proj.bias.double(), like)
         # lepe (large-kernel conv + BN) carries dyconv_proj's bias, so that dyconv_proj accumulates onto it
         w_d, b_d = _conv_bn(block.dyconv_proj[0], block.dyconv_proj[1])
         self._put('dyconv_weight', w_d.flatten(1), like)
@@ -292,17 +294,19 @@ class _ContMixBlock(_Folded):
         B, H, W = x.shape[0], x.shape[1], x.shape[2]
         c = C // (2 * G)  # channels per group and window
         query = F.linear(feat[..., :C], self.q_weight, self.q_bias)  # [B, H, W, C/2]
-        regions = self.proj_weight.shape[1]  # the 7 x 7 region centres of the context
-        key = F.adaptive_avg_pool2d(feat[..., C:].permute(0, 3, 1, 2), int(regions ** 0.5)).flatten(2)
+        key = F.adaptive_avg_pool2d(feat[..., C:].permute(0, 3, 1, 2), _NUM_REGIONS).flatten(2)
         key = torch.matmul(self.k_weight, key) + self.k_bias[:, None]  # [B, C/2, 49]
-        key = torch.matmul(key.view(B, G, c, regions), self.proj_weight.t())  # [B, G, c, K^2 + s^2]
+        key = torch.matmul(key.view(B, G, c, -1), self.logit_weight.t())  # [B, G, c, K^2 + s^2]
         query = query.reshape(B, H * W, G, c).transpose(1, 2)  # [B, G, HW, c]
-        logits = (torch.matmul(query, key) + self.proj_bias).view(B, G, H, W, -1)
-        value = x.reshape(B, H, W, 2, G, c).permute(3, 0, 4, 1, 2, 5)  # [2, B, G, H, W, c], views
-        small = na2d_softmax_av(logits[..., :s * s], self.rpb1, value[0], s)
-        large = na2d_softmax_av(logits[..., s * s:], self.rpb2, value[1], K)
-        out = torch.stack([small, large], dim=1)  # [B, 2, G, H, W, c]
-        out = out.permute(0, 3, 4, 1, 2, 5).reshape(B, H, W, C)
+        logits = (torch.matmul(query, key) + self.logit_bias).view(B, G, H, W, -1)
+        if x.is_cuda:  # the model's call: one fused Triton kernel for both windows where available
+            out = contmix_softmax_av(x.permute(0, 3, 1, 2), logits, self.rpb1, self.rpb2, s, K).permute(0, 2, 3, 1)
+        else:  # per window, the values read from the channels-last features in place
+            value = x.reshape(B, H, W, 2, G, c).permute(3, 0, 4, 1, 2, 5)  # [2, B, G, H, W, c], views
+            small = na2d_softmax_av(logits[..., :s * s], self.rpb1, value[0], s)
+            large = na2d_softmax_av(logits[..., s * s:], self.rpb2, value[1], K)
+            out = torch.stack([small, large], dim=1)  # [B, 2, G, H, W, c]
+            out = out.permute(0, 3, 4, 1, 2, 5).reshape(B, H, W, C)
         return pool_to(out.permute(0, 3, 1, 2), x_in.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def forward(self, x: Tensor, ctx: Tensor, prior: Tensor) -> Tuple[Tensor, Tensor]:
@@ -418,5 +422,9 @@ def fuse(model: OverLoCK) -> FusedOverLoCK:
     """The fused inference form of ``model`` (training or deploy form; the model itself is left unchanged)."""
     if not isinstance(model, OverLoCK):
         raise TypeError(f'fuse expects an OverLoCK model, got {type(model).__name__}')
+    head = getattr(model, 'head', None)
+    if not (isinstance(head, nn.Sequential) and isinstance(head[0], nn.Conv2d)):
+        raise TypeError(f'fuse needs an OverLoCK classifier with its head; {type(model).__name__} has none (a '
+                        f'dense backbone or a model pruned to its features)')
     source = copy.deepcopy(model).eval().reparameterize()
     return FusedOverLoCK(source)

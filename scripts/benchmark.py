@@ -48,7 +48,7 @@ def parse_args(argv=None):
                                  'at their defaults (e.g. a tiny variant)')
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('-b', '--batch-size', type=int, default=8)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default=None, help='default: cuda when available (--mode deploy: cpu)')
     p.add_argument('--dtype', type=dtype_name, default='float32',
                    help='inference / na2d: weights and inputs in this dtype; training: autocast dtype '
                         '(float32, bfloat16 or bf16, float16 or fp16)')
@@ -66,7 +66,7 @@ def parse_args(argv=None):
     op.add_argument('--baseline', action='store_true', help='also time the naive K*K loop through autograd')
     op.add_argument('--no-backward', action='store_true', help='time the forward only')
     op.add_argument('--min-time', type=float, default=0.2, help='seconds per timed sample on the CPU')
-    dp = p.add_argument_group('--mode deploy (CPU, float32, OverLoCK in its fused inference form)')
+    dp = p.add_argument_group('--mode deploy (CPU, float32, OverLoCK in its inference form: utils.runtime)')
     dp.add_argument('--runtimes', nargs='+', default=None, metavar='NAME',
                     help='eager, compile, onnxruntime, openvino (default: every one installed)')
     dp.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8], metavar='B')
@@ -86,7 +86,10 @@ def parse_args(argv=None):
                     help='timed batches per round (after 1 + 2 x workers untimed ones; keep both within an epoch)')
     ld.add_argument('--rounds', type=int, default=3, help='alternating rounds; the best is kept (also --mode deploy)')
     ld.add_argument('--pipelines', nargs='+', default=list(PIPELINES), choices=PIPELINES)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() and args.mode != 'deploy' else 'cpu'
+    return args
 
 
 def _check_models(args):
@@ -167,6 +170,11 @@ def run_deploy(args):
     _check_models(args)
     if args.device != 'cpu':
         sys.exit(f'benchmark.py: --mode deploy runs on the CPU, got --device {args.device}')
+    if args.img_size < 32 or args.rounds < 1 or args.iters < 1:
+        sys.exit(f'benchmark.py: --mode deploy needs --img-size >= 32 and --rounds, --iters >= 1 (got '
+                 f'{args.img_size}, {args.rounds}, {args.iters})')
+    if args.original and args.model_kwargs:
+        sys.exit('benchmark.py: --original times the release\'s variants as published; leave out --model-kwargs')
     have = available_runtimes()
     runtimes = args.runtimes or have
     for name in runtimes:
@@ -187,7 +195,7 @@ def run_deploy(args):
               f'torch={torch.__version__} runtimes={",".join(runtimes)}; best of {args.rounds} interleaved rounds of '
               f'{args.iters} calls; vs_reference: {args.reference} on the same runtime and batch')
     profiles = [f'eager profile of {name}, batch {max(args.batch_sizes)}:\n\n'
-                + profile_top(name, max(args.batch_sizes), args.img_size)
+                + profile_top(name, max(args.batch_sizes), args.img_size, model_kwargs=parse_kwargs(args.model_kwargs))
                 for name in args.models if args.profile and name.startswith('overlock')]
     return header, rows, DEPLOY_COLUMNS, profiles
 

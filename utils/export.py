@@ -227,32 +227,42 @@ def load_session(path: str, threads: int = 0):
         raise UsageError(f'ONNX Runtime cannot load {path} ({e})') from None
 
 
-class OnnxRuntimeModel(nn.Module):
-    """An exported file behind the ``nn.Module`` call interface (CPU, float32), so evaluation code runs it
-    as it runs a PyTorch model."""
+class _ExportedModel(nn.Module):
+    """An exported file behind the ``nn.Module`` call interface (CPU, float32), so evaluation code runs it as it
+    runs a PyTorch model; subclasses run a float32 numpy batch (:meth:`_run`)."""
 
-    def __init__(self, path: str, threads: int = 0):
+    def __init__(self, path: str):
         super().__init__()
         self.path = path
-        self.session = load_session(path, threads)
-        self.input_name = self.session.get_inputs()[0].name
         self.metadata = read_metadata(path)
         self.num_classes = self.metadata.get('num_classes')
 
+    def _run(self, x):
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().cpu().float().contiguous().numpy()})[0]
-        return torch.from_numpy(out).to(x.device)
+        return torch.from_numpy(self._run(x.detach().cpu().float().contiguous().numpy())).to(x.device)
 
 
-class OpenVinoModel(nn.Module):
-    """An exported file compiled by OpenVINO for the CPU, behind the ``nn.Module`` call interface (float32 in and
-    out). ``precision`` is OpenVINO's inference precision hint: 'f32' (the default here; OpenVINO's own default
-    computes in bf16 on CPUs that have it) or 'bf16' / 'f16'."""
+class OnnxRuntimeModel(_ExportedModel):
+    """An exported file in ONNX Runtime (CPU execution provider)."""
+
+    def __init__(self, path: str, threads: int = 0):
+        super().__init__(path)
+        self.session = load_session(path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _run(self, x):
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+class OpenVinoModel(_ExportedModel):
+    """An exported file compiled by OpenVINO for the CPU. ``precision`` is OpenVINO's inference precision hint:
+    'f32' (the default here; OpenVINO's own default computes in bf16 on CPUs that have it) or 'bf16' / 'f16'."""
 
     def __init__(self, path: str, threads: int = 0, precision: str = 'f32'):
-        super().__init__()
         ov = require('openvino')
-        _read_model(path)  # a readable file, or a one-line error
+        super().__init__(path)  # a readable file with its record, or a one-line error
         config = {'INFERENCE_PRECISION_HINT': precision}
         if threads > 0:
             config['INFERENCE_NUM_THREADS'] = threads
@@ -260,13 +270,9 @@ class OpenVinoModel(nn.Module):
             self.compiled = ov.Core().compile_model(path, 'CPU', config)
         except Exception as e:  # OpenVINO raises its own exception types
             raise UsageError(f'OpenVINO cannot compile {path} ({e})') from None
-        self.path = path
-        self.metadata = read_metadata(path)
-        self.num_classes = self.metadata.get('num_classes')
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.compiled(x.detach().cpu().float().contiguous().numpy())[0]
-        return torch.from_numpy(out).to(x.device)
+    def _run(self, x):
+        return self.compiled(x)[0]
 
 
 def max_relative_error(model: nn.Module, path: str, batch: int = 2, seed: int = 0, threads: int = 0) -> float:

@@ -11,7 +11,7 @@ docs/benchmarks.md). The ONNX files (``utils.export``) are written to a temporar
 OpenVINO computes in float32 unless asked otherwise (its default on CPUs with bf16 units is bf16, which moves
 the logits by about 1e-2). ``onnxruntime`` and ``openvino`` are imported on use.
 """
-import logging
+import copy
 import os
 import tempfile
 import time
@@ -24,14 +24,12 @@ from .cli import UsageError
 
 __all__ = ['RUNTIMES', 'inference_form', 'prepare']
 
-_logger = logging.getLogger(__name__)
-
 RUNTIMES = ('eager', 'compile', 'onnxruntime', 'openvino')
 
 
 def inference_form(model: nn.Module, runtime: str = 'eager') -> nn.Module:
-    """The module ``runtime`` runs: an OverLoCK model fused (OpenVINO: in deploy form), any other model in eval
-    mode. The model itself is left unchanged."""
+    """The module ``runtime`` runs: an OverLoCK model fused (OpenVINO: in deploy form; the model itself is left
+    unchanged), any other model as it is, in eval mode."""
     from models.fused import fuse
     from models.overlock import OverLoCK
 
@@ -65,7 +63,7 @@ def prepare(model: nn.Module, runtime: str, input_size: Sequence[int], threads: 
         return torch.compile(form), time.perf_counter() - start
     from .export import OnnxRuntimeModel, OpenVinoModel, export_onnx
 
-    form = form.cpu().float()
+    form = (copy.deepcopy(form) if form is model else form).cpu().float()  # the caller's model stays put
     with tempfile.TemporaryDirectory() as tmp:
         path = onnx_path or os.path.join(tmp, 'model.onnx')
         export_onnx(form, path, input_size=input_size)

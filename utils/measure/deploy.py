@@ -76,7 +76,7 @@ def bench_deploy(names: Sequence[str], runtimes: Sequence[str], batch_sizes: Seq
             pairs.append(_Pair(name, runtime, module, seconds, {}, {}))
         if original and overlock:
             start = time.perf_counter()
-            variant = name[len('overlock_'):].replace('_reparam', '')
+            variant = name.split('.')[0][len('overlock_'):].replace('_reparam', '')  # overlock_t.in1k -> t
             module = load_original(original, variant)
             pairs.append(_Pair(f'{name} (release code)', 'eager', module, time.perf_counter() - start, {}, {}))
     gen = torch.Generator().manual_seed(0)
@@ -106,13 +106,14 @@ def bench_deploy(names: Sequence[str], runtimes: Sequence[str], batch_sizes: Seq
     return rows
 
 
-def profile_top(name: str, batch: int = 8, img_size: int = 224, row_limit: int = 12) -> str:
+def profile_top(name: str, batch: int = 8, img_size: int = 224, row_limit: int = 12,
+                model_kwargs: Optional[Dict[str, object]] = None) -> str:
     """torch.profiler's top entries (self CPU time) of the eager inference form of ``name``."""
     import timm
 
     import models  # noqa: F401
     from utils.runtime import inference_form
     from .model import profile_table
-    module = inference_form(timm.create_model(name))
+    module = inference_form(timm.create_model(name, **((model_kwargs or {}) if name.startswith('overlock') else {})))
     x = torch.randn(batch, 3, img_size, img_size)
     return profile_table(_call(module, x), torch.device('cpu'), steps=1, row_limit=row_limit)
