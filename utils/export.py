@@ -248,9 +248,10 @@ class OnnxRuntimeModel(_ExportedModel):
     """An exported file in ONNX Runtime (CPU execution provider)."""
 
     def __init__(self, path: str, threads: int = 0):
+        session = load_session(path, threads)  # a missing onnxruntime or an unreadable file: one line, first
         super().__init__(path)
-        self.session = load_session(path, threads)
-        self.input_name = self.session.get_inputs()[0].name
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
 
     def _run(self, x):
         return self.session.run(None, {self.input_name: x})[0]
