@@ -75,9 +75,8 @@ def _grn(grn: GRN) -> Tuple[Tensor, Tensor]:
 
 def _linear_of(conv: nn.Conv2d) -> Tuple[Tensor, Tensor]:
     """A 1x1 convolution's (weight [out, in], bias [out]) in float64."""
-    weight = conv.weight.double().flatten(1)
-    bias = conv.bias.double() if conv.bias is not None else weight.new_zeros(weight.shape[0])
-    return weight, bias
+    weight, bias = _conv_bn(conv, None)
+    return weight.flatten(1), bias
 
 
 class _Folded(nn.Module):

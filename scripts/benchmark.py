@@ -24,6 +24,7 @@ if __name__ == '__main__' and not __package__:
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -189,8 +190,10 @@ def run_deploy(args):
                         rounds=args.rounds, iters=args.iters, original=args.original or None,
                         reference=args.reference if args.reference in args.models else None,
                         model_kwargs=parse_kwargs(args.model_kwargs))
-    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
-               '') if os.path.exists('/proc/cpuinfo') else ''
+    cpu = platform.processor()
+    if os.path.exists('/proc/cpuinfo'):  # Linux names the CPU model only here
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
     header = (f'mode=deploy cpu="{cpu}" threads={torch.get_num_threads()} img={args.img_size} float32 '
               f'torch={torch.__version__} runtimes={",".join(runtimes)}; best of {args.rounds} interleaved rounds of '
               f'{args.iters} calls; vs_reference: {args.reference} on the same runtime and batch')
