@@ -230,7 +230,7 @@ def _raw_bytes(img) -> bytes:
 def _validate_onnx(args: argparse.Namespace) -> int:
     """Evaluate exported files in ONNX Runtime (CPU, float32) with the preprocessing stored at export."""
     import timm.data
-    from utils.export import OnnxRuntimeModel, OpenVinoModel
+    from utils.export import load_exported
 
     if args.batch_size < 1:
         raise UsageError('--batch-size must be >= 1')
@@ -245,7 +245,7 @@ def _validate_onnx(args: argparse.Namespace) -> int:
     device = torch.device('cpu')
     results = []
     for path in args.onnx:
-        model = (OpenVinoModel if args.runtime == 'openvino' else OnnxRuntimeModel)(path, threads=args.threads)
+        model = load_exported(path, args.runtime or 'onnxruntime', threads=args.threads)
         meta = model.metadata
         arch = meta.get('architecture', path)
         if args.img_size and tuple(meta['input_size'][1:]) != (args.img_size, args.img_size):

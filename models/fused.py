@@ -119,6 +119,12 @@ def _linear(x: Tensor, weight_t: Tensor, start: Tensor, scale: Optional[Tensor] 
     return torch.addmm(start, x.reshape(-1, c), weight_t).view(b, h, w, cout)
 
 
+def _gelu_(x: Tensor) -> Tensor:
+    """GELU in place, for a fresh output nothing else reads: on CPUs a new activation-sized tensor costs more
+    (page faults on newly mapped memory) than the GELU itself."""
+    return torch.ops.aten.gelu_(x)
+
+
 def _grn_scale(x: Tensor, gamma: Tensor) -> Tensor:
     """GRN's per-sample, per-channel factor ``gamma * N(x) + 1`` [B, C] of an NHWC tensor."""
     if x.dtype in (torch.float16, torch.bfloat16):  # squares summed in float32: a 56x56 map overflows float16
@@ -173,7 +179,7 @@ class _MLP(_Folded):
 
     def forward(self, x: Tensor, residual: Tensor, scale: Optional[Tensor] = None) -> Tensor:
         y = _linear(x, self.w1t, self.b1, scale)
-        y = _dw(F.gelu(y), self.dw_weight, self.dw_bias)
+        y = _dw(_gelu_(y), self.dw_weight, self.dw_bias)
         if self.res_weight is None:
             start = residual + self.b2
         else:
@@ -313,10 +319,10 @@ class _ContMixBlock(_Folded):
             ctx = torch.addcmul(torch.addcmul(self.ctx_bias, ctx, self.xs_weight), prior, self.hs_weight)
         identity = _dw(torch.cat([x, ctx], dim=-1), self.dw1_weight, self.dw1_bias)
         feat = F.layer_norm(identity, identity.shape[-1:], self.ln1_weight, self.ln1_bias, self.eps)
-        x = F.gelu(_dw(feat, self.fusion_dw_weight, self.fusion_dw_bias))
+        x = _gelu_(_dw(feat, self.fusion_dw_weight, self.fusion_dw_bias))
         x = F.linear(x, self.fusion_weight, self.fusion_bias)
         x = torch.addcmul(self.grn_beta, x, _grn_scale(x, self.grn_gamma)[:, None, None, :])
-        gate = F.silu(F.linear(x, self.gate_weight, self.gate_bias))
+        gate = F.silu(F.linear(x, self.gate_weight, self.gate_bias), inplace=True)
         lepe = _dw(x, self.lepe_weight, self.lepe_bias)
         mixed = self._contmix(x, feat)
         y = torch.addmm(lepe.reshape(-1, self.dim), mixed.reshape(-1, self.dim), self.dyconv_weight.t())
@@ -326,7 +332,7 @@ class _ContMixBlock(_Folded):
             start = identity + self.proj_b
         else:
             start = torch.addcmul(self.proj_b, identity, self.res1_weight)
-        x = _linear(gate * y, self.proj_t, start, scale)
+        x = _linear(gate.mul_(y), self.proj_t, start, scale)
         x = _dw(x, self.dw2_weight, self.dw2_bias)
         y = F.layer_norm(x, x.shape[-1:], self.ln2_weight, self.ln2_bias, self.eps)
         x = self.mlp(y, x)
@@ -393,10 +399,11 @@ class FusedOverLoCK(_Folded):
             x = blk(x)
         return x
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The Focus-Net output [B, C4 + C4/4, H/32, W/32] as the model's (an NCHW view of channels-last memory)."""
         x = check_input(x, self.in_chans).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         for i, conv in enumerate(self.stem):
-            x = conv(x) if i == 3 else F.gelu(conv(x))
+            x = conv(x) if i == 3 else _gelu_(conv(x))
         x = self._stage(self._stage(self._stage(x, 0), 1), 2)  # Base-Net
         ctx = self._stage(x, 3)  # Overview-Net
         prior = F.linear(ctx, self.prior_weight, self.prior_bias)
@@ -408,12 +415,20 @@ class FusedOverLoCK(_Folded):
         x, h = self.ctx_down[0](x.contiguous()), self.ctx_down[1](h.contiguous())  # the block's outputs are slices
         for blk in self.focus4:
             x, h = blk(x, h, prior)
-        x = F.silu(F.linear(x, self.head_weight, self.head_bias))
+        return x.permute(0, 3, 1, 2)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from :meth:`forward_features`' output, as the model's ``forward_head`` (``pre_logits``: the
+        pooled projection before the classifier)."""
+        x = F.silu(F.linear(x.permute(0, 2, 3, 1), self.head_weight, self.head_bias), inplace=True)
         if self.global_pool:
             x = x.mean(dim=(1, 2))
-        if self.fc_weight is not None:
+        if self.fc_weight is not None and not pre_logits:
             x = F.linear(x, self.fc_weight, self.fc_bias)
         return x if self.global_pool else x.permute(0, 3, 1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 @torch.no_grad()

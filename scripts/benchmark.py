@@ -74,8 +74,10 @@ def parse_args(argv=None):
     dp.add_argument('--reference', default='convnext_tiny', metavar='NAME',
                     help='divide each row by this model\'s images/s on the same runtime and batch (when in --models)')
     dp.add_argument('--original', default='', metavar='DIR',
-                    help='a checkout of the original release: time its model code too (eager; needs einops)')
-    dp.add_argument('--profile', action='store_true', help='also print the eager profile\'s top entries per model')
+                    help='a checkout of the original release: time its model code too (eager; natten\'s na2d_av as '
+                         'a gather-einsum and as our op; needs einops)')
+    dp.add_argument('--profile', action='store_true', help='also print each model\'s GMACs by layer kind, the eager profile\'s top entries '
+                         '(OverLoCK) and OpenVINO\'s per-layer counters (when openvino is timed)')
     ld = p.add_argument_group('--mode loader')
     ld.add_argument('--data-dir', default='', help='class-folder root of JPEGs (default: build one from the '
                                                    'photographs installed packages ship)')
@@ -166,7 +168,9 @@ def run_na2d(args):
 
 def run_deploy(args):
     """Time the models on the deploy runtimes side by side; returns (header, rows, columns, profiles)."""
-    from utils.measure.deploy import DEPLOY_COLUMNS, available_runtimes, bench_deploy, profile_top
+    from utils.measure.deploy import (
+        DEPLOY_COLUMNS, MAC_COLUMNS, available_runtimes, bench_deploy, mac_rows, openvino_profile, profile_top,
+    )
     from utils.runtime import RUNTIMES
     _check_models(args)
     if args.device != 'cpu':
@@ -197,9 +201,17 @@ def run_deploy(args):
     header = (f'mode=deploy cpu="{cpu}" threads={torch.get_num_threads()} img={args.img_size} float32 '
               f'torch={torch.__version__} runtimes={",".join(runtimes)}; best of {args.rounds} interleaved rounds of '
               f'{args.iters} calls; vs_reference: {args.reference} on the same runtime and batch')
-    profiles = [f'eager profile of {name}, batch {max(args.batch_sizes)}:\n\n'
-                + profile_top(name, max(args.batch_sizes), args.img_size, model_kwargs=parse_kwargs(args.model_kwargs))
-                for name in args.models if args.profile and name.startswith('overlock')]
+    profiles = []
+    if args.profile:
+        kwargs, batch = parse_kwargs(args.model_kwargs), max(args.batch_sizes)
+        profiles.append('GMACs per image of the convolution and linear layers, by kind:\n\n'
+                        + markdown_table(mac_rows(args.models, args.img_size, kwargs), MAC_COLUMNS))
+        profiles += [f'eager profile of {name}, batch {batch}:\n\n'
+                     + profile_top(name, batch, args.img_size, model_kwargs=kwargs)
+                     for name in args.models if name.startswith('overlock')]
+        profiles += [f'OpenVINO per-layer counters of {name}, batch {batch}:\n\n'
+                     + openvino_profile(name, batch, args.img_size, torch.get_num_threads(), model_kwargs=kwargs)
+                     for name in args.models if 'openvino' in runtimes]
     return header, rows, DEPLOY_COLUMNS, profiles
 
 

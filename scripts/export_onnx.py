@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""Export an OverLoCK model's deploy form to ONNX, check it in ONNX Runtime, and optionally time it.
+"""Export an OverLoCK model to ONNX for ONNX Runtime or OpenVINO, check the file there, and optionally time it.
 
     python -m scripts.export_onnx --model overlock_xt --pretrained --output overlock_xt.onnx
     python -m scripts.export_onnx --model overlock_t --checkpoint model_best.pth --use-ema --output t.onnx
     python -m scripts.export_onnx --model overlock_xt --output xt_256x320.onnx --img-size 256 320
     python -m scripts.export_onnx --model overlock_xt --output xt.onnx --benchmark --threads 2
+    python -m scripts.export_onnx --model overlock_xt --output xt_ov.onnx --runtime openvino --benchmark
 
 The file holds standard ONNX operators only (opset 18 or newer, default 18), a dynamic batch axis, the input
 resolution given by --img-size (default: the model's), and the model's preprocessing as metadata (read by
-``validate.py DATA --onnx FILE``). A training-form model is re-parameterised before export. After writing,
-the ONNX Runtime logits are compared with PyTorch's on a random batch (max relative error printed; above
-1e-4 the file is removed and the exit code is 1). See docs/evaluation.md.
+``validate.py DATA --onnx FILE [--runtime openvino]``). A training-form model is re-parameterised before
+export. --runtime names the runtime the file is for (the same names as validate.py and scripts.benchmark):
+onnxruntime (default) gets the fused channels-last graph (models.fused), openvino the deploy form, which its
+CPU plugin lays out itself; each is faster there. After writing, the file's logits on that runtime are
+compared with PyTorch's on a random batch (max relative error printed; above 1e-4 the file is removed and the
+exit code is 1). See docs/evaluation.md.
 """
 import argparse
 import logging
@@ -19,12 +23,13 @@ import os
 from utils.cli import UsageError, add_model_kwargs_arg, add_na2d_backend_arg, apply_na2d_backend, run_cli
 from utils.evaluate import build_eval_model, expand_model_names, markdown_table
 from utils.export import (
-    DEFAULT_OPSET, MIN_OPSET, benchmark_onnx, check_opset, deploy_copy, export_and_check, input_size_arg,
+    DEFAULT_OPSET, EXPORT_RUNTIMES, MIN_OPSET, benchmark_onnx, check_opset, deploy_copy, export_and_check,
+    input_size_arg,
 )
 
 _logger = logging.getLogger('export_onnx')
 
-BENCH_COLUMNS = ['model', 'batch', 'img_size', 'threads', 'torch_img_s', 'onnxruntime_img_s', 'ort_vs_torch',
+BENCH_COLUMNS = ['model', 'batch', 'img_size', 'threads', 'runtime', 'eager_img_s', 'runtime_img_s', 'vs_eager',
                  'onnx_mb']
 
 
@@ -36,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument('--checkpoint', default=None, metavar='PATH', help='checkpoint file (any supported layout)')
     p.add_argument('--use-ema', action='store_true', help='the EMA weights of a training checkpoint')
     p.add_argument('--output', required=True, metavar='FILE', help='the .onnx file to write')
+    p.add_argument('--runtime', default='onnxruntime', choices=EXPORT_RUNTIMES,
+                   help='the runtime the file is for: its graph, the parity check and --benchmark '
+                        '(default: onnxruntime; openvino is optional, pip install openvino)')
     p.add_argument('--img-size', type=int, nargs='+', default=None, metavar='N',
                    help="input resolution: N (square) or H W, each >= 32 (default: the model's)")
     p.add_argument('--opset', type=int, default=DEFAULT_OPSET,
@@ -44,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
     add_model_kwargs_arg(p)
     p.add_argument('--benchmark', action='store_true',
-                   help='time ONNX Runtime against PyTorch eager (CPU, float32) and print a table')
+                   help='time the file on --runtime against PyTorch eager (CPU, float32) and print a table')
     p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8], metavar='B', help='benchmark batches')
     p.add_argument('--threads', type=int, default=2, help='intra-op threads of both runtimes in the benchmark')
     p.add_argument('--iters', type=int, default=10, help='timed calls per batch size (median reported)')
@@ -70,11 +78,11 @@ def main(argv=None) -> int:
                         num_classes=args.num_classes, model_kwargs=args.model_kwargs).eval()
     input_size = input_size_arg(args.img_size, model)
     model = deploy_copy(model)
-    code = export_and_check(model, args.output, input_size, args.opset, not args.no_simplify)
+    code = export_and_check(model, args.output, input_size, args.opset, not args.no_simplify, runtime=args.runtime)
     if code or not args.benchmark:
         return code
     rows = benchmark_onnx(model, args.output, batch_sizes=args.batch_sizes, threads=args.threads,
-                          iters=args.iters, warmup=args.warmup)
+                          iters=args.iters, warmup=args.warmup, runtime=args.runtime)
     print(markdown_table(rows, BENCH_COLUMNS))
     return 0
 

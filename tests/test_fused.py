@@ -54,6 +54,19 @@ def test_fused_from_training_and_deploy_forms_and_the_model_is_left_alone():
     assert any('dil_conv' in k for k in model.state_dict())  # still the training form
 
 
+def test_fused_features_and_head_are_the_models():
+    """timm's split of the forward: the Focus-Net map, the logits from it, and the pre-logits."""
+    model = _tiny64()
+    fused = fuse(model)
+    x = torch.randn(2, 3, 64, 80, dtype=torch.float64)
+    with torch.no_grad():
+        ref, out = model.forward_features(x), fused.forward_features(x)
+        assert out.shape == ref.shape and rel_err(out, ref) < 1e-12
+        for pre_logits in (False, True):
+            ref_head = model.forward_head(ref, pre_logits=pre_logits)
+            assert rel_err(fused.forward_head(ref.contiguous(), pre_logits=pre_logits), ref_head) < 1e-12
+
+
 @pytest.mark.parametrize('case', ['pre_logits', 'map'])
 def test_fused_without_classifier_or_pooling(case):
     kwargs = dict(num_classes=0) if case == 'pre_logits' else dict(global_pool='')
@@ -150,8 +163,9 @@ def _installed(*names: str) -> bool:
 
 @pytest.mark.parametrize('runtime', [
     'eager',
-    pytest.param('onnxruntime', marks=pytest.mark.skipif(not _installed('onnxruntime', 'onnxscript'),
-                                                         reason='onnxruntime not installed')),
+    pytest.param('onnxruntime', marks=[  # the fast tier: test_onnx.py's export for each runtime
+        pytest.mark.slow, pytest.mark.skipif(not _installed('onnxruntime', 'onnxscript'),
+                                             reason='onnxruntime not installed')]),
     pytest.param('openvino', marks=pytest.mark.skipif(not _installed('openvino', 'onnxscript'),
                                                       reason='openvino (optional) not installed')),
 ])  # compile: test_fused_compiles_without_graph_breaks
@@ -210,8 +224,8 @@ def test_benchmark_deploy_mode_prints_runtimes_side_by_side(capsys):
                     '--model-kwargs', *tiny_cli_kwargs(), '--img-size', '64', '--batch-sizes', '1', '2',
                     '--runtimes', *runtimes, '--rounds', '1', '--iters', '1', '--profile'])
     out = capsys.readouterr().out
-    assert 'mode=deploy' in out and 'eager profile of overlock_xt' in out
-    lines = [line for line in out.splitlines() if line.startswith('| overlock_xt |')]
+    assert 'mode=deploy' in out and 'eager profile of overlock_xt' in out and 'GMACs per image' in out
+    lines = [line for line in out.splitlines() if line.startswith('| overlock_xt |') and 'x |' in line]
     assert len(lines) == 2 * len(runtimes)
     assert all(line.split('|')[5].strip().endswith('x') for line in lines)  # vs_reference
     with pytest.raises(SystemExit, match='--runtimes tensorrt: choose from'):
@@ -221,6 +235,19 @@ def test_benchmark_deploy_mode_prints_runtimes_side_by_side(capsys):
     with pytest.raises(SystemExit, match='leave out --model-kwargs'):
         benchmark.main(['--mode', 'deploy', '--models', 'overlock_xt', '--original', '.', '--model-kwargs',
                         *tiny_cli_kwargs()])
+
+
+def test_macs_by_kind_add_up_to_the_counted_macs():
+    """The split the deploy benchmark prints: ResNet's convolutions and classifier, as FlopCounterMode counts
+    them, and a depthwise layer of OverLoCK counted as such."""
+    from utils.measure.macs import count_macs, macs_by_kind
+    resnet = timm.create_model('resnet10t')
+    macs = macs_by_kind(resnet, (1, 3, 64, 64))
+    assert macs['depthwise'] == 0 and macs['pointwise'] > 0 and sum(macs.values()) == count_macs(resnet, (1, 3, 64, 64))
+    model = tiny_model()
+    macs = macs_by_kind(model, (1, 3, 64, 64))
+    dw = model.blocks1[0].dwconv  # 3x3 depthwise at a quarter of 64: 16x16 positions
+    assert macs['depthwise'] >= dw.out_channels * 16 * 16 * 9 and 0 < sum(macs.values()) < count_macs(model, (1, 3, 64, 64))
 
 
 def test_original_release_code_is_built_beside_ours(tmp_path):
@@ -242,12 +269,13 @@ def test_original_release_code_is_built_beside_ours(tmp_path):
         '@register_model\n'
         'def overlock_xt(pretrained=False):\n'
         '    return Net()\n')
-    model = load_original(str(tmp_path), 'xt')
-    assert model.merged and not model.training
+    attn = torch.softmax(torch.randn(2, 3, 5, 6, 9), -1)
+    value = torch.randn(2, 3, 5, 6, 4)
+    for na2d in ('gather', 'op'):  # natten's na2d_av as a gather-einsum, and as our op
+        model = load_original(str(tmp_path), 'xt', na2d=na2d)
+        assert model.merged and not model.training
+        torch.testing.assert_close(model(attn, value), models.ops.na2d_av(attn, value, 3))
     assert type(timm.create_model('overlock_xt', **TINY_KWARGS)).__module__ == 'models.overlock'
-    attn = torch.softmax(torch.randn(1, 1, 5, 5, 9), -1)
-    value = torch.randn(1, 1, 5, 5, 4)
-    torch.testing.assert_close(model(attn, value), models.ops.na2d_av(attn, value, 3))
     (tmp_path / 'models' / 'overlock.py').write_text('import a_package_not_installed_here\n')
     with pytest.raises(UsageError, match='imports a_package_not_installed_here, which is not installed'):
         load_original(str(tmp_path), 'xt')

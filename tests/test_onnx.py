@@ -2,6 +2,7 @@
 and bad input (one line, exit code 2)."""
 import copy
 import csv
+import importlib.util
 import logging
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from tests.helpers import TINY_KWARGS, randomize_bn_stats
+from tests.helpers import TINY_KWARGS, randomize_bn_stats, tiny_cli_kwargs, tiny_model
 from models.ops import composite, torch_backend
 from models.ops.dispatch import na2d_av, na2d_softmax_av, relative_position_bias
 
@@ -159,6 +160,39 @@ def test_parity_real_size_xt(tmp_path, cli):
     assert meta['input_size'] == [3, 224, 160]
 
 
+@pytest.mark.parametrize('runtime', [
+    'onnxruntime',
+    pytest.param('openvino', marks=pytest.mark.skipif(importlib.util.find_spec('openvino') is None,
+                                                      reason='openvino (optional) not installed')),
+])
+def test_export_for_each_runtime(tmp_path, cli, runtime):
+    """--runtime picks the graph (ONNX Runtime: the fused channels-last form, no 1x1 convolutions left;
+    OpenVINO: the deploy form), the runtime of the parity check and the benchmark's column; the file gives the
+    model's logits on both runtimes."""
+    model = tiny_model().eval()
+    randomize_bn_stats(model)
+    ckpt, path = tmp_path / 'm.pth', tmp_path / 'm.onnx'
+    torch.save({'state_dict': model.state_dict()}, ckpt)
+    code, out, err = cli(export_onnx, ['--checkpoint', str(ckpt), '--output', str(path), '--img-size', '64',
+                                       '--num-classes', '7', '--model-kwargs', *tiny_cli_kwargs(),
+                                       '--runtime', runtime, '--benchmark', '--batch-sizes', '2', '--iters', '1',
+                                       '--warmup', '0'])
+    assert code == 0, err
+    fused = runtime == 'onnxruntime'
+    assert f'{"fused" if fused else "deploy"} form for' in out and f'| {runtime} |' in out
+    pointwise = [n for n in _standard_ops_only(path).graph.node if n.op_type == 'Conv'
+                 and any(a.name == 'kernel_shape' and list(a.ints) == [1, 1] for a in n.attribute)]
+    assert bool(pointwise) != fused
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    for other in ('onnxruntime', 'openvino'):
+        if importlib.util.find_spec(other) is not None:
+            with torch.no_grad():
+                assert export.max_relative_error(model, str(path), runtime=other) <= TOL
+                assert _max_rel_err(export.load_exported(str(path), other)(x).numpy(), ref) <= TOL
+
+
 # --- validate.py --onnx on the digits ---------------------------------------------------------------------
 
 DEMO_KWARGS = parse_kwargs(demo.MODEL_KWARGS)  # the demo's small OverLoCK
@@ -263,6 +297,9 @@ def test_bad_input_is_one_line(tmp_path, cli, monkeypatch):
         code, _, err = cli(validate, [str(tmp_path), '--onnx', str(foreign)])
         assert code == 2 and f'{missing} is needed' in err and 'pip install' in err and err.count('\n') == 1
         monkeypatch.undo()
+    monkeypatch.setitem(__import__('sys').modules, 'openvino', None)  # optional: named with its install line
+    code, _, err = cli(export_onnx, ['--output', out, '--runtime', 'openvino', *kw])
+    assert code == 2 and 'openvino is needed' in err and 'pip install openvino' in err and err.count('\n') == 1
     monkeypatch.setitem(__import__('sys').modules, 'onnx', None)
     code, _, err = cli(export_onnx, ['--output', out, *kw])
     assert code == 2 and 'onnx is needed' in err and err.count('\n') == 1

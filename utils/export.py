@@ -1,9 +1,12 @@
-"""ONNX export of the deploy form, reading an exported file back, and timing it beside PyTorch.
+"""ONNX export of an inference form, reading an exported file back on ONNX Runtime or OpenVINO, and timing it
+beside PyTorch.
 
 The graph holds standard ONNX operators only: ContMix's aggregation is written with Gather / MatMul /
 Softmax while exporting (``models.ops.composite``). The batch axis is dynamic; the input resolution is fixed at
 export time (the neighbour tables of the aggregation are constants of the graph). The model's preprocessing
-is stored in the file's metadata so that ``validate.py --onnx`` can evaluate the file alone.
+is stored in the file's metadata so that ``validate.py --onnx`` can evaluate the file alone. Which form is
+written depends on the runtime meant to run it (``utils.runtime.inference_form``): ONNX Runtime gets the fused
+channels-last graph, OpenVINO the deploy form; either runs on either runtime.
 
 ``onnx`` and ``onnxruntime`` (and ``onnxscript``, which torch's exporter uses) are imported only when needed;
 missing packages are a one-line :class:`~utils.cli.UsageError`.
@@ -27,7 +30,7 @@ from .measure.timing import time_ms
 __all__ = [
     'MIN_OPSET', 'DEFAULT_OPSET', 'PARITY_TOLERANCE', 'supported_opsets', 'check_opset', 'require', 'deploy_copy',
     'onnx_metadata', 'export_onnx', 'read_metadata', 'load_session', 'OnnxRuntimeModel', 'OpenVinoModel',
-    'max_relative_error',
+    'EXPORT_RUNTIMES', 'load_exported', 'max_relative_error',
     'export_and_check', 'benchmark_onnx', 'input_size_arg',
 ]
 
@@ -38,7 +41,9 @@ MIN_OPSET = 18
 DEFAULT_OPSET = 18
 METADATA_KEY = 'overlock'  # metadata_props key of the JSON preprocessing record
 INPUT_NAME, OUTPUT_NAME = 'input', 'logits'
-PARITY_TOLERANCE = 1e-4  # max relative error of the ONNX Runtime logits against PyTorch's
+PARITY_TOLERANCE = 1e-4  # max relative error of an exported file's logits against PyTorch's
+EXPORT_RUNTIMES = ('onnxruntime', 'openvino')  # what runs an exported file
+_RUNTIME_NAMES = {'onnxruntime': 'ONNX Runtime', 'openvino': 'OpenVINO'}
 _INSTALL = 'pip install onnx onnxruntime onnxscript (see requirements.txt)'
 
 
@@ -259,12 +264,13 @@ class OnnxRuntimeModel(_ExportedModel):
 
 class OpenVinoModel(_ExportedModel):
     """An exported file compiled by OpenVINO for the CPU. ``precision`` is OpenVINO's inference precision hint:
-    'f32' (the default here; OpenVINO's own default computes in bf16 on CPUs that have it) or 'bf16' / 'f16'."""
+    'f32' (the default here; OpenVINO's own default computes in bf16 on CPUs that have it) or 'bf16' / 'f16';
+    ``config``: further OpenVINO properties (e.g. ``{'PERF_COUNT': 'YES'}``)."""
 
-    def __init__(self, path: str, threads: int = 0, precision: str = 'f32'):
+    def __init__(self, path: str, threads: int = 0, precision: str = 'f32', config: Optional[Dict[str, Any]] = None):
         ov = require('openvino')
         super().__init__(path)  # a readable file with its record, or a one-line error
-        config = {'INFERENCE_PRECISION_HINT': precision}
+        config = {'INFERENCE_PRECISION_HINT': precision, **(config or {})}
         if threads > 0:
             config['INFERENCE_NUM_THREADS'] = threads
         try:
@@ -276,37 +282,57 @@ class OpenVinoModel(_ExportedModel):
         return self.compiled(x)[0]
 
 
-def max_relative_error(model: nn.Module, path: str, batch: int = 2, seed: int = 0, threads: int = 0) -> float:
-    """``max|ort - torch| / max|torch|`` of the logits of ``model`` (deploy form, float32) and the exported
-    ``path`` in ONNX Runtime on a random batch at the file's input size."""
+def load_exported(path: str, runtime: str = 'onnxruntime', threads: int = 0, precision: str = 'f32') -> nn.Module:
+    """The exported ``path`` on ``runtime`` ('onnxruntime' or 'openvino'; ``precision``: OpenVINO's)."""
+    if runtime == 'onnxruntime':
+        return OnnxRuntimeModel(path, threads=threads)
+    if runtime == 'openvino':
+        return OpenVinoModel(path, threads=threads, precision=precision)
+    raise UsageError(f'runtime {runtime!r}: an exported file runs on {" or ".join(EXPORT_RUNTIMES)}')
+
+
+def max_relative_error(model: nn.Module, path: str, batch: int = 2, seed: int = 0, threads: int = 0,
+                       runtime: str = 'onnxruntime') -> float:
+    """``max|file - torch| / max|torch|`` of the logits of ``model`` (deploy form, float32) and the exported
+    ``path`` on ``runtime`` (float32), on a random batch at the file's input size."""
     model = deploy_copy(model)
-    session = load_session(path, threads)
-    x = torch.randn(batch, *read_metadata(path)['input_size'], generator=torch.Generator().manual_seed(seed))
+    exported = load_exported(path, runtime, threads)
+    x = torch.randn(batch, *exported.metadata['input_size'], generator=torch.Generator().manual_seed(seed))
     param = next(model.parameters(), None)
     with torch.no_grad():
         ref = model(x.to(param.device if param is not None else 'cpu')).float().cpu()
-    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        out = exported(x)
     if out.shape != ref.shape:
         return float('inf')
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
 def export_and_check(model: nn.Module, path: str, input_size: Sequence[int], opset: int = DEFAULT_OPSET,
-                     simplify: bool = True, metadata: Optional[Dict[str, Any]] = None) -> int:
-    """:func:`export_onnx`, then compare ONNX Runtime with PyTorch on a random batch and print both steps.
+                     simplify: bool = True, metadata: Optional[Dict[str, Any]] = None,
+                     runtime: str = 'onnxruntime') -> int:
+    """:func:`export_onnx` of the form ``runtime`` runs best, then compare the file on ``runtime`` with the
+    PyTorch model (deploy form) on a random batch and print both steps.
 
     Returns an exit code: 0, or 1 (and the file removed) when the logits differ by more than PARITY_TOLERANCE.
     """
+    from .runtime import inference_form
+
+    if runtime not in EXPORT_RUNTIMES:
+        raise UsageError(f'runtime {runtime!r}: an exported file runs on {" or ".join(EXPORT_RUNTIMES)}')
+    if runtime == 'openvino':
+        require('openvino')  # before the export, not after it
     model = deploy_copy(model)
-    record = export_onnx(model, path, input_size=input_size, opset=opset, simplify=simplify, metadata=metadata)
-    err = max_relative_error(model, path)
+    form = inference_form(model, runtime)
+    record = export_onnx(form, path, input_size=input_size, opset=opset, simplify=simplify, metadata=metadata)
+    err = max_relative_error(model, path, runtime=runtime)
     size_mb = os.path.getsize(path) / 2 ** 20
+    name = _RUNTIME_NAMES[runtime]
     print(f'wrote {path} ({size_mb:.1f} MB, opset {opset}, input [batch, {", ".join(map(str, input_size))}], '
-          f'{record["architecture"]})')
-    print(f'max relative error of ONNX Runtime vs PyTorch logits: {err:.3e} (limit {PARITY_TOLERANCE:g})')
+          f'{record["architecture"]}, {"fused" if form is not model else "deploy"} form for {name})')
+    print(f'max relative error of {name} vs PyTorch logits: {err:.3e} (limit {PARITY_TOLERANCE:g})')
     if not err <= PARITY_TOLERANCE:
         os.remove(path)
-        print(f'error: ONNX Runtime output differs from PyTorch (max relative error {err:.3e}); {path} removed')
+        print(f'error: {name} output differs from PyTorch (max relative error {err:.3e}); {path} removed')
         return 1
     return 0
 
@@ -319,18 +345,21 @@ def benchmark_onnx(
         iters: int = 10,
         warmup: int = 2,
         seed: int = 0,
+        runtime: str = 'onnxruntime',
 ) -> List[Dict[str, Any]]:
-    """Images/s of ``model`` (PyTorch eager, float32, CPU) and of the exported ``path`` in ONNX Runtime (CPU
-    execution provider), both with ``threads`` intra-op threads, at the file's input size, in one process.
+    """Images/s of ``model`` in PyTorch eager (its inference form: fused for OverLoCK; float32, CPU) and of the
+    exported ``path`` on ``runtime``, both with ``threads`` intra-op threads, at the file's input size, in one
+    process.
 
-    Returns one row per batch size: model, batch, img_size, torch/onnxruntime images/s, their ratio and the
-    file size in MB. Speed is the median of ``iters`` timed calls after ``warmup`` calls (the measurement
-    package's timer, :func:`utils.measure.timing.time_ms`).
+    Returns one row per batch size: model, batch, img_size, threads, runtime, eager and file images/s, their
+    ratio and the file size in MB. Speed is the median of ``iters`` timed calls after ``warmup`` calls (the
+    measurement package's timer, :func:`utils.measure.timing.time_ms`).
     """
-    model = deploy_copy(model).cpu()
-    meta = read_metadata(path)
-    session = load_session(path, threads)
-    input_name = session.get_inputs()[0].name
+    from .runtime import inference_form
+
+    eager_form = inference_form(deploy_copy(model), 'eager').cpu()
+    exported = load_exported(path, runtime, threads)
+    meta = exported.metadata
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows = []
@@ -338,15 +367,14 @@ def benchmark_onnx(
         gen = torch.Generator().manual_seed(seed)
         for batch in batch_sizes:
             x = torch.randn(batch, *meta['input_size'], generator=gen)
-            feed = {input_name: x.numpy()}
             with torch.inference_mode():
-                eager = batch * 1e3 / time_ms(lambda: model(x), warmup=warmup, repeat=iters).median
-            ort = batch * 1e3 / time_ms(lambda: session.run(None, feed), warmup=warmup, repeat=iters).median
+                eager = batch * 1e3 / time_ms(lambda: eager_form(x), warmup=warmup, repeat=iters).median
+                on_file = batch * 1e3 / time_ms(lambda: exported(x), warmup=warmup, repeat=iters).median
             rows.append({
                 'model': meta.get('architecture', ''), 'batch': batch,
                 'img_size': 'x'.join(str(s) for s in meta['input_size'][1:]), 'threads': threads,
-                'torch_img_s': round(eager, 2), 'onnxruntime_img_s': round(ort, 2),
-                'ort_vs_torch': round(ort / eager, 2), 'onnx_mb': round(os.path.getsize(path) / 2 ** 20, 1),
+                'runtime': runtime, 'eager_img_s': round(eager, 2), 'runtime_img_s': round(on_file, 2),
+                'vs_eager': round(on_file / eager, 2), 'onnx_mb': round(os.path.getsize(path) / 2 ** 20, 1),
             })
     finally:
         torch.set_num_threads(old_threads)

@@ -1,6 +1,6 @@
 """Inference runtimes, chosen by one name wherever a model is run for inference (``validate.py --runtime``,
-``python -m scripts.benchmark --mode deploy --runtimes``): PyTorch eager, ``torch.compile``, ONNX Runtime and
-OpenVINO.
+``python -m scripts.benchmark --mode deploy --runtimes``; ``python -m scripts.export_onnx --runtime`` for the two
+that run a file): PyTorch eager, ``torch.compile``, ONNX Runtime and OpenVINO.
 
 PyTorch (eager, compile) and ONNX Runtime run the model's inference form: an OverLoCK model in its fused form
 (``models.fused``; the same logits as the model to float32 rounding), any other timm model as it is, in eval
@@ -61,14 +61,11 @@ def prepare(model: nn.Module, runtime: str, input_size: Sequence[int], threads: 
         return form, time.perf_counter() - start
     if runtime == 'compile':
         return torch.compile(form), time.perf_counter() - start
-    from .export import OnnxRuntimeModel, OpenVinoModel, export_onnx
+    from .export import export_onnx, load_exported
 
     form = (copy.deepcopy(form) if form is model else form).cpu().float()  # the caller's model stays put
     with tempfile.TemporaryDirectory() as tmp:
         path = onnx_path or os.path.join(tmp, 'model.onnx')
         export_onnx(form, path, input_size=input_size)
-        if runtime == 'onnxruntime':
-            module = OnnxRuntimeModel(path, threads=threads)
-        else:
-            module = OpenVinoModel(path, threads=threads, precision=precision)
+        module = load_exported(path, runtime, threads, precision)
     return module, time.perf_counter() - start

@@ -13,10 +13,15 @@ from torch import nn
 
 from .timing import time_ms
 
-__all__ = ['DEPLOY_COLUMNS', 'available_runtimes', 'bench_deploy', 'profile_top']
+__all__ = ['DEPLOY_COLUMNS', 'MAC_COLUMNS', 'available_runtimes', 'bench_deploy', 'profile_top', 'mac_rows',
+           'openvino_profile']
 
-DEPLOY_COLUMNS = ['model', 'runtime', 'batch', 'images_per_s', 'vs_reference', 'vs_original', 'prepare_s',
-                  'first_call_s']
+DEPLOY_COLUMNS = ['model', 'runtime', 'batch', 'images_per_s', 'vs_reference', 'vs_original', 'vs_original_op',
+                  'prepare_s', 'first_call_s']
+MAC_COLUMNS = ['model', 'pointwise_gmacs', 'dense_conv_gmacs', 'depthwise_gmacs', 'total_gmacs']
+# the release's model code, timed twice: natten's na2d_av as a gather-einsum (the baseline of vs_original) and
+# as our op (vs_original_op: the model code alone)
+_RELEASE = {'gather': 'release code, gather-einsum', 'op': 'release code, our op'}
 
 
 def available_runtimes() -> List[str]:
@@ -54,8 +59,9 @@ def bench_deploy(names: Sequence[str], runtimes: Sequence[str], batch_sizes: Seq
     Args:
         reference: a model among ``names`` whose images/s on the same runtime and batch each row is divided by
             (``vs_reference``).
-        original: a checkout of the original release: its model code is timed too (eager, deploy form, as
-            ``<name> (release code)``) and each OverLoCK row divided by it (``vs_original``).
+        original: a checkout of the original release: its model code is timed too (eager, deploy form), with
+            natten's ``na2d_av`` as a gather-einsum (``<name> (release code, gather-einsum)``, the divisor of
+            ``vs_original``) and as our op (``<name> (release code, our op)``, of ``vs_original_op``).
         model_kwargs: constructor overrides for the OverLoCK models (e.g. a tiny one for a quick check).
     Returns one row per model, runtime and batch (see :data:`DEPLOY_COLUMNS`); ``first_call_s`` is the first
     call's time, which holds ``torch.compile``'s compilation.
@@ -74,11 +80,11 @@ def bench_deploy(names: Sequence[str], runtimes: Sequence[str], batch_sizes: Seq
         for runtime in runtimes:
             module, seconds = prepare(model, runtime, (3, img_size, img_size), threads=threads)
             pairs.append(_Pair(name, runtime, module, seconds, {}, {}))
-        if original and overlock:
+        for na2d, label in (_RELEASE.items() if original and overlock else ()):
             start = time.perf_counter()
             variant = name.split('.')[0][len('overlock_'):].replace('_reparam', '')  # overlock_t.in1k -> t
-            module = load_original(original, variant)
-            pairs.append(_Pair(f'{name} (release code)', 'eager', module, time.perf_counter() - start, {}, {}))
+            module = load_original(original, variant, na2d=na2d)
+            pairs.append(_Pair(f'{name} ({label})', 'eager', module, time.perf_counter() - start, {}, {}))
     gen = torch.Generator().manual_seed(0)
     for batch in batch_sizes:
         x = torch.randn(batch, 3, img_size, img_size, generator=gen)
@@ -96,24 +102,84 @@ def bench_deploy(names: Sequence[str], runtimes: Sequence[str], batch_sizes: Seq
         for p in pairs:
             ips = speed[(p.model, p.runtime, batch)]
             ref = speed.get((reference, p.runtime, batch)) if reference else None
-            orig = speed.get((f'{p.model} (release code)', 'eager', batch))
+            orig, orig_op = (speed.get((f'{p.model} ({label})', 'eager', batch)) for label in _RELEASE.values())
             rows.append({
                 'model': p.model, 'runtime': p.runtime, 'batch': batch, 'images_per_s': round(ips, 2),
                 'vs_reference': f'{ips / ref:.2f}x' if ref and p.model != reference else '',
                 'vs_original': f'{ips / orig:.2f}x' if orig else '',
+                'vs_original_op': f'{ips / orig_op:.2f}x' if orig_op else '',
                 'prepare_s': round(p.prepare_s, 1), 'first_call_s': round(p.first_call_s[batch], 1),
             })
     return rows
 
 
-def profile_top(name: str, batch: int = 8, img_size: int = 224, row_limit: int = 12,
-                model_kwargs: Optional[Dict[str, object]] = None) -> str:
-    """torch.profiler's top entries (self CPU time) of the eager inference form of ``name``."""
+def _create(name: str, model_kwargs: Optional[Dict[str, object]]) -> nn.Module:
     import timm
 
     import models  # noqa: F401
+    return timm.create_model(name, **((model_kwargs or {}) if name.startswith('overlock') else {})).eval()
+
+
+def profile_top(name: str, batch: int = 8, img_size: int = 224, row_limit: int = 12,
+                model_kwargs: Optional[Dict[str, object]] = None) -> str:
+    """torch.profiler's top entries (self CPU time) of the eager inference form of ``name``."""
     from utils.runtime import inference_form
     from .model import profile_table
-    module = inference_form(timm.create_model(name, **((model_kwargs or {}) if name.startswith('overlock') else {})))
+    module = inference_form(_create(name, model_kwargs))
     x = torch.randn(batch, 3, img_size, img_size)
     return profile_table(_call(module, x), torch.device('cpu'), steps=1, row_limit=row_limit)
+
+
+def mac_rows(names: Sequence[str], img_size: int = 224, model_kwargs: Optional[Dict[str, object]] = None
+             ) -> List[Dict[str, object]]:
+    """GMACs per image of each model's (deploy form's) layers by kind (:func:`~utils.measure.macs.macs_by_kind`),
+    one row per model (see :data:`MAC_COLUMNS`)."""
+    from utils.export import deploy_copy
+    from .macs import macs_by_kind
+
+    rows = []
+    for name in names:
+        macs = macs_by_kind(deploy_copy(_create(name, model_kwargs)), (1, 3, img_size, img_size))
+        rows.append({'model': name, **{f'{k}_gmacs': round(v / 1e9, 3) for k, v in macs.items()},
+                     'total_gmacs': round(sum(macs.values()) / 1e9, 3)})
+    return rows
+
+
+def openvino_profile(name: str, batch: int = 8, img_size: int = 224, threads: int = 0, row_limit: int = 12,
+                     model_kwargs: Optional[Dict[str, object]] = None, calls: int = 5) -> str:
+    """OpenVINO's per-layer counters (``PERF_COUNT``) of ``name`` as the openvino runtime runs it, summed per
+    layer type and kernel: a markdown table, largest first, with the total; of the fastest of ``calls`` calls
+    (OpenVINO keeps the last call's counters), so that a busy moment does not inflate single layers."""
+    import collections
+    import os
+    import tempfile
+
+    from utils.export import OpenVinoModel, export_onnx
+    from utils.runtime import inference_form
+
+    form = inference_form(_create(name, model_kwargs), 'openvino')
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'model.onnx')
+        export_onnx(form, path, input_size=(3, img_size, img_size))
+        compiled = OpenVinoModel(path, threads=threads, config={'PERF_COUNT': 'YES'}).compiled
+    request = compiled.create_infer_request()
+    x = torch.randn(batch, 3, img_size, img_size).numpy()
+    request.infer({0: x})  # warm-up
+    best = None
+    for _ in range(calls):
+        request.infer({0: x})
+        ms, layers = collections.Counter(), collections.Counter()
+        for info in request.profiling_info:
+            key = (info.node_type, info.exec_type)
+            ms[key] += info.real_time.total_seconds() * 1e3
+            layers[key] += 1
+        if best is None or sum(ms.values()) < sum(best[0].values()):
+            best = ms, layers
+    ms, layers = best
+    total = sum(ms.values())
+    lines = [f'total {total:.1f} ms (fastest of {calls} calls)', '', '| layer type | kernel | layers | ms | share |',
+             '|---|---|---|---|---|']
+    lines += [f'| {t} | {k} | {layers[(t, k)]} | {v:.1f} | {100 * v / total:.1f} % |'
+              for (t, k), v in ms.most_common(row_limit)]
+    return '\n'.join(lines)
+
