@@ -7,7 +7,8 @@ Loads the training form, merges every DilatedReparamBlock (and its BatchNorms) i
 checks on random input that the deploy model's eval logits equal the training form's, reports parameters and
 speed before/after, and saves {'arch': '<model>_reparam', 'state_dict': ...} for `overlock_*_reparam`
 (`validate.py --checkpoint OUT` picks that model automatically). `--onnx FILE` also (or instead) writes the
-deploy form as ONNX at --img-size (see scripts/export_onnx.py and docs/evaluation.md).
+model as ONNX for ONNX Runtime at --img-size (its fused inference form; see scripts/export_onnx.py, whose
+--runtime writes a file for OpenVINO, and docs/evaluation.md).
 """
 import argparse
 import copy
@@ -31,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--model', required=True, metavar='NAME', help='training-form model name, e.g. overlock_t')
     p.add_argument('--checkpoint', required=True, metavar='IN', help='trained checkpoint (any supported layout)')
     p.add_argument('--output', default=None, metavar='OUT', help='deploy checkpoint to write')
-    p.add_argument('--onnx', default=None, metavar='FILE', help='also write the deploy form as ONNX (CPU check)')
+    p.add_argument('--onnx', default=None, metavar='FILE', help='also write an ONNX file for ONNX Runtime (CPU check)')
     p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset of --onnx (default {DEFAULT_OPSET})')
     p.add_argument('--use-ema', action='store_true', help='convert the EMA weights of a training checkpoint')
     p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')

@@ -6,6 +6,7 @@
     python validate.py /data/imagenet --model 'overlock*' --pretrained --results-file results.csv
     python validate.py /data/imagenet --model overlock_xt overlock_t --checkpoint xt.pth t.pth
     python validate.py /data/imagenet --onnx overlock_t.onnx     # an exported file, in ONNX Runtime (CPU)
+    python validate.py /data/imagenet --onnx t_ov.onnx --runtime openvino   # ... or in OpenVINO
     python validate.py /data/imagenet --model overlock_t --pretrained --real-labels real.json   # ImageNet-ReaL
     python validate.py /data/imagenet-a --model overlock_t --pretrained --valid-labels imagenet_a_classes.txt
 
@@ -28,6 +29,7 @@ from utils.evaluate import (
     apply_test_pool, read_valid_labels, real_labels_scorer, rounded,
 )
 from utils.measure.dtypes import dtype_name, parse_dtype
+from utils.export import EXPORT_RUNTIMES
 from utils.runtime import RUNTIMES, prepare
 
 _logger = logging.getLogger('validate')
@@ -61,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help='checkpoint file(s), one per --model (or one for all); a folder: each *.pth / *.pth.tar '
                           'in it')
     src.add_argument('--onnx', nargs='+', default=None, metavar='FILE',
-                     help='exported ONNX file(s) (scripts/export_onnx.py), run in ONNX Runtime on the CPU with the '
-                          'preprocessing stored in the file')
+                     help='exported ONNX file(s) (scripts/export_onnx.py), run on the CPU in ONNX Runtime (or '
+                          'OpenVINO: --runtime) with the preprocessing stored in the file')
     p.add_argument('--use-ema', action='store_true', help='the EMA weights of a training checkpoint')
     p.add_argument('--reparam', action='store_true', help='re-parameterise (merge branches) after loading')
     p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
@@ -127,9 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if clash:
             raise UsageError(f'--runtime {args.runtime} runs the float32 inference form; it does not combine with '
                              f'{" ".join(clash)} (leave --runtime out to evaluate the model as built)')
-        if args.onnx and args.runtime not in ('onnxruntime', 'openvino'):
-            raise UsageError(f'--runtime {args.runtime} with --onnx: an exported file runs on onnxruntime or '
-                             f'openvino')
+        if args.onnx and args.runtime not in EXPORT_RUNTIMES:
+            raise UsageError(f'--runtime {args.runtime} with --onnx: an exported file runs on '
+                             f'{" or ".join(EXPORT_RUNTIMES)}')
     if args.input_size is not None and min(args.input_size) < 1:
         raise UsageError(f'--input-size needs 3 numbers >= 1 (channels height width), got '
                          f'{" ".join(map(str, args.input_size))}')
@@ -228,7 +230,8 @@ def _raw_bytes(img) -> bytes:
 
 
 def _validate_onnx(args: argparse.Namespace) -> int:
-    """Evaluate exported files in ONNX Runtime (CPU, float32) with the preprocessing stored at export."""
+    """Evaluate exported files in ONNX Runtime or OpenVINO (CPU, float32) with the preprocessing stored at
+    export."""
     import timm.data
     from utils.export import load_exported
 
@@ -241,7 +244,8 @@ def _validate_onnx(args: argparse.Namespace) -> int:
                                      ('--real-labels', args.real_labels), ('--valid-labels', args.valid_labels))
                if on]
     if ignored:
-        _logger.info('--onnx: %s do not apply to an exported file (float32, deploy form)', ' '.join(ignored))
+        _logger.info('--onnx: %s do not apply to an exported file (float32, its graph as exported)',
+                     ' '.join(ignored))
     device = torch.device('cpu')
     results = []
     for path in args.onnx:

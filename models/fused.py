@@ -33,7 +33,7 @@ from .layers import GRN, LayerNorm2d, LayerScale, ResDWConv, SEModule, fuse_conv
 from .ops import contmix_softmax_av, na2d_softmax_av
 from .overlock import OverLoCK, RepConvBlock, check_input
 
-__all__ = ['FusedOverLoCK', 'fuse']
+__all__ = ['FusedOverLoCK', 'fuse', 'fusable']
 
 Tensor = torch.Tensor
 
@@ -431,13 +431,19 @@ class FusedOverLoCK(_Folded):
         return self.forward_head(self.forward_features(x))
 
 
+def fusable(model: nn.Module) -> bool:
+    """Whether :func:`fuse` takes ``model``: an OverLoCK classifier with its head (not a dense backbone or a
+    model pruned to its features)."""
+    head = getattr(model, 'head', None)
+    return isinstance(model, OverLoCK) and isinstance(head, nn.Sequential) and isinstance(head[0], nn.Conv2d)
+
+
 @torch.no_grad()
 def fuse(model: OverLoCK) -> FusedOverLoCK:
     """The fused inference form of ``model`` (training or deploy form; the model itself is left unchanged)."""
     if not isinstance(model, OverLoCK):
         raise TypeError(f'fuse expects an OverLoCK model, got {type(model).__name__}')
-    head = getattr(model, 'head', None)
-    if not (isinstance(head, nn.Sequential) and isinstance(head[0], nn.Conv2d)):
+    if not fusable(model):
         raise TypeError(f'fuse needs an OverLoCK classifier with its head; {type(model).__name__} has none (a '
                         f'dense backbone or a model pruned to its features)')
     source = copy.deepcopy(model).eval().reparameterize()

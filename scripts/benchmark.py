@@ -76,8 +76,9 @@ def parse_args(argv=None):
     dp.add_argument('--original', default='', metavar='DIR',
                     help='a checkout of the original release: time its model code too (eager; natten\'s na2d_av as '
                          'a gather-einsum and as our op; needs einops)')
-    dp.add_argument('--profile', action='store_true', help='also print each model\'s GMACs by layer kind, the eager profile\'s top entries '
-                         '(OverLoCK) and OpenVINO\'s per-layer counters (when openvino is timed)')
+    dp.add_argument('--profile', action='store_true',
+                    help='also print each model\'s GMACs by layer kind, the eager profile\'s top entries (OverLoCK) '
+                         'and OpenVINO\'s per-layer counters (when openvino is timed)')
     ld = p.add_argument_group('--mode loader')
     ld.add_argument('--data-dir', default='', help='class-folder root of JPEGs (default: build one from the '
                                                    'photographs installed packages ship)')

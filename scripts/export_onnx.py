@@ -23,8 +23,8 @@ import os
 from utils.cli import UsageError, add_model_kwargs_arg, add_na2d_backend_arg, apply_na2d_backend, run_cli
 from utils.evaluate import build_eval_model, expand_model_names, markdown_table
 from utils.export import (
-    DEFAULT_OPSET, EXPORT_RUNTIMES, MIN_OPSET, benchmark_onnx, check_opset, deploy_copy, export_and_check,
-    input_size_arg,
+    DEFAULT_OPSET, EXPORT_RUNTIMES, MIN_OPSET, benchmark_onnx, check_export_runtime, check_opset, deploy_copy,
+    export_and_check, input_size_arg,
 )
 
 _logger = logging.getLogger('export_onnx')
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     if args.benchmark and (min(args.batch_sizes) < 1 or args.threads < 1 or args.iters < 1):
         raise UsageError('--batch-sizes, --threads and --iters must be >= 1')
     check_opset(args.opset)
+    check_export_runtime(args.runtime)  # a missing package before the model is built
     model = build_eval_model(name, checkpoint=args.checkpoint, pretrained=args.pretrained, use_ema=args.use_ema,
                         num_classes=args.num_classes, model_kwargs=args.model_kwargs).eval()
     input_size = input_size_arg(args.img_size, model)

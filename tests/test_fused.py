@@ -119,6 +119,20 @@ def test_fuse_refuses_other_models_and_headless_ones():
         fuse(create_backbone('overlock_xt', **TINY_KWARGS))
 
 
+def test_runtimes_take_a_headless_overlock_in_deploy_form():
+    """A model pruned to its features cannot be fused; the runtimes run (and export) its deploy form."""
+    from utils.runtime import inference_form
+    model = _random_weights(tiny_model())
+    model.prune_intermediate_layers(prune_head=True)
+    x = torch.randn(2, 3, 64, 64)
+    for runtime in ('eager', 'onnxruntime'):
+        form = inference_form(model, runtime)
+        assert not isinstance(form, FusedOverLoCK) and not any('dil_conv' in k for k in form.state_dict())
+        with torch.no_grad():
+            assert rel_err(form(x), model(x)) < 1e-5
+    assert isinstance(inference_form(_random_weights(tiny_model()), 'onnxruntime'), FusedOverLoCK)
+
+
 def test_half_precision_grn_sums_its_squares_in_float32():
     """A 56x56 map of values around 5 overflows a float16 sum of squares (65504); the model's vector_norm does
     not, and neither does the fused form."""
@@ -166,8 +180,9 @@ def _installed(*names: str) -> bool:
     pytest.param('onnxruntime', marks=[  # the fast tier: test_onnx.py's export for each runtime
         pytest.mark.slow, pytest.mark.skipif(not _installed('onnxruntime', 'onnxscript'),
                                              reason='onnxruntime not installed')]),
-    pytest.param('openvino', marks=pytest.mark.skipif(not _installed('openvino', 'onnxscript'),
-                                                      reason='openvino (optional) not installed')),
+    pytest.param('openvino', marks=[
+        pytest.mark.slow, pytest.mark.skipif(not _installed('openvino', 'onnxscript'),
+                                             reason='openvino (optional) not installed')]),
 ])  # compile: test_fused_compiles_without_graph_breaks
 def test_every_runtime_gives_the_models_logits(runtime):
     from utils.runtime import prepare
@@ -242,19 +257,20 @@ def test_macs_by_kind_add_up_to_the_counted_macs():
     them, and a depthwise layer of OverLoCK counted as such."""
     from utils.measure.macs import count_macs, macs_by_kind
     resnet = timm.create_model('resnet10t')
-    macs = macs_by_kind(resnet, (1, 3, 64, 64))
-    assert macs['depthwise'] == 0 and macs['pointwise'] > 0 and sum(macs.values()) == count_macs(resnet, (1, 3, 64, 64))
+    size = (1, 3, 64, 64)
+    macs = macs_by_kind(resnet, size)
+    assert macs['depthwise'] == 0 and macs['pointwise'] > 0 and sum(macs.values()) == count_macs(resnet, size)
     model = tiny_model()
-    macs = macs_by_kind(model, (1, 3, 64, 64))
+    macs = macs_by_kind(model, size)
     dw = model.blocks1[0].dwconv  # 3x3 depthwise at a quarter of 64: 16x16 positions
-    assert macs['depthwise'] >= dw.out_channels * 16 * 16 * 9 and 0 < sum(macs.values()) < count_macs(model, (1, 3, 64, 64))
+    assert macs['depthwise'] >= dw.out_channels * 16 * 16 * 9 and 0 < sum(macs.values()) < count_macs(model, size)
 
 
-def test_original_release_code_is_built_beside_ours(tmp_path):
+def test_original_release_code_is_built_beside_ours(tmp_path, monkeypatch):
     """A stand-in for a checkout of the release: its imports (natten, mmengine, timm's register_model) are
     served, and timm's registry keeps our models."""
     from utils.cli import UsageError
-    from utils.measure.original import load_original
+    from utils.measure.original import gather_na2d_av as original_gather, load_original
     (tmp_path / 'models').mkdir()
     (tmp_path / 'models' / 'overlock.py').write_text(
         'import torch\n'
@@ -271,10 +287,14 @@ def test_original_release_code_is_built_beside_ours(tmp_path):
         '    return Net()\n')
     attn = torch.softmax(torch.randn(2, 3, 5, 6, 9), -1)
     value = torch.randn(2, 3, 5, 6, 4)
+    from utils.measure import original
+    gathers = []
+    monkeypatch.setattr(original, 'gather_na2d_av', lambda *a: gathers.append(1) or original_gather(*a))
     for na2d in ('gather', 'op'):  # natten's na2d_av as a gather-einsum, and as our op
         model = load_original(str(tmp_path), 'xt', na2d=na2d)
         assert model.merged and not model.training
         torch.testing.assert_close(model(attn, value), models.ops.na2d_av(attn, value, 3))
+        assert len(gathers) == 1  # the gather-einsum served the first, not the second
     assert type(timm.create_model('overlock_xt', **TINY_KWARGS)).__module__ == 'models.overlock'
     (tmp_path / 'models' / 'overlock.py').write_text('import a_package_not_installed_here\n')
     with pytest.raises(UsageError, match='imports a_package_not_installed_here, which is not installed'):

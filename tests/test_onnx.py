@@ -297,6 +297,17 @@ def test_bad_input_is_one_line(tmp_path, cli, monkeypatch):
         code, _, err = cli(validate, [str(tmp_path), '--onnx', str(foreign)])
         assert code == 2 and f'{missing} is needed' in err and 'pip install' in err and err.count('\n') == 1
         monkeypatch.undo()
+    def written(model, path, **kwargs):  # an export the runtime then cannot load: the file does not stay
+        open(path, 'wb').close()
+        return {'architecture': 'm'}
+
+    def unloadable(*args, **kwargs):
+        raise export.UsageError('ONNX Runtime cannot load it (bad graph)')
+    with monkeypatch.context() as m:
+        m.setattr(export, 'export_onnx', written)
+        m.setattr(export, 'max_relative_error', unloadable)
+        code, printed, _ = cli(export_onnx, ['--output', out, *kw])
+    assert code == 1 and 'cannot load it' in printed and 'removed' in printed and not (tmp_path / 'm.onnx').exists()
     monkeypatch.setitem(__import__('sys').modules, 'openvino', None)  # optional: named with its install line
     code, _, err = cli(export_onnx, ['--output', out, '--runtime', 'openvino', *kw])
     assert code == 2 and 'openvino is needed' in err and 'pip install openvino' in err and err.count('\n') == 1

@@ -30,7 +30,7 @@ from .measure.timing import time_ms
 __all__ = [
     'MIN_OPSET', 'DEFAULT_OPSET', 'PARITY_TOLERANCE', 'supported_opsets', 'check_opset', 'require', 'deploy_copy',
     'onnx_metadata', 'export_onnx', 'read_metadata', 'load_session', 'OnnxRuntimeModel', 'OpenVinoModel',
-    'EXPORT_RUNTIMES', 'load_exported', 'max_relative_error',
+    'EXPORT_RUNTIMES', 'check_export_runtime', 'load_exported', 'max_relative_error',
     'export_and_check', 'benchmark_onnx', 'input_size_arg',
 ]
 
@@ -119,7 +119,8 @@ def export_onnx(
         metadata: Optional[Dict[str, Any]] = None,
         simplify: bool = True,
 ) -> Dict[str, Any]:
-    """Write ``model``'s deploy form to ``path`` as ONNX (checked with ``onnx.checker``), atomically.
+    """Write ``model`` (its deploy form where it has a training form) to ``path`` as ONNX (checked with
+    ``onnx.checker``), atomically.
 
     Args:
         model: an OverLoCK model in either form (training form: a re-parameterised copy is exported) or any
@@ -275,20 +276,27 @@ class OpenVinoModel(_ExportedModel):
             config['INFERENCE_NUM_THREADS'] = threads
         try:
             self.compiled = ov.Core().compile_model(path, 'CPU', config)
-        except Exception as e:  # OpenVINO raises its own exception types
-            raise UsageError(f'OpenVINO cannot compile {path} ({e})') from None
+        except Exception as e:  # OpenVINO raises its own exception types, with multi-line messages
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f'OpenVINO cannot compile {path} ({first})') from None
 
     def _run(self, x):
         return self.compiled(x)[0]
 
 
+def check_export_runtime(runtime: str) -> None:
+    """A one-line error for a runtime that does not run exported files, or whose package is missing."""
+    if runtime not in EXPORT_RUNTIMES:
+        raise UsageError(f'runtime {runtime!r}: an exported file runs on {" or ".join(EXPORT_RUNTIMES)}')
+    require(runtime)
+
+
 def load_exported(path: str, runtime: str = 'onnxruntime', threads: int = 0, precision: str = 'f32') -> nn.Module:
     """The exported ``path`` on ``runtime`` ('onnxruntime' or 'openvino'; ``precision``: OpenVINO's)."""
+    check_export_runtime(runtime)
     if runtime == 'onnxruntime':
         return OnnxRuntimeModel(path, threads=threads)
-    if runtime == 'openvino':
-        return OpenVinoModel(path, threads=threads, precision=precision)
-    raise UsageError(f'runtime {runtime!r}: an exported file runs on {" or ".join(EXPORT_RUNTIMES)}')
+    return OpenVinoModel(path, threads=threads, precision=precision)
 
 
 def max_relative_error(model: nn.Module, path: str, batch: int = 2, seed: int = 0, threads: int = 0,
@@ -310,25 +318,34 @@ def max_relative_error(model: nn.Module, path: str, batch: int = 2, seed: int = 
 def export_and_check(model: nn.Module, path: str, input_size: Sequence[int], opset: int = DEFAULT_OPSET,
                      simplify: bool = True, metadata: Optional[Dict[str, Any]] = None,
                      runtime: str = 'onnxruntime') -> int:
-    """:func:`export_onnx` of the form ``runtime`` runs best, then compare the file on ``runtime`` with the
-    PyTorch model (deploy form) on a random batch and print both steps.
+    """:func:`export_onnx` of the form ``runtime`` runs best (``utils.runtime.inference_form``), then compare
+    the file on ``runtime`` with the PyTorch model (deploy form) on a random batch and print both steps. The
+    stored record (parameter count included) is the model's, whichever form the graph holds.
 
-    Returns an exit code: 0, or 1 (and the file removed) when the logits differ by more than PARITY_TOLERANCE.
+    Returns an exit code: 0, or 1 (and the file removed) when the logits differ by more than PARITY_TOLERANCE
+    or the runtime cannot load the file.
     """
+    from models.fused import FusedOverLoCK
+
     from .runtime import inference_form
 
-    if runtime not in EXPORT_RUNTIMES:
-        raise UsageError(f'runtime {runtime!r}: an exported file runs on {" or ".join(EXPORT_RUNTIMES)}')
-    if runtime == 'openvino':
-        require('openvino')  # before the export, not after it
+    check_export_runtime(runtime)  # before the export, not after it
     model = deploy_copy(model)
     form = inference_form(model, runtime)
+    metadata = {**onnx_metadata(model, input_size), **(metadata or {})}
     record = export_onnx(form, path, input_size=input_size, opset=opset, simplify=simplify, metadata=metadata)
-    err = max_relative_error(model, path, runtime=runtime)
-    size_mb = os.path.getsize(path) / 2 ** 20
     name = _RUNTIME_NAMES[runtime]
+    try:
+        err = max_relative_error(model, path, runtime=runtime)
+    except UsageError as e:
+        os.remove(path)
+        print(f'error: {e}; {path} removed')
+        return 1
+    size_mb = os.path.getsize(path) / 2 ** 20
+    kind = 'fused form' if isinstance(form, FusedOverLoCK) else 'deploy form' if hasattr(model, 'reparameterize') \
+        else 'as built'
     print(f'wrote {path} ({size_mb:.1f} MB, opset {opset}, input [batch, {", ".join(map(str, input_size))}], '
-          f'{record["architecture"]}, {"fused" if form is not model else "deploy"} form for {name})')
+          f'{record["architecture"]}, {kind} for {name})')
     print(f'max relative error of {name} vs PyTorch logits: {err:.3e} (limit {PARITY_TOLERANCE:g})')
     if not err <= PARITY_TOLERANCE:
         os.remove(path)

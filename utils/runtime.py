@@ -28,16 +28,16 @@ RUNTIMES = ('eager', 'compile', 'onnxruntime', 'openvino')
 
 
 def inference_form(model: nn.Module, runtime: str = 'eager') -> nn.Module:
-    """The module ``runtime`` runs: an OverLoCK model fused (OpenVINO: in deploy form; the model itself is left
-    unchanged), any other model as it is, in eval mode."""
-    from models.fused import fuse
+    """The module ``runtime`` runs: an OverLoCK classifier fused (OpenVINO, and an OverLoCK without its head: in
+    deploy form; the model itself is left unchanged), any other model as it is, in eval mode."""
+    from models.fused import fusable, fuse
     from models.overlock import OverLoCK
 
     from .export import deploy_copy
 
     if not isinstance(model, OverLoCK):
         return model.eval()
-    return deploy_copy(model) if runtime == 'openvino' else fuse(model)
+    return fuse(model) if runtime != 'openvino' and fusable(model) else deploy_copy(model)
 
 
 def prepare(model: nn.Module, runtime: str, input_size: Sequence[int], threads: int = 0,

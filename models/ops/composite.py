@@ -57,7 +57,7 @@ def uses_dense(height: int, width: int, kernel_size: int) -> bool:
 # exporter traces a torch tensor's ``.numpy()`` and the numpy ops after it into the graph).
 
 @functools.lru_cache(maxsize=64)
-def _neighbours(height: int, width: int, kernel_size: int) -> np.ndarray:
+def neighbours(height: int, width: int, kernel_size: int) -> np.ndarray:
     """[H*W, K*K] flat position of neighbour (ki, kj) of each query (windows shift inwards at the borders)."""
     k = kernel_size
     rows = np.clip(np.arange(height) - k // 2, 0, height - k)[:, None] + np.arange(k)  # [H, K]
@@ -71,7 +71,7 @@ def _dense_index(height: int, width: int, kernel_size: int) -> np.ndarray:
     ``p*K*K + n`` when q is neighbour n of p, else the appended zero (index H*W*K*K)."""
     hw, k2 = height * width, kernel_size * kernel_size
     index = np.full((hw, hw), hw * k2, dtype=np.int64)
-    np.put_along_axis(index, _neighbours(height, width, kernel_size), np.arange(hw * k2).reshape(hw, k2), axis=1)
+    np.put_along_axis(index, neighbours(height, width, kernel_size), np.arange(hw * k2).reshape(hw, k2), axis=1)
     return index.reshape(-1)
 
 
@@ -102,7 +102,7 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.
         dense = a.index_select(2, index).reshape(-1, g, hw, hw)
         out = torch.matmul(dense, v)  # [B, G, HW, C]
     else:
-        index = _constant(_neighbours(h, w, kernel_size).reshape(-1), value.device)
+        index = _constant(neighbours(h, w, kernel_size).reshape(-1), value.device)
         nbrs = v.index_select(2, index).reshape(-1, g, hw, k2, c)
         out = torch.matmul(attn.reshape(-1, g, hw, 1, k2), nbrs)  # [B, G, HW, 1, C]
     return out.reshape(-1, g, h, w, c)

@@ -16,11 +16,11 @@ from .timing import time_ms
 __all__ = ['DEPLOY_COLUMNS', 'MAC_COLUMNS', 'available_runtimes', 'bench_deploy', 'profile_top', 'mac_rows',
            'openvino_profile']
 
-DEPLOY_COLUMNS = ['model', 'runtime', 'batch', 'images_per_s', 'vs_reference', 'vs_original', 'vs_original_op',
-                  'prepare_s', 'first_call_s']
-MAC_COLUMNS = ['model', 'pointwise_gmacs', 'dense_conv_gmacs', 'depthwise_gmacs', 'total_gmacs']
-# the release's model code, timed twice: natten's na2d_av as a gather-einsum (the baseline of vs_original) and
-# as our op (vs_original_op: the model code alone)
+DEPLOY_COLUMNS = ['model', 'runtime', 'batch', 'images_per_s', 'vs_reference', 'vs_release_gather',
+                  'vs_release_op', 'prepare_s', 'first_call_s']
+MAC_COLUMNS = ['model', 'pointwise_gmacs', 'dense_conv_gmacs', 'depthwise_gmacs', 'conv_linear_gmacs']
+# the release's model code, timed with each stand-in for natten's na2d_av (utils.measure.original): a
+# gather-einsum (divisor of vs_release_gather) and our op (vs_release_op: the model code alone)
 _RELEASE = {'gather': 'release code, gather-einsum', 'op': 'release code, our op'}
 
 
@@ -61,14 +61,11 @@ def bench_deploy(names: Sequence[str], runtimes: Sequence[str], batch_sizes: Seq
             (``vs_reference``).
         original: a checkout of the original release: its model code is timed too (eager, deploy form), with
             natten's ``na2d_av`` as a gather-einsum (``<name> (release code, gather-einsum)``, the divisor of
-            ``vs_original``) and as our op (``<name> (release code, our op)``, of ``vs_original_op``).
+            ``vs_release_gather``) and as our op (``<name> (release code, our op)``, of ``vs_release_op``).
         model_kwargs: constructor overrides for the OverLoCK models (e.g. a tiny one for a quick check).
     Returns one row per model, runtime and batch (see :data:`DEPLOY_COLUMNS`); ``first_call_s`` is the first
     call's time, which holds ``torch.compile``'s compilation.
     """
-    import timm
-
-    import models  # noqa: F401  (registers the overlock models)
     from utils.runtime import prepare
     from .original import load_original
 
@@ -76,7 +73,7 @@ def bench_deploy(names: Sequence[str], runtimes: Sequence[str], batch_sizes: Seq
     pairs: List[_Pair] = []
     for name in names:
         overlock = name.startswith('overlock')
-        model = timm.create_model(name, **((model_kwargs or {}) if overlock else {})).eval()
+        model = _create(name, model_kwargs)
         for runtime in runtimes:
             module, seconds = prepare(model, runtime, (3, img_size, img_size), threads=threads)
             pairs.append(_Pair(name, runtime, module, seconds, {}, {}))
@@ -102,12 +99,12 @@ def bench_deploy(names: Sequence[str], runtimes: Sequence[str], batch_sizes: Seq
         for p in pairs:
             ips = speed[(p.model, p.runtime, batch)]
             ref = speed.get((reference, p.runtime, batch)) if reference else None
-            orig, orig_op = (speed.get((f'{p.model} ({label})', 'eager', batch)) for label in _RELEASE.values())
+            gather, op = (speed.get((f'{p.model} ({_RELEASE[na2d]})', 'eager', batch)) for na2d in ('gather', 'op'))
             rows.append({
                 'model': p.model, 'runtime': p.runtime, 'batch': batch, 'images_per_s': round(ips, 2),
                 'vs_reference': f'{ips / ref:.2f}x' if ref and p.model != reference else '',
-                'vs_original': f'{ips / orig:.2f}x' if orig else '',
-                'vs_original_op': f'{ips / orig_op:.2f}x' if orig_op else '',
+                'vs_release_gather': f'{ips / gather:.2f}x' if gather else '',
+                'vs_release_op': f'{ips / op:.2f}x' if op else '',
                 'prepare_s': round(p.prepare_s, 1), 'first_call_s': round(p.first_call_s[batch], 1),
             })
     return rows
@@ -141,7 +138,7 @@ def mac_rows(names: Sequence[str], img_size: int = 224, model_kwargs: Optional[D
     for name in names:
         macs = macs_by_kind(deploy_copy(_create(name, model_kwargs)), (1, 3, img_size, img_size))
         rows.append({'model': name, **{f'{k}_gmacs': round(v / 1e9, 3) for k, v in macs.items()},
-                     'total_gmacs': round(sum(macs.values()) / 1e9, 3)})
+                     'conv_linear_gmacs': round(sum(macs.values()) / 1e9, 3)})
     return rows
 
 
@@ -182,4 +179,3 @@ def openvino_profile(name: str, batch: int = 8, img_size: int = 224, threads: in
     lines += [f'| {t} | {k} | {layers[(t, k)]} | {v:.1f} | {100 * v / total:.1f} % |'
               for (t, k), v in ms.most_common(row_limit)]
     return '\n'.join(lines)
-

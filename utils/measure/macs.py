@@ -43,7 +43,9 @@ def macs_by_kind(model: nn.Module, input_size: Tuple[int, int, int, int]) -> Dic
     was_training = model.training
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        model.eval()(torch.randn(*input_size))
+        param = next(model.parameters(), None)
+        model.eval()(torch.randn(*input_size, device=param.device if param is not None else 'cpu',
+                                 dtype=param.dtype if param is not None else torch.float32))
     finally:
         model.train(was_training)
         for h in hooks:

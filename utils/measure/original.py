@@ -4,8 +4,8 @@ The release's ``models/overlock.py`` imports natten (whose ``na2d_av`` current n
 (for its pretrained loader) and einops. Here it is imported from a checkout of the release with natten's
 ``na2d_av`` served by either
 
-* ``'gather'``: a gather of each query's K x K neighbour values and an einsum with its weights, what a user of
-  the release without an old natten build can write in a few lines, or
+* ``'gather'``: a gather of each query's K x K neighbour values and an einsum with its weights, a plain-PyTorch
+  stand-in for natten's kernel (which current natten no longer has), or
 * ``'op'``: this repository's op, the backend our own models use, so that a ratio measures the model code alone,
 
 and mmengine's loader left out; its other imports (einops) must be installed. Its ``register_model`` is
@@ -32,16 +32,13 @@ NA2D_STAND_INS = ('gather', 'op')
 def gather_na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """natten's ``na2d_av`` (no dilation) as a gather and an einsum: ``attn`` [B, G, H, W, K*K] weights the
     K x K window of ``value`` [B, G, H, W, C] around each position (shifted inwards at the borders)."""
-    from models.ops.torch_backend import window_starts
+    from models.ops.composite import neighbours
 
     b, g, h, w, c = value.shape
     k = kernel_size
-    offsets = torch.arange(k, device=value.device)
-    rows = window_starts(h, k, value.device)[:, None] + offsets  # [H, K]
-    cols = window_starts(w, k, value.device)[:, None] + offsets  # [W, K]
-    index = (rows[:, None, :, None] * w + cols[None, :, None, :]).flatten()  # [H, W, K, K] -> flat
-    neighbours = value.reshape(b, g, h * w, c).index_select(2, index).view(b, g, h, w, k * k, c)
-    return torch.einsum('bghwn,bghwnc->bghwc', attn, neighbours)
+    index = torch.from_numpy(neighbours(h, w, k)).flatten().to(value.device)  # [H*W*K*K] flat positions
+    gathered = value.reshape(b, g, h * w, c).index_select(2, index).view(b, g, h, w, k * k, c)
+    return torch.einsum('bghwn,bghwnc->bghwc', attn, gathered)
 
 
 @contextlib.contextmanager
