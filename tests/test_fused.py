@@ -252,6 +252,18 @@ def test_benchmark_deploy_mode_prints_runtimes_side_by_side(capsys):
                         *tiny_cli_kwargs()])
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not _installed('openvino', 'onnxscript'), reason='openvino (optional) not installed')
+def test_openvino_profile_lists_the_layers_of_a_call():
+    from tests.helpers import TINY_KWARGS
+    from utils.measure.deploy import openvino_profile
+    table = openvino_profile('overlock_xt', batch=2, img_size=64, threads=1, model_kwargs=TINY_KWARGS, calls=2)
+    lines = table.splitlines()
+    assert lines[0].startswith('total ') and 'fastest of 2 calls' in lines[0]
+    assert lines[2] == '| layer type | kernel | layers | ms | share |' and len(lines) > 5
+    assert any('Convolution' in line for line in lines[4:])
+
+
 def test_macs_by_kind_add_up_to_the_counted_macs():
     """The split the deploy benchmark prints: ResNet's convolutions and classifier, as FlopCounterMode counts
     them, and a depthwise layer of OverLoCK counted as such."""

@@ -151,6 +151,7 @@ def openvino_profile(name: str, batch: int = 8, img_size: int = 224, threads: in
     import os
     import tempfile
 
+    from utils.evaluate import markdown_table
     from utils.export import OpenVinoModel, export_onnx
     from utils.runtime import inference_form
 
@@ -174,8 +175,7 @@ def openvino_profile(name: str, batch: int = 8, img_size: int = 224, threads: in
             best = ms, layers
     ms, layers = best
     total = sum(ms.values())
-    lines = [f'total {total:.1f} ms (fastest of {calls} calls)', '', '| layer type | kernel | layers | ms | share |',
-             '|---|---|---|---|---|']
-    lines += [f'| {t} | {k} | {layers[(t, k)]} | {v:.1f} | {100 * v / total:.1f} % |'
-              for (t, k), v in ms.most_common(row_limit)]
-    return '\n'.join(lines)
+    rows = [{'layer type': t, 'kernel': k, 'layers': layers[(t, k)], 'ms': f'{v:.1f}',
+             'share': f'{100 * v / total:.1f} %'} for (t, k), v in ms.most_common(row_limit)]
+    return (f'total {total:.1f} ms (fastest of {calls} calls)\n\n'
+            + markdown_table(rows, ['layer type', 'kernel', 'layers', 'ms', 'share']))
